@@ -1,0 +1,89 @@
+"""``load_model`` / ``save_model`` for HF checkpoint directories."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..config import SkyworkMoeConfig
+from ..errors import CheckpointError
+from ..model.moe import default_expert_impl
+from ..model.transformer import SkyworkForCausalLM
+from . import io, names
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None,
+               device: torch.device | str = "cpu",
+               expert_impl: str | None = None) -> SkyworkForCausalLM:
+    """Load an HF checkpoint directory (Skywork-MoE, Mixtral or Llama) as a skymoe model.
+
+    The model is created without memory (meta device), materialized once on ``device``, and
+    filled shard by shard, so peak memory is the model plus one tensor being read. ``dtype``
+    defaults to the config's ``torch_dtype``.
+    """
+    path = Path(path)
+    config = SkyworkMoeConfig.from_json_file(path)
+    files = io.weight_files(path)
+    dtype = dtype or config.dtype
+    with torch.device("meta"):
+        model = SkyworkForCausalLM(config)
+    model.to_empty(device=device)
+    model.to(dtype)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = set(names.expected_names(model))
+    with torch.no_grad():
+        for file in files:
+            for name, tensor in io.iter_tensors(file):
+                if names.is_ignored(name):
+                    continue
+                target = names.resolve(name, params)
+                if target is None:
+                    raise CheckpointError(
+                        f"{file}: tensor '{name}' does not belong to a {config.model_type} model "
+                        f"with {config.num_hidden_layers} layers and {config.num_experts} experts "
+                        "(check config.json against the weights)")
+                _check_tensor(file, name, tensor, target)
+                target.copy_(tensor)
+                missing.discard(name)
+    if missing:
+        first = sorted(missing)[0]
+        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, "
+                              f"e.g. '{first}'; the weights are incomplete or belong to another "
+                              "config")
+    model.set_expert_impl(expert_impl or default_expert_impl(device))
+    model.eval()
+    return model
+
+
+def _check_tensor(file: Path, name: str, tensor: torch.Tensor, target: torch.Tensor) -> None:
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise CheckpointError(f"{file}: tensor '{name}' has shape {list(tensor.shape)}, the "
+                              f"config expects {list(target.shape)}")
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise CheckpointError(f"{file}: tensor '{name}' has dtype {tensor.dtype}; expected a "
+                              "floating-point weight (float32, bfloat16 or float16)")
+
+
+def save_model(model: SkyworkForCausalLM, path: str | Path, model_type: str | None = None,
+               max_shard_bytes: int = io.DEFAULT_SHARD_BYTES) -> Path:
+    """Write ``config.json`` and sharded safetensors (+ index) with the exact HF tensor names.
+
+    ``model_type`` overrides the config's flavour (``"mixtral"`` writes a checkpoint that
+    transformers' MixtralForCausalLM loads). Returns the directory.
+    """
+    path = Path(path)
+    config = model.config
+    dtype_name = {v: k for k, v in {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                    "float16": torch.float16}.items()}.get(model.dtype)
+    if dtype_name is None:
+        raise CheckpointError(f"cannot save a model in {model.dtype}; convert it to float32, "
+                              "bfloat16 or float16 first")
+    to_write = dataclasses.replace(config, torch_dtype=dtype_name)
+    to_write.to_hf_dict(model_type)  # validate the flavour before writing any weights
+    io.write_sharded(names.hf_tensors(model), path, max_shard_bytes)
+    to_write.save(path, model_type)
+    return path

@@ -1,0 +1,64 @@
+"""Mapping between HF checkpoint tensor names and the model's parameters.
+
+Every parameter keeps its HF name except the stacked expert weights: HF's
+``...block_sparse_moe.experts.{e}.w1.weight`` / ``w3`` / ``w2`` are slices of the model's
+``...block_sparse_moe.experts.w13`` (w1 rows ``:F``, w3 rows ``F:``) and ``...experts.w2``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import torch
+from torch import nn
+
+_EXPERT = re.compile(r"^(?P<prefix>.+\.block_sparse_moe\.experts)\.(?P<e>\d+)\.(?P<w>w[123])\.weight$")
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def is_ignored(name: str) -> bool:
+    """Checkpoint entries that carry no weights (precomputed rotary frequencies)."""
+    return bool(_IGNORED.search(name))
+
+
+def resolve(name: str, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The parameter (or slice of one) that HF tensor ``name`` fills, or None if unknown."""
+    m = _EXPERT.match(name)
+    if m is None:
+        return params.get(name)
+    prefix, e, which = m["prefix"], int(m["e"]), m["w"]
+    if which == "w2":
+        stacked = params.get(prefix + ".w2")
+        return stacked[e] if stacked is not None and e < stacked.shape[0] else None
+    stacked = params.get(prefix + ".w13")
+    if stacked is None or e >= stacked.shape[0]:
+        return None
+    ffn = stacked.shape[1] // 2
+    return stacked[e, :ffn] if which == "w1" else stacked[e, ffn:]
+
+
+def hf_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """All weights of ``model`` under their HF names (views; nothing is copied)."""
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen and name == "lm_head.weight":
+            continue  # tied embeddings are stored once, as HF does
+        seen.add(id(p))
+        data = p.detach()
+        if name.endswith(".experts.w13"):
+            prefix, ffn = name[: -len(".w13")], data.shape[1] // 2
+            for e in range(data.shape[0]):
+                yield f"{prefix}.{e}.w1.weight", data[e, :ffn]
+                yield f"{prefix}.{e}.w3.weight", data[e, ffn:]
+        elif name.endswith(".experts.w2"):
+            prefix = name[: -len(".w2")]
+            for e in range(data.shape[0]):
+                yield f"{prefix}.{e}.w2.weight", data[e]
+        else:
+            yield name, data
+
+
+def expected_names(model: nn.Module) -> list[str]:
+    """HF names a complete checkpoint of ``model`` must contain."""
+    return [name for name, _ in hf_tensors(model)]

@@ -1,0 +1,141 @@
+"""Tokenizers from a checkpoint directory: ``tokenizer.json`` (HF tokenizers) or
+``tokenizer.model`` (sentencepiece), plus a byte-level tokenizer that needs no files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import CheckpointError
+
+BYTE_SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 as in Skywork/Llama configs
+
+
+class Tokenizer:
+    """Text <-> token ids with the model's BOS/EOS conventions."""
+
+    def __init__(self, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
+                 vocab_size: int, bos_id: int | None, eos_id: int | None, add_bos: bool,
+                 source: str) -> None:
+        self._encode, self._decode = encode, decode
+        self.vocab_size, self.bos_id, self.eos_id = vocab_size, bos_id, eos_id
+        self.add_bos, self.source = add_bos, source
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = self._encode(text)
+        want_bos = self.add_bos if add_bos is None else add_bos
+        if want_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id] + ids
+        if not want_bos and ids and ids[0] == self.bos_id:
+            ids = ids[1:]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._decode(ids)
+
+
+class StreamDecoder:
+    """Incremental detokenization: feed ids one by one, get the newly completed text."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""  # an incomplete multi-byte character: wait for the next token
+        new, self.emitted = text[len(self.emitted):], text
+        return new
+
+
+def _special(config: dict[str, Any], key: str) -> str | None:
+    value = config.get(key)
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load the tokenizer saved in checkpoint directory ``path``.
+
+    ``tokenizer.json`` is preferred; ``tokenizer.model`` (sentencepiece, as Skywork and Llama 2
+    ship) is the fallback. BOS/EOS come from ``tokenizer_config.json``, else ``config.json``.
+    """
+    d = Path(path)
+    tok_cfg = _read_json(d / "tokenizer_config.json")
+    model_cfg = _read_json(d / "config.json")
+    add_bos = bool(tok_cfg.get("add_bos_token", True))
+    if (d / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer as HFTokenizer
+        try:
+            tok = HFTokenizer.from_file(str(d / "tokenizer.json"))
+        except Exception as exc:  # the Rust library raises a bare Exception
+            raise CheckpointError(f"{d / 'tokenizer.json'}: cannot be loaded ({exc})") from None
+
+        def ids_of(name: str | None, fallback_key: str) -> int | None:
+            found = tok.token_to_id(name) if name else None
+            return found if found is not None else _first_id(model_cfg.get(fallback_key))
+
+        return Tokenizer(lambda s: tok.encode(s, add_special_tokens=True).ids,
+                         lambda ids: tok.decode(ids, skip_special_tokens=True),
+                         tok.get_vocab_size(), ids_of(_special(tok_cfg, "bos_token"), "bos_token_id"),
+                         ids_of(_special(tok_cfg, "eos_token"), "eos_token_id"), add_bos,
+                         str(d / "tokenizer.json"))
+    if (d / "tokenizer.model").is_file():
+        import sentencepiece as spm
+        try:
+            sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+        except (OSError, RuntimeError) as exc:
+            raise CheckpointError(f"{d / 'tokenizer.model'}: cannot be loaded ({exc})") from None
+        bos = sp.bos_id() if sp.bos_id() >= 0 else _first_id(model_cfg.get("bos_token_id"))
+        eos = sp.eos_id() if sp.eos_id() >= 0 else _first_id(model_cfg.get("eos_token_id"))
+        return Tokenizer(lambda s: sp.encode(s), lambda ids: sp.decode(ids), sp.get_piece_size(),
+                         bos, eos, add_bos, str(d / "tokenizer.model"))
+    raise CheckpointError(f"{d}: no tokenizer.json or tokenizer.model; save a tokenizer with "
+                          "the checkpoint (skymoe init writes a byte-level one)")
+
+
+def _first_id(value: Any) -> int | None:
+    if isinstance(value, list):
+        return value[0] if value else None
+    return value if isinstance(value, int) else None
+
+
+def save_byte_tokenizer(directory: str | Path) -> None:
+    """Write a byte-level ``tokenizer.json`` (259 ids: <pad>, <s>, </s>, then the 256 bytes).
+
+    Every text round-trips exactly; it needs no training data, so a freshly initialized model
+    has a working tokenizer on a machine without downloads.
+    """
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(BYTE_SPECIALS)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.add_special_tokens(list(BYTE_SPECIALS))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "<pad>", "add_bos_token": True}, indent=2) + "\n")
+
+
+BYTE_VOCAB_SIZE = len(BYTE_SPECIALS) + 256

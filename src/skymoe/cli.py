@@ -1,0 +1,215 @@
+"""The ``skymoe`` command: one entry point with subcommands.
+
+Every subcommand validates its input and reports a bad one as a single line on stderr with exit
+code 2 (1 for a failure while running); tracebacks are reserved for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import SkyworkMoeConfig, format_count, parameter_counts
+from .errors import SkymoeError
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16}
+
+
+class UsageError(SkymoeError):
+    """A command-line argument that cannot be used."""
+
+
+def resolve_config(spec: str) -> SkyworkMoeConfig:
+    """A config from a preset name (``tiny``, ``bench``, ``skywork-moe-base``), a config.json
+    path, or a checkpoint directory."""
+    preset = PRESETS_DIR / f"{spec}.json"
+    if not Path(spec).exists() and preset.is_file():
+        return SkyworkMoeConfig.from_json_file(preset)
+    if not Path(spec).exists():
+        names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.json")))
+        raise UsageError(f"{spec}: no such file or directory, and not a preset ({names})")
+    return SkyworkMoeConfig.from_json_file(spec)
+
+
+# ------------------------------------------------------------------------------------- info
+def cmd_info(args: argparse.Namespace) -> None:
+    from .checkpoint.io import tensor_infos
+
+    config = resolve_config(args.path)
+    c = config
+    counts = parameter_counts(c)
+    moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+    rows = [
+        ("model", f"{c.model_type}, {c.num_hidden_layers} layers "
+                  f"({moe_layers} MoE, {c.num_hidden_layers - moe_layers} dense)"),
+        ("attention", f"hidden {c.hidden_size}, heads {c.num_attention_heads} / kv "
+                      f"{c.num_key_value_heads}, head dim {c.head_size}"),
+        ("ffn", f"SwiGLU, intermediate {c.intermediate_size}"),
+    ]
+    if c.is_moe:
+        norm = (f"on (lambda {c.moe_gate_norm_std})" if c.moe_use_logits_norm else "off")
+        rows.append(("experts", f"{c.num_experts} per MoE layer, top-{c.num_experts_per_tok}, "
+                                f"every {c.moe_expert_interval} layer(s); gating logit norm {norm}; "
+                                f"{'2-layer' if c.moe_2layer_gate else '1-layer'} gate"
+                                f"{'' if c.moe_feature_no_mul_topk else '; expert input x top-k'}"))
+    rows += [
+        ("vocab", f"{c.vocab_size} tokens, context {c.max_position_embeddings}, "
+                  f"RoPE theta {c.rope_theta:g}, tied embeddings {c.tie_word_embeddings}"),
+        ("parameters", f"total {format_count(counts['total'])} "
+                       f"({counts['total']:,}); embeddings {format_count(counts['embedding'])}"),
+        ("active/token", f"{format_count(counts['active'])} with embeddings, "
+                         f"{format_count(counts['active_non_embedding'])} without"),
+    ]
+    path = Path(args.path)
+    if path.is_dir():
+        infos = tensor_infos(path)
+        by_dtype: dict[str, list[int]] = {}
+        for dtype, shape, _ in infos.values():
+            numel = 1
+            for s in shape:
+                numel *= s
+            entry = by_dtype.setdefault(str(dtype).replace("torch.", ""), [0, 0, 0])
+            entry[0] += 1
+            entry[1] += numel
+            entry[2] += numel * torch.empty((), dtype=dtype).element_size()
+        for name, (n, numel, nbytes) in sorted(by_dtype.items()):
+            rows.append((f"weights {name}", f"{nbytes / 1e6:,.1f} MB in {n} tensors "
+                                            f"({format_count(numel)} values)"))
+        files = {f for _, _, f in infos.values()}
+        rows.append(("files", f"{len(files)} weight file(s) in {path}"))
+    else:
+        rows.append(("bf16 size", f"{counts['total'] * 2 / 1e9:,.2f} GB (from the config)"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+# ------------------------------------------------------------------------------------- init
+def cmd_init(args: argparse.Namespace) -> None:
+    from .checkpoint import save_byte_tokenizer, save_model
+    from .checkpoint.tokenizer import BYTE_VOCAB_SIZE
+    from .model import build_model
+
+    config = resolve_config(args.config)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        if not args.overwrite:
+            raise UsageError(f"{out}: exists and is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    if config.vocab_size < BYTE_VOCAB_SIZE:
+        raise UsageError(f"{args.config}: vocab_size {config.vocab_size} is too small for the "
+                         f"byte-level tokenizer ({BYTE_VOCAB_SIZE} ids)")
+    dtype = _DTYPES[args.dtype] or config.dtype
+    model = build_model(config, dtype=dtype, seed=args.seed)
+    save_model(model, out)
+    save_byte_tokenizer(out)
+    total = parameter_counts(config)["total"]
+    print(f"wrote a randomly initialized {config.model_type} model ({format_count(total)} "
+          f"parameters, {str(dtype).replace('torch.', '')}, seed {args.seed}) to {out}")
+
+
+# --------------------------------------------------------------------------------- generate
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .checkpoint import StreamDecoder, load_model, load_tokenizer
+    from .infer import SamplingParams, generate
+
+    try:
+        params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(args.path)
+    model = load_model(args.path, dtype=_DTYPES[args.dtype])
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise UsageError("the prompt encodes to no tokens; give a non-empty --prompt")
+    limit = model.config.max_position_embeddings
+    if len(ids) + args.max_new_tokens > limit:
+        raise UsageError(f"prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} "
+                         f"exceeds the model's context of {limit} positions")
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else model.config.eos_token_ids
+    stream = StreamDecoder(tokenizer)
+    print(args.prompt, end="", flush=True)
+    counter = {"n": 0}
+
+    def on_token(tok: torch.Tensor) -> None:
+        counter["n"] += 1
+        if int(tok[0]) not in eos:
+            print(stream.push(int(tok[0])), end="", flush=True)
+
+    t0 = time.perf_counter()
+    generate(model, torch.tensor([ids]), args.max_new_tokens, params, eos, on_token)
+    elapsed = time.perf_counter() - t0
+    print()
+    print(f"[{counter['n']} tokens in {elapsed:.2f} s, {counter['n'] / elapsed:.1f} tok/s; "
+          f"prompt {len(ids)} tokens]", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skymoe", description="Skywork-MoE models: inspect, create and run them.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("info", help="architecture, parameter counts and weight sizes",
+                       description="Show the architecture, total and active parameters and the "
+                                   "bytes per dtype of a checkpoint directory, a config.json or "
+                                   "a preset (tiny, bench, skywork-moe-base).")
+    p.add_argument("path", help="checkpoint directory, config.json or preset name")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("init", help="create a randomly initialized model from a config",
+                       description="Write a randomly initialized model (HF format, safetensors) "
+                                   "with a byte-level tokenizer, for trying things out.")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--config", required=True,
+                   help="config.json path or preset name (tiny, bench, skywork-moe-base)")
+    p.add_argument("--seed", type=int, default=0, help="initialization seed (default 0)")
+    p.add_argument("--dtype", choices=list(_DTYPES), default="auto",
+                   help="weight dtype (default: the config's torch_dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("generate", help="generate text from a prompt (streams to the terminal)",
+                       description="Generate text with a KV cache, streaming tokens as they "
+                                   "come. Greedy by default (--temperature 0); stops at EOS.")
+    p.add_argument("path", help="checkpoint directory (with tokenizer.json or tokenizer.model)")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed for reproducible output")
+    p.add_argument("--dtype", choices=list(_DTYPES), default="auto",
+                   help="compute dtype (default: the checkpoint's torch_dtype)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except SkymoeError as exc:
+        print(f"skymoe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"skymoe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Building blocks shared by every decoder layer: RMSNorm, rotary embeddings, attention, KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in fp32 and cast back (as Llama/Mixtral do)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class RotaryEmbedding:
+    """Rotate-half (NeoX-style), full-width rotary position embedding.
+
+    Keeps a cos/sin table (fp32 math, then cast) that grows on demand; it is not a module
+    parameter or buffer, so it never appears in checkpoints and survives meta-device init.
+    """
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        self.head_dim = head_dim
+        self.theta = theta
+        self._cos: torch.Tensor | None = None
+        self._sin: torch.Tensor | None = None
+
+    def _build(self, length: int, device: torch.device) -> None:
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64,
+                                                       device=device).float() / self.head_dim))
+        positions = torch.arange(length, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self._cos, self._sin = emb.cos(), emb.sin()
+
+    def cos_sin(self, start: int, length: int, device: torch.device,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for positions ``start .. start+length-1``, shaped [length, head_dim]."""
+        end = start + length
+        if self._cos is None or self._cos.shape[0] < end or self._cos.device != device:
+            self._build(max(end, 2 * (self._cos.shape[0] if self._cos is not None else 0), 256),
+                        device)
+        return self._cos[start:end].to(dtype), self._sin[start:end].to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply rotary embedding to ``x`` [B, heads, T, D] with cos/sin [T, D]."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated key/value cache for all layers: [B, kv_heads, max_len, head_dim] each.
+
+    All sequences of a batch share one write position (``length``); the engine of a later
+    issue adds per-sequence slots on top of this.
+    """
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, start: int, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, kv_heads, T, D] at ``start`` and return the cache up to ``start + T``."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention through ``scaled_dot_product_attention``."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int,
+                 layer_idx: int) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+
+    def forward(self, x_BTH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        b, t, _ = x_BTH.shape
+        q = self.q_proj(x_BTH).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BTH).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BTH).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        mask = None
+        causal = t > 1
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, start, k, v)
+            if start > 0 and t > 1:
+                # New queries at positions start..start+t-1 see every cached key up to their own.
+                q_pos = torch.arange(start, start + t, device=x_BTH.device)
+                mask = torch.arange(start + t, device=x_BTH.device)[None, :] <= q_pos[:, None]
+                causal = False
+            elif start > 0:
+                causal = False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=self.kv_heads != self.heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))

@@ -1,0 +1,205 @@
+"""Skywork-MoE block: fp32 router with gating logit normalization, top-k, SwiGLU experts.
+
+The routing math lives in pure functions (easy to test against hand computations); the module
+only holds parameters. Expert weights are stored stacked, ``w13`` [E, 2F, H] (gate projection
+``w1`` in rows ``:F``, up projection ``w3`` in rows ``F:``) and ``w2`` [E, H, F]; checkpoints
+keep the per-expert HF names (see ``skymoe.checkpoint.names``).
+
+Two expert implementations compute the same function from the same parameters:
+``experts_loop`` (one masked gather per expert, the readable reference) and ``experts_grouped``
+(assignments sorted by expert, one grouped matmul per projection).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_EPS = 1e-6
+
+
+class Routing(NamedTuple):
+    """Routing decision for T tokens: fp32 probabilities and the chosen top-k."""
+
+    probs_TE: torch.Tensor       # softmax over all experts (fp32)
+    weights_TK: torch.Tensor     # renormalized top-k weights (fp32, rows sum to 1)
+    expert_ids_TK: torch.Tensor  # chosen experts (int64)
+
+
+def gating_logit_norm(logits_TE: torch.Tensor, scale: float, eps: float = NORM_EPS) -> torch.Tensor:
+    """Skywork's gating logit normalization: ``scale * (z - mean(z)) / std(z)`` per token.
+
+    ``std`` is the unbiased standard deviation over the E logits (as in the released code),
+    guarded below by ``eps`` so a constant logit vector does not divide by zero.
+    """
+    mean = logits_TE.mean(dim=-1, keepdim=True)
+    std = logits_TE.std(dim=-1, keepdim=True, unbiased=True).clamp_min(eps)
+    return scale * (logits_TE - mean) / std
+
+
+def route(logits_TE: torch.Tensor, top_k: int) -> Routing:
+    """Softmax in fp32, top-k, and renormalization of the k weights to sum to one."""
+    probs = torch.softmax(logits_TE.float(), dim=-1)
+    top_w, top_ids = torch.topk(probs, top_k, dim=-1)
+    return Routing(probs, top_w / top_w.sum(dim=-1, keepdim=True), top_ids)
+
+
+def _swiglu(h_S2F: torch.Tensor) -> torch.Tensor:
+    gate, up = h_S2F.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def experts_loop(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
+                 expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """Reference: for each expert, gather its tokens, run the SwiGLU FFN, scatter-add back."""
+    out_TH = torch.zeros_like(x_TH)
+    for e in range(w13_EFH.shape[0]):
+        token_idx, slot = torch.where(expert_ids_TK == e)
+        if token_idx.numel() == 0:
+            continue
+        y = F.linear(_swiglu(F.linear(x_TH[token_idx], w13_EFH[e])), w2_EHF[e])
+        out_TH.index_add_(0, token_idx, (y * weights_TK[token_idx, slot, None]).to(x_TH.dtype))
+    return out_TH
+
+
+class _GroupedMM(torch.autograd.Function):
+    """``x_SH @ w_EOH[e].T`` per expert group via ``torch._grouped_mm``.
+
+    The CPU kernel's own backward fails for the weight gradient (torch 2.13), so the weight
+    gradient is computed here per group; the input gradient is another grouped matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, x_SH: torch.Tensor, w_EOH: torch.Tensor, offsets_E: torch.Tensor,
+                counts: list[int]) -> torch.Tensor:
+        ctx.save_for_backward(x_SH, w_EOH, offsets_E)
+        ctx.counts = counts
+        return torch._grouped_mm(x_SH, w_EOH.transpose(-2, -1), offs=offsets_E)
+
+    @staticmethod
+    def backward(ctx, grad_SO: torch.Tensor):
+        x_SH, w_EOH, offsets_E = ctx.saved_tensors
+        grad_SO = grad_SO.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch._grouped_mm(grad_SO, w_EOH, offs=offsets_E)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros_like(w_EOH)
+            start = 0
+            for e, n in enumerate(ctx.counts):
+                if n:
+                    torch.mm(grad_SO[start:start + n].t(), x_SH[start:start + n], out=grad_w[e])
+                start += n
+        return grad_x, grad_w, None, None
+
+
+def _use_grouped_mm(x: torch.Tensor) -> bool:
+    """``torch._grouped_mm`` runs bf16 on CPU (torch >= 2.9) and on CUDA sm_80+."""
+    if x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cuda":
+        return torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return x.device.type == "cpu"
+
+
+def grouped_linear(x_SH: torch.Tensor, w_EOH: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Rows of ``x_SH`` sorted by expert (``counts[e]`` rows for expert e) times ``w_EOH[e].T``."""
+    if _use_grouped_mm(x_SH) and x_SH.shape[0] > 0:
+        offsets = torch.tensor(counts, device=x_SH.device).cumsum(0).to(torch.int32)
+        return _GroupedMM.apply(x_SH.contiguous(), w_EOH, offsets, counts)
+    chunks = x_SH.split(counts)
+    outs = [F.linear(chunk, w_EOH[e]) for e, chunk in enumerate(chunks) if counts[e]]
+    if not outs:
+        return x_SH.new_zeros(0, w_EOH.shape[1])
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def experts_grouped(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
+                    expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """Fast path: sort the T*K assignments by expert, two grouped matmuls, unsort, sum over K."""
+    t, k = expert_ids_TK.shape
+    flat_ids_S = expert_ids_TK.reshape(-1)
+    order_S = torch.argsort(flat_ids_S, stable=True)
+    counts = torch.bincount(flat_ids_S, minlength=w13_EFH.shape[0]).tolist()
+    x_sorted_SH = x_TH[order_S // k]
+    h_SF = _swiglu(grouped_linear(x_sorted_SH, w13_EFH, counts))
+    y_SH = grouped_linear(h_SF, w2_EHF, counts)
+    y_SH = y_SH * weights_TK.reshape(-1)[order_S, None]
+    inverse_S = torch.empty_like(order_S)
+    inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
+    return y_SH[inverse_S].view(t, k, -1).sum(dim=1).to(x_TH.dtype)
+
+
+EXPERT_IMPLS: dict[str, Callable[..., torch.Tensor]] = {
+    "loop": experts_loop,
+    "grouped": experts_grouped,
+}
+
+
+def default_expert_impl(device: torch.device | str) -> str:
+    """The faster implementation per device (measured in benchmarks/bench_model.py).
+
+    The grouped path wins on CPU and CUDA alike: one matmul per expert group instead of a masked
+    gather per expert. The loop stays available as the reference.
+    """
+    return "grouped"
+
+
+class SwiGLUExperts(nn.Module):
+    """E SwiGLU experts with stacked weights ``w13`` [E, 2F, H] and ``w2`` [E, H, F]."""
+
+    def __init__(self, num_experts: int, hidden: int, ffn: int) -> None:
+        super().__init__()
+        self.num_experts, self.ffn = num_experts, ffn
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * ffn, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, ffn))
+
+
+class MoEBlock(nn.Module):
+    """Router + experts, exactly as Skywork-MoE's block (SYSTEM.md section 2).
+
+    With ``use_logits_norm=False``, ``two_layer_gate=False`` and ``mul_topk=False`` this is
+    Mixtral's sparse MoE block.
+    """
+
+    def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, *,
+                 use_logits_norm: bool, norm_scale: float, two_layer_gate: bool,
+                 mul_topk: bool, impl: str = "grouped") -> None:
+        super().__init__()
+        self.top_k, self.num_experts = top_k, num_experts
+        self.use_logits_norm, self.norm_scale, self.mul_topk = use_logits_norm, norm_scale, mul_topk
+        if two_layer_gate:
+            # Names gate.0.weight / gate.2.weight match the Sequential of the reference code.
+            self.gate: nn.Module = nn.Sequential(nn.Linear(hidden, 8 * num_experts, bias=False),
+                                                 nn.Tanh(),
+                                                 nn.Linear(8 * num_experts, num_experts, bias=False))
+        else:
+            self.gate = nn.Linear(hidden, num_experts, bias=False)
+        self.experts = SwiGLUExperts(num_experts, hidden, ffn)
+        self.impl = impl
+
+    def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
+        """Gate logits in fp32 (the router never runs in low precision)."""
+        x = x_TH.float()
+        if isinstance(self.gate, nn.Sequential):
+            return F.linear(torch.tanh(F.linear(x, self.gate[0].weight.float())),
+                            self.gate[2].weight.float())
+        return F.linear(x, self.gate.weight.float())
+
+    def routing(self, x_TH: torch.Tensor) -> Routing:
+        logits = self.router_logits(x_TH)
+        if self.use_logits_norm:
+            logits = gating_logit_norm(logits, self.norm_scale)
+        return route(logits, self.top_k)
+
+    def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
+        shape = x_BTH.shape
+        x_TH = x_BTH.reshape(-1, shape[-1])
+        r = self.routing(x_TH)
+        expert_in = x_TH * self.top_k if self.mul_topk else x_TH
+        out = EXPERT_IMPLS[self.impl](expert_in, self.experts.w13, self.experts.w2,
+                                      r.expert_ids_TK, r.weights_TK)
+        return out.view(shape)

@@ -1,0 +1,183 @@
+"""Decoder layers and the causal LM (dense or MoE per layer), one definition for every use.
+
+Module and parameter names follow the HF layout (``model.layers.{i}.self_attn.q_proj.weight``,
+``...block_sparse_moe.gate.weight``, ``...mlp.gate_proj.weight``) so that checkpoint names map
+one-to-one, except the stacked expert weights (see ``skymoe.checkpoint.names``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import SkyworkMoeConfig
+from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding
+from .moe import MoEBlock, default_expert_impl
+
+
+class DenseMLP(nn.Module):
+    """Llama's SwiGLU MLP: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden: int, ffn: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, ffn, bias=False)
+        self.up_proj = nn.Linear(hidden, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention and FFN (dense MLP or MoE block), each with a residual connection."""
+
+    def __init__(self, config: SkyworkMoeConfig, layer_idx: int) -> None:
+        super().__init__()
+        c = config
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+                                   c.head_size, layer_idx)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        if c.is_moe_layer(layer_idx):
+            self.block_sparse_moe = MoEBlock(
+                c.hidden_size, c.intermediate_size, c.num_experts, c.num_experts_per_tok,
+                use_logits_norm=c.moe_use_logits_norm, norm_scale=c.moe_gate_norm_std,
+                two_layer_gate=c.moe_2layer_gate, mul_topk=not c.moe_feature_no_mul_topk)
+        else:
+            self.mlp = DenseMLP(c.hidden_size, c.intermediate_size)
+
+    @property
+    def ffn(self) -> nn.Module:
+        return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None, start: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+        return x + self.ffn(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """Embedding, decoder layers and final norm (HF's ``model.*`` prefix)."""
+
+    def __init__(self, config: SkyworkMoeConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+@dataclass
+class CausalLMOutput:
+    """``logits`` [B, T, V] (only the last position when ``last_only``); ``loss`` with labels."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class SkyworkForCausalLM(nn.Module):
+    """Causal language model: Skywork-MoE, Mixtral (normalization off) or dense Llama."""
+
+    def __init__(self, config: SkyworkMoeConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config.head_size, config.rope_theta)
+        self.gradient_checkpointing = False
+
+    # ------------------------------------------------------------------------------ utilities
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def moe_blocks(self) -> list[MoEBlock]:
+        return [layer.block_sparse_moe for layer in self.model.layers
+                if hasattr(layer, "block_sparse_moe")]
+
+    def set_expert_impl(self, impl: str) -> None:
+        """Select ``"grouped"`` (default) or ``"loop"`` (reference) for every MoE block."""
+        for block in self.moe_blocks():
+            block.impl = impl
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """Random init: N(0, initializer_range) for matrices, ones for norms."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_size,
+                       self.dtype, self.device)
+
+    # -------------------------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                cache: KVCache | None = None, start: int | None = None,
+                last_only: bool = False) -> CausalLMOutput:
+        """Logits for ``input_ids`` [B, T].
+
+        With a ``cache`` the tokens are placed at positions ``start ..`` (default: the cache's
+        current length) and the cache advances. ``labels`` [B, T] give the next-token loss
+        (shifted inside; -100 ignored).
+        """
+        b, t = input_ids.shape
+        if cache is not None and start is None:
+            start = cache.length
+        start = start or 0
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(start, t, x.device, x.dtype)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, cache, start,
+                                                      use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache, start)
+        if cache is not None:
+            cache.length = start + t
+        x = self.model.norm(x[:, -1:] if last_only else x)
+        logits = self.lm_head(x)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+
+def build_model(config: SkyworkMoeConfig, device: torch.device | str = "cpu",
+                dtype: torch.dtype | None = None, seed: int | None = None,
+                expert_impl: str | None = None) -> SkyworkForCausalLM:
+    """A randomly initialized model (``seed`` for reproducibility) in ``dtype`` on ``device``."""
+    model = SkyworkForCausalLM(config)
+    model.init_weights(seed)
+    model.to(device=device, dtype=dtype or config.dtype)
+    model.set_expert_impl(expert_impl or default_expert_impl(device))
+    return model
+
+
+def flops_per_token(config: SkyworkMoeConfig, seq_len: int) -> float:
+    """Forward matmul FLOPs per token (2 per multiply-add), attention scores included."""
+    c = config
+    hd = c.head_size
+    attn_proj = 2 * c.hidden_size * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    attn_scores = 2 * 2 * c.num_attention_heads * hd * seq_len / 2  # causal: half the keys
+    ffn_one = 2 * 3 * c.hidden_size * c.intermediate_size
+    total = 0.0
+    for i in range(c.num_hidden_layers):
+        ffn = ffn_one * (c.num_experts_per_tok if c.is_moe_layer(i) else 1)
+        router = 2 * c.hidden_size * c.num_experts if c.is_moe_layer(i) else 0
+        total += attn_proj + attn_scores + ffn + router
+    return total + 2 * c.hidden_size * c.vocab_size
