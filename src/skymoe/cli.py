@@ -99,13 +99,13 @@ def cmd_init(args: argparse.Namespace) -> None:
 
     config = resolve_config(args.config)
     out = Path(args.out)
+    if config.vocab_size < BYTE_VOCAB_SIZE:
+        raise UsageError(f"{args.config}: vocab_size {config.vocab_size} is too small for the "
+                         f"byte-level tokenizer ({BYTE_VOCAB_SIZE} ids)")
     if out.exists() and any(out.iterdir()):
         if not args.overwrite:
             raise UsageError(f"{out}: exists and is not empty; pass --overwrite to replace it")
         shutil.rmtree(out)
-    if config.vocab_size < BYTE_VOCAB_SIZE:
-        raise UsageError(f"{args.config}: vocab_size {config.vocab_size} is too small for the "
-                         f"byte-level tokenizer ({BYTE_VOCAB_SIZE} ids)")
     dtype = _DTYPES[args.dtype] or config.dtype
     model = build_model(config, dtype=dtype, seed=args.seed)
     save_model(model, out)

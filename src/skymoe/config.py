@@ -55,6 +55,7 @@ class SkyworkMoeConfig:
     max_position_embeddings: int = 8192
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
+    sliding_window: int | None = None
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
     initializer_range: float = 0.01
@@ -114,6 +115,8 @@ class SkyworkMoeConfig:
         _require_int("num_experts", self.num_experts, minimum=0)
         if self.head_dim is not None:
             _require_int("head_dim", self.head_dim, minimum=1)
+        if self.sliding_window is not None:
+            _require_int("sliding_window", self.sliding_window, minimum=1)
         elif self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"config key 'hidden_size' = {self.hidden_size} is not divisible by "
@@ -198,6 +201,8 @@ class SkyworkMoeConfig:
         d.setdefault("torch_dtype", dtype)
 
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "model_type"}
+        if flavor == "llama":
+            names.discard("sliding_window")  # Llama has no sliding window; keep it verbatim
         if flavor != "skywork" and flavor != "skywork_moe":
             # Skywork-only keys are meaningless (and absent) in Mixtral / Llama configs.
             names -= {"moe_expert_interval", "moe_use_logits_norm", "moe_gate_norm_std",
@@ -246,6 +251,8 @@ class SkyworkMoeConfig:
             out[key] = getattr(self, key)
         if self.head_dim is not None:
             out["head_dim"] = self.head_dim
+        if self.sliding_window is not None or flavor == "mixtral":
+            out["sliding_window"] = self.sliding_window
         out["torch_dtype"] = self.torch_dtype
         if flavor == "mixtral":
             out["num_local_experts"] = self.num_experts

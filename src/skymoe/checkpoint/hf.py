@@ -32,6 +32,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
     with torch.device("meta"):
         model = SkyworkForCausalLM(config)
     model.to_empty(device=device)
+    model.tie_weights()
     model.to(dtype)
     params = dict(model.named_parameters(remove_duplicate=False))
     missing = set(names.expected_names(model))

@@ -91,10 +91,10 @@ class Attention(nn.Module):
     """Multi-head / grouped-query self-attention through ``scaled_dot_product_attention``."""
 
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int,
-                 layer_idx: int) -> None:
+                 layer_idx: int, sliding_window: int | None = None) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.layer_idx = layer_idx
+        self.layer_idx, self.sliding_window = layer_idx, sliding_window
         self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
@@ -107,17 +107,27 @@ class Attention(nn.Module):
         k = self.k_proj(x_BTH).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BTH).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask = None
-        causal = t > 1
         if cache is not None:
             k, v = cache.update(self.layer_idx, start, k, v)
-            if start > 0 and t > 1:
-                # New queries at positions start..start+t-1 see every cached key up to their own.
-                q_pos = torch.arange(start, start + t, device=x_BTH.device)
-                mask = torch.arange(start + t, device=x_BTH.device)[None, :] <= q_pos[:, None]
-                causal = False
-            elif start > 0:
-                causal = False
+        mask, causal = self._mask(start, t, k.shape[2], x_BTH.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                              enable_gqa=self.kv_heads != self.heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+    def _mask(self, start: int, t: int, kv_len: int,
+              device: torch.device) -> tuple[torch.Tensor | None, bool]:
+        """(boolean mask, is_causal) for queries at ``start..start+t-1`` over the last
+        ``kv_len`` positions; SDPA's own causal flag covers the plain prefill case."""
+        end = start + t
+        windowed = self.sliding_window is not None and end > self.sliding_window
+        if not windowed:
+            if kv_len == t:
+                return None, t > 1
+            if t == 1:
+                return None, False
+        q_pos = torch.arange(start, end, device=device)[:, None]
+        k_pos = torch.arange(end - kv_len, end, device=device)[None, :]
+        mask = k_pos <= q_pos
+        if windowed:
+            mask &= k_pos > q_pos - self.sliding_window  # HF: keys within the last `window`
+        return mask, False

@@ -96,9 +96,16 @@ class _GroupedMM(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
-def _use_grouped_mm(x: torch.Tensor) -> bool:
+# Below this many rows per expert on average (decode, small batches) a loop over the non-empty
+# groups beats the grouped kernel, which pays for every group, empty or not.
+GROUPED_MM_MIN_ROWS_PER_EXPERT = 16
+
+
+def _use_grouped_mm(x: torch.Tensor, num_groups: int) -> bool:
     """``torch._grouped_mm`` runs bf16 on CPU (torch >= 2.9) and on CUDA sm_80+."""
     if x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.shape[0] < GROUPED_MM_MIN_ROWS_PER_EXPERT * num_groups:
         return False
     if x.device.type == "cuda":
         return torch.cuda.get_device_capability(x.device) >= (8, 0)
@@ -107,7 +114,7 @@ def _use_grouped_mm(x: torch.Tensor) -> bool:
 
 def grouped_linear(x_SH: torch.Tensor, w_EOH: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Rows of ``x_SH`` sorted by expert (``counts[e]`` rows for expert e) times ``w_EOH[e].T``."""
-    if _use_grouped_mm(x_SH) and x_SH.shape[0] > 0:
+    if _use_grouped_mm(x_SH, w_EOH.shape[0]):
         offsets = torch.tensor(counts, device=x_SH.device).cumsum(0).to(torch.int32)
         return _GroupedMM.apply(x_SH.contiguous(), w_EOH, offsets, counts)
     chunks = x_SH.split(counts)

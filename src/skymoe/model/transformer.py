@@ -39,7 +39,7 @@ class DecoderLayer(nn.Module):
         c = config
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
-                                   c.head_size, layer_idx)
+                                   c.head_size, layer_idx, c.sliding_window)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         if c.is_moe_layer(layer_idx):
             self.block_sparse_moe = MoEBlock(
@@ -85,8 +85,7 @@ class SkyworkForCausalLM(nn.Module):
         self.config = config
         self.model = DecoderStack(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.rotary = RotaryEmbedding(config.head_size, config.rope_theta)
         self.gradient_checkpointing = False
 
@@ -102,6 +101,12 @@ class SkyworkForCausalLM(nn.Module):
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.block_sparse_moe for layer in self.model.layers
                 if hasattr(layer, "block_sparse_moe")]
+
+    def tie_weights(self) -> None:
+        """Share the LM head with the input embedding when the config ties them (call again
+        after anything that re-creates parameters, such as ``to_empty``)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def set_expert_impl(self, impl: str) -> None:
         """Select ``"grouped"`` (default) or ``"loop"`` (reference) for every MoE block."""
