@@ -26,6 +26,7 @@ import torch
 import skymoe
 from skymoe.config import SkyworkMoeConfig
 from skymoe.infer import generate
+from skymoe.infer.cpu_kernels import pack_for_cpu_inference
 from skymoe.model.transformer import flops_per_token
 
 BENCH_CONFIG = Path(skymoe.__file__).parent / "configs" / "bench.json"
@@ -117,7 +118,8 @@ def main() -> None:
     results["train fwd+bwd"] = {"skymoe": tokens / t_ours, "hf": tokens / t_hf,
                                 "unit": "tokens/s", "hf_impl": impl}
 
-    ours.eval()
+    # Inference uses skymoe's inference path: oneDNN-packed weights on CPU (a no-op elsewhere).
+    ours = pack_for_cpu_inference(ours.eval())
     theirs.eval()
     theirs.set_experts_implementation(hf_default)
     for batch in (1, 16):

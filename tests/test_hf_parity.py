@@ -130,7 +130,7 @@ def test_mixtral_hf_to_skymoe_logits_match(hf_mixtral, impl):
     assert model.config.moe_use_logits_norm is False
     assert model.config.num_key_value_heads == 2
     assert not model.training
-    assert all(b.impl == impl for b in model.moe_blocks()) and len(model.moe_blocks()) == 2
+    assert all(b.experts.impl == impl for b in model.moe_blocks()) and len(model.moe_blocks()) == 2
     ids = _ids()
     _assert_close(_logits(model, ids), _logits(hf, ids))
 

@@ -90,7 +90,7 @@ def make_block(two_layer=False, mul_topk=False, use_norm=True, scale=1.0, expert
 ])
 def test_block_matches_naive_reference(impl, opts):
     block = make_block(**opts)
-    block.impl = impl
+    block.experts.impl = impl
     x = torch.randn(2, 7, 16, dtype=torch.float64)
     got = block(x).reshape(-1, 16)
     # The router runs in fp32 by design, so agreement is at fp32 precision.

@@ -87,11 +87,13 @@ class _GroupedMM(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch._grouped_mm(grad_SO, w_EOH, offs=offsets_E)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.zeros_like(w_EOH)
+            grad_w = torch.empty_like(w_EOH)
             start = 0
             for e, n in enumerate(ctx.counts):
                 if n:
                     torch.mm(grad_SO[start:start + n].t(), x_SH[start:start + n], out=grad_w[e])
+                else:
+                    grad_w[e].zero_()  # an expert without tokens gets a zero gradient
                 start += n
         return grad_x, grad_w, None, None
 
@@ -156,13 +158,21 @@ def default_expert_impl(device: torch.device | str) -> str:
 
 
 class SwiGLUExperts(nn.Module):
-    """E SwiGLU experts with stacked weights ``w13`` [E, 2F, H] and ``w2`` [E, H, F]."""
+    """E SwiGLU experts with stacked weights ``w13`` [E, 2F, H] and ``w2`` [E, H, F].
 
-    def __init__(self, num_experts: int, hidden: int, ffn: int) -> None:
+    ``impl`` selects the computation (``"grouped"`` or the reference ``"loop"``); inference
+    transforms may replace the whole module (see ``skymoe.infer.cpu_kernels``).
+    """
+
+    def __init__(self, num_experts: int, hidden: int, ffn: int, impl: str = "grouped") -> None:
         super().__init__()
-        self.num_experts, self.ffn = num_experts, ffn
+        self.num_experts, self.ffn, self.impl = num_experts, ffn, impl
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * ffn, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, ffn))
+
+    def forward(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor,
+                weights_TK: torch.Tensor) -> torch.Tensor:
+        return EXPERT_IMPLS[self.impl](x_TH, self.w13, self.w2, expert_ids_TK, weights_TK)
 
 
 class MoEBlock(nn.Module):
@@ -174,7 +184,7 @@ class MoEBlock(nn.Module):
 
     def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, *,
                  use_logits_norm: bool, norm_scale: float, two_layer_gate: bool,
-                 mul_topk: bool, impl: str = "grouped") -> None:
+                 mul_topk: bool) -> None:
         super().__init__()
         self.top_k, self.num_experts = top_k, num_experts
         self.use_logits_norm, self.norm_scale, self.mul_topk = use_logits_norm, norm_scale, mul_topk
@@ -186,7 +196,6 @@ class MoEBlock(nn.Module):
         else:
             self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.experts = SwiGLUExperts(num_experts, hidden, ffn)
-        self.impl = impl
 
     def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
         """Gate logits in fp32 (the router never runs in low precision)."""
@@ -207,6 +216,4 @@ class MoEBlock(nn.Module):
         x_TH = x_BTH.reshape(-1, shape[-1])
         r = self.routing(x_TH)
         expert_in = x_TH * self.top_k if self.mul_topk else x_TH
-        out = EXPERT_IMPLS[self.impl](expert_in, self.experts.w13, self.experts.w2,
-                                      r.expert_ids_TK, r.weights_TK)
-        return out.view(shape)
+        return self.experts(expert_in, r.expert_ids_TK, r.weights_TK).view(shape)

@@ -15,7 +15,8 @@ from torch import nn
 
 from ..config import SkyworkMoeConfig
 from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding
-from .moe import MoEBlock, default_expert_impl
+from .loss import causal_lm_loss
+from .moe import EXPERT_IMPLS, MoEBlock, default_expert_impl
 
 
 class DenseMLP(nn.Module):
@@ -90,13 +91,14 @@ class SkyworkForCausalLM(nn.Module):
         self.gradient_checkpointing = False
 
     # ------------------------------------------------------------------------------ utilities
+    # The embedding is never swapped by inference transforms, so it defines device and dtype.
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.block_sparse_moe for layer in self.model.layers
@@ -110,8 +112,11 @@ class SkyworkForCausalLM(nn.Module):
 
     def set_expert_impl(self, impl: str) -> None:
         """Select ``"grouped"`` (default) or ``"loop"`` (reference) for every MoE block."""
+        if impl not in EXPERT_IMPLS:
+            raise ValueError(f"unknown expert implementation {impl!r}; use one of "
+                             f"{sorted(EXPERT_IMPLS)}")
         for block in self.moe_blocks():
-            block.impl = impl
+            block.experts.impl = impl
 
     def init_weights(self, seed: int | None = None) -> None:
         """Random init: N(0, initializer_range) for matrices, ones for norms."""
@@ -155,10 +160,7 @@ class SkyworkForCausalLM(nn.Module):
             cache.length = start + t
         x = self.model.norm(x[:, -1:] if last_only else x)
         logits = self.lm_head(x)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
 
 
