@@ -119,6 +119,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from .checkpoint import StreamDecoder, load_model, load_tokenizer
     from .infer import SamplingParams, generate
+    from .infer.cpu_kernels import pack_for_cpu_inference
 
     try:
         params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
@@ -129,7 +130,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.path)
-    model = load_model(args.path, dtype=_DTYPES[args.dtype])
+    model = pack_for_cpu_inference(load_model(args.path, dtype=_DTYPES[args.dtype]))
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise UsageError("the prompt encodes to no tokens; give a non-empty --prompt")

@@ -35,9 +35,8 @@ def gating_logit_norm(logits_TE: torch.Tensor, scale: float, eps: float = NORM_E
     ``std`` is the unbiased standard deviation over the E logits (as in the released code),
     guarded below by ``eps`` so a constant logit vector does not divide by zero.
     """
-    mean = logits_TE.mean(dim=-1, keepdim=True)
-    std = logits_TE.std(dim=-1, keepdim=True, unbiased=True).clamp_min(eps)
-    return scale * (logits_TE - mean) / std
+    std, mean = torch.std_mean(logits_TE, dim=-1, keepdim=True, correction=1)
+    return (logits_TE - mean) * (scale / std.clamp_min(eps))
 
 
 def route(logits_TE: torch.Tensor, top_k: int) -> Routing:
