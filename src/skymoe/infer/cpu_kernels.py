@@ -58,6 +58,8 @@ class PackedExperts(nn.Module):
     def forward(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor,
                 weights_TK: torch.Tensor) -> torch.Tensor:
         t, k = expert_ids_TK.shape
+        if t == 1:
+            return self._single_token(x_TH, expert_ids_TK[0].tolist(), weights_TK[0])
         flat = expert_ids_TK.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
@@ -73,6 +75,16 @@ class PackedExperts(nn.Module):
         out = torch.zeros(t, x_TH.shape[1], dtype=weighted.dtype, device=x_TH.device)
         out.index_add_(0, order // k, weighted)
         return out.to(x_TH.dtype)
+
+    def _single_token(self, x_1H: torch.Tensor, experts: list[int],
+                      weights_K: torch.Tensor) -> torch.Tensor:
+        """Decode of one sequence: k experts, no sorting or scattering needed."""
+        out = None
+        for slot, e in enumerate(experts):
+            gate, up = _packed_linear(x_1H, self.w13[e]).chunk(2, -1)
+            y = _packed_linear(F.silu(gate) * up, self.w2[e]) * weights_K[slot]
+            out = y if out is None else out + y
+        return out.to(x_1H.dtype)
 
 
 def pack_for_cpu_inference(model: SkyworkForCausalLM) -> SkyworkForCausalLM:
