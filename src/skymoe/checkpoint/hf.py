@@ -9,7 +9,7 @@ import torch
 
 from ..config import SkyworkMoeConfig
 from ..errors import CheckpointError
-from ..model.moe import default_expert_impl
+from ..model.moe import DEFAULT_EXPERT_IMPL
 from ..model.transformer import SkyworkForCausalLM
 from . import io, names
 
@@ -55,7 +55,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, "
                               f"e.g. '{first}'; the weights are incomplete or belong to another "
                               "config")
-    model.set_expert_impl(expert_impl or default_expert_impl(device))
+    model.set_expert_impl(expert_impl or DEFAULT_EXPERT_IMPL)
     model.eval()
     return model
 

@@ -16,7 +16,7 @@ from torch import nn
 from ..config import SkyworkMoeConfig
 from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding
 from .loss import causal_lm_loss
-from .moe import EXPERT_IMPLS, MoEBlock, default_expert_impl
+from .moe import DEFAULT_EXPERT_IMPL, EXPERT_IMPLS, MoEBlock
 
 
 class DenseMLP(nn.Module):
@@ -171,7 +171,7 @@ def build_model(config: SkyworkMoeConfig, device: torch.device | str = "cpu",
     model = SkyworkForCausalLM(config)
     model.init_weights(seed)
     model.to(device=device, dtype=dtype or config.dtype)
-    model.set_expert_impl(expert_impl or default_expert_impl(device))
+    model.set_expert_impl(expert_impl or DEFAULT_EXPERT_IMPL)
     return model
 
 
