@@ -41,12 +41,13 @@ class RotaryEmbedding:
                                                        device=device).float() / self.head_dim))
         positions = torch.arange(length, device=device, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self._cos, self._sin = emb.cos(), emb.sin()
+        # The sin table carries rotate-half's sign: rotate_half(x) * sin == roll(x) * signed_sin.
+        self._cos = torch.cat((freqs, freqs), dim=-1).cos()
+        self._sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
 
     def cos_sin(self, start: int, length: int, device: torch.device,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for positions ``start .. start+length-1``, shaped [length, head_dim]."""
+        """cos and signed sin for positions ``start .. start+length-1``, [length, head_dim]."""
         end = start + length
         if self._cos is None or self._cos.shape[0] < end or self._cos.device != device:
             self._build(max(end, 2 * (self._cos.shape[0] if self._cos is not None else 0), 256),
@@ -54,14 +55,10 @@ class RotaryEmbedding:
         return self._cos[start:end].to(dtype), self._sin[start:end].to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply rotary embedding to ``x`` [B, heads, T, D] with cos/sin [T, D]."""
-    return x * cos + _rotate_half(x) * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding of ``x`` [B, heads, T, D] with tables [T, D] from
+    ``RotaryEmbedding.cos_sin``: ``x * cos + rotate_half(x) * sin`` in two fused-friendly ops."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class KVCache:

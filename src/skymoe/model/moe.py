@@ -64,62 +64,37 @@ def experts_loop(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor
     return out_TH
 
 
-class _GroupedMM(torch.autograd.Function):
-    """``x_SH @ w_EOH[e].T`` per expert group via ``torch._grouped_mm``.
-
-    The CPU kernel's own backward fails for the weight gradient (torch 2.13), so the weight
-    gradient is computed here per group; the input gradient is another grouped matmul.
-    """
-
-    @staticmethod
-    def forward(ctx, x_SH: torch.Tensor, w_EOH: torch.Tensor, offsets_E: torch.Tensor,
-                counts: list[int]) -> torch.Tensor:
-        ctx.save_for_backward(x_SH, w_EOH, offsets_E)
-        ctx.counts = counts
-        return torch._grouped_mm(x_SH, w_EOH.transpose(-2, -1), offs=offsets_E)
-
-    @staticmethod
-    def backward(ctx, grad_SO: torch.Tensor):
-        x_SH, w_EOH, offsets_E = ctx.saved_tensors
-        grad_SO = grad_SO.contiguous()
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch._grouped_mm(grad_SO, w_EOH, offs=offsets_E)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.empty_like(w_EOH)
-            start = 0
-            for e, n in enumerate(ctx.counts):
-                if n:
-                    torch.mm(grad_SO[start:start + n].t(), x_SH[start:start + n], out=grad_w[e])
-                else:
-                    grad_w[e].zero_()  # an expert without tokens gets a zero gradient
-                start += n
-        return grad_x, grad_w, None, None
-
-
 # Below this many rows per expert on average (decode, small batches) a loop over the non-empty
 # groups beats the grouped kernel, which pays for every group, empty or not.
 GROUPED_MM_MIN_ROWS_PER_EXPERT = 16
 
 
+def _grouped_mm_kernel(device: torch.device) -> Callable[..., torch.Tensor] | None:
+    """The grouped GEMM with a working autograd on ``device``, or None.
+
+    ``F.grouped_mm`` (torch >= 2.10) runs bf16 on CPU and CUDA sm_80+. ``torch._grouped_mm``
+    is used only on CUDA: its CPU backward fails (torch 2.9-2.13).
+    """
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return None
+    if hasattr(F, "grouped_mm"):
+        return F.grouped_mm
+    if device.type == "cuda" and hasattr(torch, "_grouped_mm"):
+        return torch._grouped_mm
+    return None
+
+
 def _use_grouped_mm(x: torch.Tensor, num_groups: int) -> bool:
-    """``torch._grouped_mm`` runs bf16 on CPU (torch >= 2.9) and on CUDA sm_80+."""
-    if x.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
-        return False
-    if x.shape[0] < GROUPED_MM_MIN_ROWS_PER_EXPERT * num_groups:
-        return False
-    if x.device.type == "cuda":
-        return torch.cuda.get_device_capability(x.device) >= (8, 0)
-    return x.device.type == "cpu"
+    return (x.dtype == torch.bfloat16 and x.shape[0] >= GROUPED_MM_MIN_ROWS_PER_EXPERT * num_groups
+            and _grouped_mm_kernel(x.device) is not None)
 
 
 def grouped_linear(x_SH: torch.Tensor, w_EOH: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Rows of ``x_SH`` sorted by expert (``counts[e]`` rows for expert e) times ``w_EOH[e].T``."""
     if _use_grouped_mm(x_SH, w_EOH.shape[0]):
         offsets = torch.tensor(counts, device=x_SH.device).cumsum(0).to(torch.int32)
-        if x_SH.device.type == "cuda":  # CUDA's kernel has a working backward of its own
-            return torch._grouped_mm(x_SH, w_EOH.transpose(-2, -1), offs=offsets)
-        return _GroupedMM.apply(x_SH.contiguous(), w_EOH, offsets, counts)
+        kernel = _grouped_mm_kernel(x_SH.device)
+        return kernel(x_SH.contiguous(), w_EOH.transpose(-2, -1), offs=offsets)
     chunks = x_SH.split(counts)
     outs = [F.linear(chunk, w_EOH[e]) for e, chunk in enumerate(chunks) if counts[e]]
     if not outs:
