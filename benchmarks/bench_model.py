@@ -8,7 +8,7 @@ Measures, with identical weights and inputs:
 HF runs its default experts implementation; where that cannot run backward on this device
 (torch._grouped_mm on CPU in torch 2.13), its fastest implementation that can is used and named.
 
-Usage: python benchmarks/bench_model.py [--steps 3] [--dtype bfloat16] [--json out.json]
+Usage: python benchmarks/bench_model.py [--steps 5] [--dtype bfloat16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -42,6 +42,19 @@ def timed(fn, steps: int, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def timed_pair(fn_a, fn_b, steps: int) -> tuple[float, float]:
+    """Median seconds per call of two functions, run alternately so that drift in the
+    machine's speed (shared hosts) hits both sides alike."""
+    fn_a(), fn_b()
+    times_a, times_b = [], []
+    for _ in range(steps):
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times_a), statistics.median(times_b)
 
 
 def matmul_flops(dtype: torch.dtype, n: int = 2048, steps: int = 5) -> float:
@@ -88,7 +101,7 @@ def decode_skymoe(model, prompts, new_tokens):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed repetitions per measurement")
+    parser.add_argument("--steps", type=int, default=5, help="timed repetitions per measurement")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
@@ -112,8 +125,8 @@ def main() -> None:
 
     hf_default = theirs.config._experts_implementation
     impl = hf_train_impl(theirs, ids)
-    t_ours = timed(train_step(ours, ids, False), args.steps)
-    t_hf = timed(train_step(theirs, ids, True), args.steps)
+    t_ours, t_hf = timed_pair(train_step(ours, ids, False), train_step(theirs, ids, True),
+                              args.steps)
     tokens = ids.numel()
     results["train fwd+bwd"] = {"skymoe": tokens / t_ours, "hf": tokens / t_hf,
                                 "unit": "tokens/s", "hf_impl": impl}
@@ -126,8 +139,8 @@ def main() -> None:
         prompts = torch.randint(3, config.vocab_size, (batch, 64))
         new = 32
         with torch.inference_mode():
-            t_o = timed(decode_skymoe(ours, prompts, new), args.steps)
-            t_h = timed(decode_hf(theirs, prompts, new), args.steps)
+            t_o, t_h = timed_pair(decode_skymoe(ours, prompts, new),
+                                  decode_hf(theirs, prompts, new), args.steps)
         results[f"decode batch {batch}"] = {"skymoe": batch * new / t_o, "hf": batch * new / t_h,
                                             "unit": "new tokens/s", "hf_impl": hf_default}
 

@@ -30,10 +30,9 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
     files = io.weight_files(path)
     dtype = dtype or config.dtype
     with torch.device("meta"):
-        model = SkyworkForCausalLM(config)
+        model = SkyworkForCausalLM(config).to(dtype)  # cast while still free: one allocation
     model.to_empty(device=device)
     model.tie_weights()
-    model.to(dtype)
     params = dict(model.named_parameters(remove_duplicate=False))
     missing = set(names.expected_names(model))
     with torch.no_grad():
