@@ -2,9 +2,9 @@
 
 ``F.cross_entropy(logits.float(), ...)`` on a [tokens, vocab] bf16 tensor writes an fp32 copy,
 an fp32 log-softmax, and an fp32 gradient, each as large as the logits (for 4096 tokens x 32k
-vocab: 0.5 GB apiece). Here rows are processed in chunks: the log-sum-exp is computed in fp32 per
-chunk and the gradient ``softmax - onehot`` is written straight into a tensor of the logits'
-dtype. The math is exactly cross-entropy in fp32.
+vocab: 0.5 GB apiece). Here rows are processed in chunks through a small fp32 buffer: the
+log-sum-exp and the gradient ``softmax - onehot`` are computed in fp32 and the gradient is
+written straight into a tensor of the logits' dtype. The math is cross-entropy in fp32.
 """
 
 from __future__ import annotations
@@ -22,41 +22,46 @@ def _rows_per_chunk(vocab: int) -> int:
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy whose gradient is computed during the forward pass.
+
+    Each chunk of rows is converted to fp32 once, in a small reused buffer; while it is there the
+    log-sum-exp and, when a gradient is needed, ``(softmax - onehot) / count`` are computed and
+    the latter stored in the logits' dtype. Backward only scales it by the incoming gradient.
+    """
+
     @staticmethod
     def forward(ctx, logits_NV: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
         n, v = logits_NV.shape
         valid = labels_N != IGNORE_INDEX
         safe_labels = labels_N.clamp_min(0)
+        count = valid.sum().clamp_min(1)
+        want_grad = logits_NV.requires_grad
+        grad = torch.empty_like(logits_NV) if want_grad else None
+        scale_N = (valid.float() / count)[:, None]
         lse = torch.empty(n, dtype=torch.float32, device=logits_NV.device)
         step = _rows_per_chunk(v)
         buf = torch.empty(min(step, n), v, dtype=torch.float32, device=logits_NV.device)
         for start in range(0, n, step):
-            rows = min(step, n - start)
-            work = buf[:rows]
-            work.copy_(logits_NV[start:start + rows])
-            torch.logsumexp(work, -1, out=lse[start:start + rows])
+            end = min(start + step, n)
+            work = buf[:end - start].copy_(logits_NV[start:end])
+            row_max = work.amax(dim=-1, keepdim=True)
+            work.sub_(row_max).exp_()
+            sum_exp = work.sum(dim=-1, keepdim=True)
+            lse[start:end] = (row_max + sum_exp.log()).squeeze(1)
+            if want_grad:
+                work.div_(sum_exp)  # softmax
+                work[torch.arange(end - start, device=work.device), safe_labels[start:end]] -= 1.0
+                grad[start:end] = work.mul_(scale_N[start:end])
         target = logits_NV.gather(1, safe_labels[:, None]).squeeze(1).float()
-        count = valid.sum().clamp_min(1)
         loss = ((lse - target) * valid).sum() / count
-        ctx.save_for_backward(logits_NV, safe_labels, valid, lse, count)
+        if want_grad:
+            ctx.save_for_backward(grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        logits_NV, labels_N, valid, lse, count = ctx.saved_tensors
-        n, v = logits_NV.shape
-        grad = torch.empty_like(logits_NV)
-        scale_N = (valid.float() * (grad_loss.float() / count))[:, None]
-        step = _rows_per_chunk(v)
-        buf = torch.empty(min(step, n), v, dtype=torch.float32, device=logits_NV.device)
-        for start in range(0, n, step):
-            end = min(start + step, n)
-            work = buf[:end - start]
-            # softmax - onehot, scaled by dloss/dnll of each row
-            work.copy_(logits_NV[start:end]).sub_(lse[start:end, None]).exp_()
-            work[torch.arange(end - start, device=work.device), labels_N[start:end]] -= 1.0
-            grad[start:end] = work.mul_(scale_N[start:end])
-        return grad, None
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None
 
 
 def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
