@@ -86,6 +86,7 @@ def test_skywork_round_trip_keeps_list_experts_and_unknown_keys(tmp_path):
     ({"moe_expert_interval": 0}, "moe_expert_interval"),
     ({"torch_dtype": "int8"}, "torch_dtype"),
     ({"model_type": "gpt2"}, "model_type"),
+    ({"moe_use_skywork_gating": True}, "moe_use_skywork_gating"),
 ])
 def test_invalid_configs_name_the_key(tmp_path, override, key):
     raw = json.loads((PRESETS / "skywork-moe-base.json").read_text())
@@ -101,3 +102,11 @@ def test_mixtral_flavour_refuses_skywork_only_options():
                          num_attention_heads=4, num_experts=4, moe_use_logits_norm=True)
     with pytest.raises(skymoe.ConfigError, match="mixtral"):
         c.to_hf_dict("mixtral")
+
+
+def test_skywork_config_without_2layer_key_uses_the_class_default():
+    raw = json.loads((PRESETS / "skywork-moe-base.json").read_text())
+    del raw["moe_2layer_gate"]
+    assert SkyworkMoeConfig.from_hf_dict(raw).moe_2layer_gate is True
+    raw["moe_2layer_gate"] = False
+    assert SkyworkMoeConfig.from_hf_dict(raw).moe_2layer_gate is False

@@ -132,6 +132,9 @@ class SkyworkMoeConfig:
             raise ConfigError(
                 f"config key 'num_experts_per_tok' = {self.num_experts_per_tok} exceeds "
                 f"'num_experts' = {self.num_experts}")
+        if self.moe_use_skywork_gating:
+            raise ConfigError("config key 'moe_use_skywork_gating' = true is not supported "
+                              "(Skywork-MoE-Base sets it false)")
         if self.is_moe and self.moe_use_logits_norm and self.num_experts < 2:
             raise ConfigError("config key 'moe_use_logits_norm' needs 'num_experts' >= 2 (the "
                               "std over one logit is undefined)")
@@ -194,6 +197,9 @@ class SkyworkMoeConfig:
                 experts = experts[0]
             kwargs["num_experts"] = experts
             kwargs["num_experts_per_tok"] = d.pop("num_experts_per_tok", 2)
+            # Skywork's config class defaults moe_2layer_gate to true: a config.json without
+            # the key means a 2-layer gate (the released model writes false explicitly).
+            kwargs["moe_2layer_gate"] = d.pop("moe_2layer_gate", True)
 
         _read_rope(d, kwargs)
         # transformers v5 writes "dtype"; older versions (and Skywork) "torch_dtype".
