@@ -5,8 +5,8 @@ Measures, with identical weights and inputs:
 - greedy decode throughput (new tokens/s) for 64-token prompts and 32 new tokens, batch 1 and 16;
 - skymoe's forward+backward FLOP/s as a fraction of a plain bf16 matmul's FLOP/s.
 
-HF runs its default experts implementation; where that cannot run backward on this device
-(torch._grouped_mm on CPU in torch 2.13), its fastest implementation that can is used and named.
+HF runs its default experts implementation; if that cannot run backward on this device, the
+fastest of its implementations that can is used for training, and the table names it.
 
 Usage: python benchmarks/bench_model.py [--steps 5] [--dtype bfloat16] [--json out.json]
 """

@@ -110,3 +110,10 @@ def test_skywork_config_without_2layer_key_uses_the_class_default():
     assert SkyworkMoeConfig.from_hf_dict(raw).moe_2layer_gate is True
     raw["moe_2layer_gate"] = False
     assert SkyworkMoeConfig.from_hf_dict(raw).moe_2layer_gate is False
+
+
+def test_head_dim_and_sliding_window_checks_are_independent():
+    # An explicit head_dim allows hidden % heads != 0; a sliding window does not skip that check.
+    SkyworkMoeConfig(hidden_size=30, head_dim=8, num_attention_heads=4, num_experts=4)
+    with pytest.raises(skymoe.ConfigError, match="hidden_size"):
+        SkyworkMoeConfig(hidden_size=30, num_attention_heads=4, num_experts=4, sliding_window=16)

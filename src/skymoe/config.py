@@ -113,10 +113,10 @@ class SkyworkMoeConfig:
                     "moe_expert_interval", "num_experts_per_tok"):
             _require_int(key, getattr(self, key), minimum=1)
         _require_int("num_experts", self.num_experts, minimum=0)
-        if self.head_dim is not None:
-            _require_int("head_dim", self.head_dim, minimum=1)
         if self.sliding_window is not None:
             _require_int("sliding_window", self.sliding_window, minimum=1)
+        if self.head_dim is not None:
+            _require_int("head_dim", self.head_dim, minimum=1)
         elif self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"config key 'hidden_size' = {self.hidden_size} is not divisible by "

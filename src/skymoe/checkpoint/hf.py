@@ -9,7 +9,6 @@ import torch
 
 from ..config import SkyworkMoeConfig
 from ..errors import CheckpointError
-from ..model.moe import DEFAULT_EXPERT_IMPL
 from ..model.transformer import SkyworkForCausalLM
 from . import io, names
 
@@ -54,7 +53,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, "
                               f"e.g. '{first}'; the weights are incomplete or belong to another "
                               "config")
-    model.set_expert_impl(expert_impl or DEFAULT_EXPERT_IMPL)
+    if expert_impl:
+        model.set_expert_impl(expert_impl)
     model.eval()
     return model
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import SwiGLUExperts
+from ..model.moe import SwiGLUExperts, dispatch_sorted
 from ..model.transformer import SkyworkForCausalLM
 
 
@@ -57,32 +57,29 @@ class PackedExperts(nn.Module):
 
     def forward(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor,
                 weights_TK: torch.Tensor) -> torch.Tensor:
-        t, k = expert_ids_TK.shape
-        if t == 1:
+        if expert_ids_TK.shape[0] == 1:
             return self._single_token(x_TH, expert_ids_TK[0].tolist(), weights_TK[0])
-        flat = expert_ids_TK.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        x_sorted = x_TH[order // k]
-        out_sorted = torch.empty_like(x_sorted)
+        return dispatch_sorted(x_TH, expert_ids_TK, weights_TK, self.num_experts, self._ffn)
+
+    def _ffn(self, x_sorted_SH: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        out = torch.empty_like(x_sorted_SH)
         start = 0
         for e, n in enumerate(counts):
             if n:
-                gate, up = _packed_linear(x_sorted[start:start + n], self.w13[e]).chunk(2, -1)
-                out_sorted[start:start + n] = _packed_linear(F.silu(gate) * up, self.w2[e])
+                out[start:start + n] = self._expert(x_sorted_SH[start:start + n], e)
                 start += n
-        weighted = out_sorted * weights_TK.reshape(-1)[order, None]
-        out = torch.zeros(t, x_TH.shape[1], dtype=weighted.dtype, device=x_TH.device)
-        out.index_add_(0, order // k, weighted)
-        return out.to(x_TH.dtype)
+        return out
+
+    def _expert(self, x_NH: torch.Tensor, e: int) -> torch.Tensor:
+        gate, up = _packed_linear(x_NH, self.w13[e]).chunk(2, -1)
+        return _packed_linear(F.silu(gate) * up, self.w2[e])
 
     def _single_token(self, x_1H: torch.Tensor, experts: list[int],
                       weights_K: torch.Tensor) -> torch.Tensor:
         """Decode of one sequence: k experts, no sorting or scattering needed."""
         out = None
         for slot, e in enumerate(experts):
-            gate, up = _packed_linear(x_1H, self.w13[e]).chunk(2, -1)
-            y = _packed_linear(F.silu(gate) * up, self.w2[e]) * weights_K[slot]
+            y = self._expert(x_1H, e) * weights_K[slot]
             out = y if out is None else out + y
         return out.to(x_1H.dtype)
 

@@ -102,20 +102,30 @@ def grouped_linear(x_SH: torch.Tensor, w_EOH: torch.Tensor, counts: list[int]) -
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
-def experts_grouped(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
-                    expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """Fast path: sort the T*K assignments by expert, two grouped matmuls, unsort, sum over K."""
+SortedFFN = Callable[[torch.Tensor, list[int]], torch.Tensor]
+
+
+def dispatch_sorted(x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                    num_experts: int, ffn: SortedFFN) -> torch.Tensor:
+    """Sort the T*K assignments by expert, run ``ffn(x_sorted_SH, counts)`` on the grouped
+    rows, then weight, unsort and sum over K (in fp32, cast back to the input dtype)."""
     t, k = expert_ids_TK.shape
     flat_ids_S = expert_ids_TK.reshape(-1)
     order_S = torch.argsort(flat_ids_S, stable=True)
-    counts = torch.bincount(flat_ids_S, minlength=w13_EFH.shape[0]).tolist()
-    x_sorted_SH = x_TH[order_S // k]
-    h_SF = _swiglu(grouped_linear(x_sorted_SH, w13_EFH, counts))
-    y_SH = grouped_linear(h_SF, w2_EHF, counts)
-    y_SH = y_SH * weights_TK.reshape(-1)[order_S, None]
+    counts = torch.bincount(flat_ids_S, minlength=num_experts).tolist()
+    y_SH = ffn(x_TH[order_S // k], counts) * weights_TK.reshape(-1)[order_S, None]
     inverse_S = torch.empty_like(order_S)
     inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
     return y_SH[inverse_S].view(t, k, -1).sum(dim=1).to(x_TH.dtype)
+
+
+def experts_grouped(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
+                    expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """Fast path: assignments sorted by expert, one grouped matmul per projection."""
+    def ffn(x_SH: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return grouped_linear(_swiglu(grouped_linear(x_SH, w13_EFH, counts)), w2_EHF, counts)
+
+    return dispatch_sorted(x_TH, expert_ids_TK, weights_TK, w13_EFH.shape[0], ffn)
 
 
 EXPERT_IMPLS: dict[str, Callable[..., torch.Tensor]] = {

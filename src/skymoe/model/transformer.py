@@ -16,7 +16,7 @@ from torch import nn
 from ..config import SkyworkMoeConfig
 from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding
 from .loss import causal_lm_loss
-from .moe import DEFAULT_EXPERT_IMPL, EXPERT_IMPLS, MoEBlock
+from .moe import EXPERT_IMPLS, MoEBlock
 
 
 class DenseMLP(nn.Module):
@@ -88,7 +88,6 @@ class SkyworkForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.rotary = RotaryEmbedding(config.head_size, config.rope_theta)
-        self.gradient_checkpointing = False
 
     # ------------------------------------------------------------------------------ utilities
     # The embedding is never swapped by inference transforms, so it defines device and dtype.
@@ -151,11 +150,7 @@ class SkyworkForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(start, t, x.device, x.dtype)
         for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, cache, start,
-                                                      use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, cache, start)
+            x = layer(x, cos, sin, cache, start)
         if cache is not None:
             cache.length = start + t
         x = self.model.norm(x[:, -1:] if last_only else x)
@@ -171,7 +166,8 @@ def build_model(config: SkyworkMoeConfig, device: torch.device | str = "cpu",
     model = SkyworkForCausalLM(config)
     model.init_weights(seed)
     model.to(device=device, dtype=dtype or config.dtype)
-    model.set_expert_impl(expert_impl or DEFAULT_EXPERT_IMPL)
+    if expert_impl:
+        model.set_expert_impl(expert_impl)
     return model
 
 
