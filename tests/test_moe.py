@@ -151,7 +151,7 @@ def test_grouped_mm_kernel_path_matches_per_group_matmuls():
     counts = [40, 0, 33, 0, 25, 30]  # >= 16 rows per expert on average: the grouped kernel runs
     w = (torch.randn(6, 24, 16) * 0.3).to(torch.bfloat16).requires_grad_()
     x = torch.randn(sum(counts), 16).to(torch.bfloat16).requires_grad_()
-    assert moe._use_grouped_mm(x, 6)
+    assert moe._use_grouped_mm(x, w)
     got = moe.grouped_linear(x, w, counts)
     ref = torch.cat([F.linear(c, w[e]) for e, c in enumerate(x.split(counts)) if counts[e]])
     grad = torch.randn_like(ref)

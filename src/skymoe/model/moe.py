@@ -12,11 +12,15 @@ Two expert implementations compute the same function from the same parameters:
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import balance
 
 NORM_EPS = 1e-6
 
@@ -52,11 +56,14 @@ def _swiglu(h_S2F: torch.Tensor) -> torch.Tensor:
 
 
 def experts_loop(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
-                 expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """Reference: for each expert, gather its tokens, run the SwiGLU FFN, scatter-add back."""
+                 expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                 keep_TK: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference: for each expert, gather its tokens, run the SwiGLU FFN, scatter-add back.
+    Assignments where ``keep_TK`` is False (dropped by capacity) are skipped."""
     out_TH = torch.zeros_like(x_TH)
     for e in range(w13_EFH.shape[0]):
-        token_idx, slot = torch.where(expert_ids_TK == e)
+        chosen = expert_ids_TK == e
+        token_idx, slot = torch.where(chosen if keep_TK is None else chosen & keep_TK)
         if token_idx.numel() == 0:
             continue
         y = F.linear(_swiglu(F.linear(x_TH[token_idx], w13_EFH[e])), w2_EHF[e])
@@ -84,14 +91,21 @@ def _grouped_mm_kernel(device: torch.device) -> Callable[..., torch.Tensor] | No
     return None
 
 
-def _use_grouped_mm(x: torch.Tensor, num_groups: int) -> bool:
-    return (x.dtype == torch.bfloat16 and x.shape[0] >= GROUPED_MM_MIN_ROWS_PER_EXPERT * num_groups
+def _use_grouped_mm(x: torch.Tensor, w_EOH: torch.Tensor) -> bool:
+    # The kernel needs 16-byte aligned rows: both matrix widths a multiple of 8 bf16 values.
+    return (x.dtype == torch.bfloat16
+            and x.shape[0] >= GROUPED_MM_MIN_ROWS_PER_EXPERT * w_EOH.shape[0]
+            and w_EOH.shape[1] % 8 == 0 and w_EOH.shape[2] % 8 == 0
             and _grouped_mm_kernel(x.device) is not None)
 
 
 def grouped_linear(x_SH: torch.Tensor, w_EOH: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Rows of ``x_SH`` sorted by expert (``counts[e]`` rows for expert e) times ``w_EOH[e].T``."""
-    if _use_grouped_mm(x_SH, w_EOH.shape[0]):
+    if torch.is_autocast_enabled(x_SH.device.type):
+        # Autocast does not cover grouped_mm: cast like it casts F.linear (fp32 master weights).
+        dtype = torch.get_autocast_dtype(x_SH.device.type)
+        x_SH, w_EOH = x_SH.to(dtype), w_EOH.to(dtype)
+    if _use_grouped_mm(x_SH, w_EOH):
         offsets = torch.tensor(counts, device=x_SH.device).cumsum(0).to(torch.int32)
         kernel = _grouped_mm_kernel(x_SH.device)
         return kernel(x_SH.contiguous(), w_EOH.transpose(-2, -1), offs=offsets)
@@ -106,26 +120,38 @@ SortedFFN = Callable[[torch.Tensor, list[int]], torch.Tensor]
 
 
 def dispatch_sorted(x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                    num_experts: int, ffn: SortedFFN) -> torch.Tensor:
+                    num_experts: int, ffn: SortedFFN,
+                    keep_TK: torch.Tensor | None = None) -> torch.Tensor:
     """Sort the T*K assignments by expert, run ``ffn(x_sorted_SH, counts)`` on the grouped
-    rows, then weight, unsort and sum over K (in fp32, cast back to the input dtype)."""
+    rows, then weight, unsort and sum over K (in fp32, cast back to the input dtype).
+
+    Dropped assignments (``keep_TK`` False) sort behind every expert's rows as a pseudo-expert
+    ``num_experts`` whose output is zero, so they cost no expert compute.
+    """
     t, k = expert_ids_TK.shape
     flat_ids_S = expert_ids_TK.reshape(-1)
+    if keep_TK is not None:
+        flat_ids_S = flat_ids_S.masked_fill(~keep_TK.reshape(-1), num_experts)
     order_S = torch.argsort(flat_ids_S, stable=True)
-    counts = torch.bincount(flat_ids_S, minlength=num_experts).tolist()
-    y_SH = ffn(x_TH[order_S // k], counts) * weights_TK.reshape(-1)[order_S, None]
+    counts = torch.bincount(flat_ids_S, minlength=num_experts + 1).tolist()
+    kept = t * k - counts[num_experts]
+    y_SH = ffn(x_TH[order_S[:kept] // k], counts[:num_experts])
+    if kept < t * k:
+        y_SH = torch.cat((y_SH, y_SH.new_zeros(t * k - kept, y_SH.shape[-1])))
+    y_SH = y_SH * weights_TK.reshape(-1)[order_S, None]
     inverse_S = torch.empty_like(order_S)
     inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
     return y_SH[inverse_S].view(t, k, -1).sum(dim=1).to(x_TH.dtype)
 
 
 def experts_grouped(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
-                    expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+                    expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                    keep_TK: torch.Tensor | None = None) -> torch.Tensor:
     """Fast path: assignments sorted by expert, one grouped matmul per projection."""
     def ffn(x_SH: torch.Tensor, counts: list[int]) -> torch.Tensor:
         return grouped_linear(_swiglu(grouped_linear(x_SH, w13_EFH, counts)), w2_EHF, counts)
 
-    return dispatch_sorted(x_TH, expert_ids_TK, weights_TK, w13_EFH.shape[0], ffn)
+    return dispatch_sorted(x_TH, expert_ids_TK, weights_TK, w13_EFH.shape[0], ffn, keep_TK)
 
 
 EXPERT_IMPLS: dict[str, Callable[..., torch.Tensor]] = {
@@ -154,9 +180,37 @@ class SwiGLUExperts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * ffn, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, ffn))
 
-    def forward(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor,
-                weights_TK: torch.Tensor) -> torch.Tensor:
-        return EXPERT_IMPLS[self.impl](x_TH, self.w13, self.w2, expert_ids_TK, weights_TK)
+    def forward(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                keep_TK: torch.Tensor | None = None) -> torch.Tensor:
+        return EXPERT_IMPLS[self.impl](x_TH, self.w13, self.w2, expert_ids_TK, weights_TK,
+                                       keep_TK)
+
+
+@dataclass
+class MoETrainingOptions:
+    """How MoE blocks route while training (inference is always dropless, without aux loss).
+
+    ``routing_group_size`` is the number of sequences that share a routing decision: capacity
+    and the balance loss are computed per group. A fixed group (default: each sequence) makes
+    training independent of how a batch is split into micro-batches; 0 means "the whole
+    micro-batch".
+    """
+
+    capacity_factor: float = 1.0   # <= 0: dropless
+    drop_policy: str = "probability"
+    aux_loss: str = "skywork"
+    z_loss_coef: float = 0.0
+    routing_group_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.drop_policy not in balance.DROP_POLICIES:
+            raise ValueError(f"drop_policy must be one of {balance.DROP_POLICIES}, "
+                             f"not {self.drop_policy!r}")
+        if self.aux_loss not in balance.AUX_LOSS_TYPES:
+            raise ValueError(f"aux_loss must be one of {balance.AUX_LOSS_TYPES}, "
+                             f"not {self.aux_loss!r}")
+        if self.routing_group_size < 0:
+            raise ValueError("routing_group_size must be >= 0 (0: the whole micro-batch)")
 
 
 class MoEBlock(nn.Module):
@@ -164,6 +218,10 @@ class MoEBlock(nn.Module):
 
     With ``use_logits_norm=False``, ``two_layer_gate=False`` and ``mul_topk=False`` this is
     Mixtral's sparse MoE block.
+
+    In training mode with ``training_options`` set, assignments beyond capacity are dropped and
+    each forward leaves ``last_aux`` (``aux_coef`` * balance loss + z-loss, differentiable;
+    the model adds it to its output) and ``last_stats`` (detached per-layer metrics).
     """
 
     def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, *,
@@ -180,24 +238,66 @@ class MoEBlock(nn.Module):
         else:
             self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.experts = SwiGLUExperts(num_experts, hidden, ffn)
+        self.training_options: MoETrainingOptions | None = None
+        self.aux_coef = 0.0
+        self.last_aux: torch.Tensor | None = None
+        self.last_stats: dict[str, torch.Tensor] | None = None
 
     def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
-        """Gate logits in fp32 (the router never runs in low precision)."""
+        """Gate logits in fp32 (the router never runs in low precision), normalized when the
+        block uses gating logit normalization: the values the softmax sees."""
         x = x_TH.float()
         if isinstance(self.gate, nn.Sequential):
-            return F.linear(torch.tanh(F.linear(x, self.gate[0].weight.float())),
-                            self.gate[2].weight.float())
-        return F.linear(x, self.gate.weight.float())
+            logits = F.linear(torch.tanh(F.linear(x, self.gate[0].weight.float())),
+                              self.gate[2].weight.float())
+        else:
+            logits = F.linear(x, self.gate.weight.float())
+        return gating_logit_norm(logits, self.norm_scale) if self.use_logits_norm else logits
 
     def routing(self, x_TH: torch.Tensor) -> Routing:
-        logits = self.router_logits(x_TH)
-        if self.use_logits_norm:
-            logits = gating_logit_norm(logits, self.norm_scale)
-        return route(logits, self.top_k)
+        return route(self.router_logits(x_TH), self.top_k)
 
     def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
         shape = x_BTH.shape
         x_TH = x_BTH.reshape(-1, shape[-1])
-        r = self.routing(x_TH)
+        logits_TE = self.router_logits(x_TH)
+        r = route(logits_TE, self.top_k)
         expert_in = x_TH * self.top_k if self.mul_topk else x_TH
-        return self.experts(expert_in, r.expert_ids_TK, r.weights_TK).view(shape)
+        opts = self.training_options if self.training else None
+        if opts is None:  # inference transforms may swap ``experts`` for a dropless module
+            return self.experts(expert_in, r.expert_ids_TK, r.weights_TK).view(shape)
+        num_seqs = shape[0] if len(shape) == 3 else 1
+        keep_TK = self._balance(logits_TE, r, num_seqs, opts)
+        return self.experts(expert_in, r.expert_ids_TK, r.weights_TK, keep_TK).view(shape)
+
+    def _balance(self, logits_TE: torch.Tensor, r: Routing, num_seqs: int,
+                 opts: MoETrainingOptions) -> torch.Tensor | None:
+        """Capacity, balance losses and metrics of one training forward; returns the keep mask."""
+        t, k = r.expert_ids_TK.shape
+        group_seqs = opts.routing_group_size or num_seqs
+        num_groups = math.ceil(num_seqs / group_seqs)
+        group_T = torch.arange(t, device=logits_TE.device) // (t // num_seqs * group_seqs)
+        keep_TK = None
+        tokens_G = torch.bincount(group_T, minlength=num_groups)
+        capacities = [balance.expert_capacity(n, self.num_experts, k, opts.capacity_factor)
+                      for n in tokens_G.tolist()]
+        if capacities[0] is not None:
+            keep_TK = balance.capacity_keep_mask(
+                r.expert_ids_TK, r.probs_TE, group_T[:, None].expand(t, k), self.num_experts,
+                torch.tensor(capacities, device=logits_TE.device), opts.drop_policy)
+        aux = balance.aux_loss(r.probs_TE, r.expert_ids_TK, opts.aux_loss, group_T, num_groups)
+        z = balance.router_z_loss(logits_TE)
+        self.last_aux = self.aux_coef * aux + opts.z_loss_coef * z
+        with torch.no_grad():
+            max12, max23 = (balance.gate_sharpness(r.probs_TE) if self.num_experts >= 3
+                            else (torch.tensor(float("nan")),) * 2)
+            self.last_stats = {
+                "tokens": torch.tensor(float(t)),
+                "dropped": (t * k - keep_TK.sum()).float() if keep_TK is not None
+                else torch.zeros(()),
+                "aux_loss": aux.detach() * t, "z_loss": z.detach() * t,
+                "load": torch.bincount(r.expert_ids_TK.reshape(-1),
+                                       minlength=self.num_experts).float(),
+                "max1_max2": max12, "max2_max3": max23,
+            }
+        return keep_TK
