@@ -26,12 +26,30 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
     """
     path = Path(path)
     config = SkyworkMoeConfig.from_json_file(path)
-    files = io.weight_files(path)
+    io.weight_files(path)  # fail on a directory without weights before allocating the model
     dtype = dtype or config.dtype
     with torch.device("meta"):
         model = SkyworkForCausalLM(config).to(dtype)  # cast while still free: one allocation
     model.to_empty(device=device)
     model.tie_weights()
+    load_weights(model, path)
+    if expert_impl:
+        model.set_expert_impl(expert_impl)
+    model.eval()
+    return model
+
+
+def load_weights(model: SkyworkForCausalLM, path: str | Path) -> SkyworkForCausalLM:
+    """Fill the parameters of an existing ``model`` from the HF checkpoint directory ``path``.
+
+    The model keeps its device, dtype, train/eval mode and expert implementation; every tensor is
+    checked (known name, shape, floating dtype) and copied in place, so optimizer references to
+    the parameters stay valid (this is how a training run resumes). Raises ``CheckpointError``
+    for an unknown or mis-shaped tensor or when the checkpoint lacks some of the model's weights.
+    """
+    path = Path(path)
+    config = model.config
+    files = io.weight_files(path)
     params = dict(model.named_parameters(remove_duplicate=False))
     missing = set(names.expected_names(model))
     with torch.no_grad():
@@ -53,9 +71,6 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, "
                               f"e.g. '{first}'; the weights are incomplete or belong to another "
                               "config")
-    if expert_impl:
-        model.set_expert_impl(expert_impl)
-    model.eval()
     return model
 
 
