@@ -1,7 +1,8 @@
 """skymoe vs HF transformers' MixtralForCausalLM on the shared "bench" config, in one run.
 
 Measures, with identical weights and inputs:
-- forward+backward training throughput (tokens/s) on batch 8 x 512 tokens;
+- forward+backward training throughput (tokens/s) on batch 8 x 512 tokens, skymoe with its
+  decoder layers compiled (``compile_layers``, what ``skymoe train`` does) and eager;
 - greedy decode throughput (new tokens/s) for 64-token prompts and 32 new tokens, batch 1 and 16;
 - skymoe's forward+backward FLOP/s as a fraction of a plain bf16 matmul's FLOP/s.
 
@@ -14,6 +15,7 @@ Usage: python benchmarks/bench_model.py [--steps 5] [--dtype bfloat16] [--json o
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -44,17 +46,18 @@ def timed(fn, steps: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def timed_pair(fn_a, fn_b, steps: int) -> tuple[float, float]:
-    """Median seconds per call of two functions, run alternately so that drift in the
-    machine's speed (shared hosts) hits both sides alike."""
-    fn_a(), fn_b()
-    times_a, times_b = [], []
+def timed_alternating(fns, steps: int) -> list[float]:
+    """Median seconds per call of each function, run in turn so that drift in the machine's
+    speed (shared hosts) hits all sides alike. One untimed warm-up call each (compilation)."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(steps):
-        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+        for fn, ts in zip(fns, times):
             t0 = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times_a), statistics.median(times_b)
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def matmul_flops(dtype: torch.dtype, n: int = 2048, steps: int = 5) -> float:
@@ -125,11 +128,15 @@ def main() -> None:
 
     hf_default = theirs.config._experts_implementation
     impl = hf_train_impl(theirs, ids)
-    t_ours, t_hf = timed_pair(train_step(ours, ids, False), train_step(theirs, ids, True),
-                              args.steps)
+    compiled = copy.deepcopy(ours).compile_layers()
+    t_eager, t_ours, t_hf = timed_alternating(
+        [train_step(ours, ids, False), train_step(compiled, ids, False),
+         train_step(theirs, ids, True)], args.steps)
     tokens = ids.numel()
-    results["train fwd+bwd"] = {"skymoe": tokens / t_ours, "hf": tokens / t_hf,
-                                "unit": "tokens/s", "hf_impl": impl}
+    for name, t in (("train (compiled layers)", t_ours), ("train (eager)", t_eager)):
+        results[name] = {"skymoe": tokens / t, "hf": tokens / t_hf, "unit": "tokens/s",
+                         "hf_impl": impl}
+    del compiled
 
     # Inference uses skymoe's inference path: oneDNN-packed weights on CPU (a no-op elsewhere).
     ours = pack_for_cpu_inference(ours.eval())
@@ -139,8 +146,8 @@ def main() -> None:
         prompts = torch.randint(3, config.vocab_size, (batch, 64))
         new = 32
         with torch.inference_mode():
-            t_o, t_h = timed_pair(decode_skymoe(ours, prompts, new),
-                                  decode_hf(theirs, prompts, new), args.steps)
+            t_o, t_h = timed_alternating([decode_skymoe(ours, prompts, new),
+                                          decode_hf(theirs, prompts, new)], args.steps)
         results[f"decode batch {batch}"] = {"skymoe": batch * new / t_o, "hf": batch * new / t_h,
                                             "unit": "new tokens/s", "hf_impl": hf_default}
 
@@ -151,11 +158,11 @@ def main() -> None:
 
     print(f"machine: {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}")
-    print(f"{'measurement':<18} {'skymoe':>12} {'transformers':>13} {'ratio':>7}  unit (HF experts impl)")
+    print(f"{'measurement':<24} {'skymoe':>12} {'transformers':>13} {'ratio':>7}  unit (HF experts impl)")
     for name, r in results.items():
         if name == "fwd+bwd FLOP/s":
             continue
-        print(f"{name:<18} {r['skymoe']:>12.1f} {r['hf']:>13.1f} "
+        print(f"{name:<24} {r['skymoe']:>12.1f} {r['hf']:>13.1f} "
               f"{r['skymoe'] / r['hf']:>6.2f}x  {r['unit']} ({r['hf_impl']})")
     r = results["fwd+bwd FLOP/s"]
     print(f"skymoe fwd+bwd {r['skymoe'] / 1e9:.1f} GFLOP/s = {r['fraction']:.1%} of a "

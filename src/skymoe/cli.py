@@ -7,6 +7,8 @@ code 2 (1 for a failure while running); tracebacks are reserved for bugs.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import shutil
 import sys
 import time
@@ -14,28 +16,15 @@ from pathlib import Path
 
 import torch
 
-from .config import SkyworkMoeConfig, format_count, parameter_counts
+from .config import SkyworkMoeConfig, format_count, parameter_counts, resolve_config
 from .errors import SkymoeError
 
-PRESETS_DIR = Path(__file__).parent / "configs"
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
 
 
 class UsageError(SkymoeError):
     """A command-line argument that cannot be used."""
-
-
-def resolve_config(spec: str) -> SkyworkMoeConfig:
-    """A config from a preset name (``tiny``, ``bench``, ``skywork-moe-base``), a config.json
-    path, or a checkpoint directory."""
-    preset = PRESETS_DIR / f"{spec}.json"
-    if not Path(spec).exists() and preset.is_file():
-        return SkyworkMoeConfig.from_json_file(preset)
-    if not Path(spec).exists():
-        names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.json")))
-        raise UsageError(f"{spec}: no such file or directory, and not a preset ({names})")
-    return SkyworkMoeConfig.from_json_file(spec)
 
 
 # ------------------------------------------------------------------------------------- info
@@ -156,6 +145,49 @@ def cmd_generate(args: argparse.Namespace) -> None:
           f"prompt {len(ids)} tokens]", file=sys.stderr)
 
 
+# ------------------------------------------------------------------------------------ train
+def cmd_train(args: argparse.Namespace) -> int:
+    import signal
+
+    from .train import config as train_config
+    from .train.plots import plot_run
+    from .train.trainer import Trainer
+
+    overrides = list(args.set or [])
+    if args.run_dir:
+        overrides.append(f"run.dir={json.dumps(args.run_dir)}")  # a TOML string
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    config_path = args.config
+    if config_path is None and args.resume:
+        # Resuming: the run's saved config, so the run continues as it was configured.
+        saved = Path(train_config.load(None, overrides).run.dir) / "config.toml"
+        config_path = saved if saved.is_file() else None
+    cfg = train_config.load(config_path, overrides)
+    trainer = Trainer(cfg, resume=args.resume)
+    summary = trainer.run()
+    plots = plot_run(summary.run_dir)
+    where = summary.checkpoint or "(none)"
+    print(f"checkpoint: {where}\nmetrics:    {summary.run_dir / 'metrics.jsonl'}\n"
+          f"plots:      {plots[0].parent if plots else '(none)'}")
+    if summary.interrupted:
+        print(f"interrupted at step {summary.steps}; continue with: skymoe train --resume "
+              f"--run-dir {summary.run_dir}", file=sys.stderr)
+        return 128 + (trainer._stop_signal or signal.SIGINT)
+    if summary.val_loss is not None:
+        print(f"final validation loss {summary.val_loss:.3f} "
+              f"(perplexity {math.exp(min(summary.val_loss, 50)):.1f})")
+    print(f"sample: {trainer.sample()!r}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from .train.plots import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+
+
 # ----------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -195,6 +227,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: the checkpoint's torch_dtype)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train", help="train a Skywork-MoE model (default: a small one on the "
+                                     "Python standard library's source)",
+                       description="Train with Skywork-MoE's techniques: gating logit "
+                                   "normalization, capacity and token dropping, the aux balance "
+                                   "loss with per-layer adaptive coefficients. Settings come from "
+                                   "a TOML file (sections model, data, tokenizer, train, moe, run; "
+                                   "see docs/training.md) and --set overrides; with none, the "
+                                   "embedded default runs. Ctrl-C saves a checkpoint and stops.")
+    p.add_argument("config", nargs="?", help="TOML config file (optional)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a setting, e.g. --set train.lr=1e-3 (repeatable)")
+    p.add_argument("--run-dir", help="run directory (same as --set run.dir=...)")
+    p.add_argument("--steps", type=int, help="train up to this step (same as --set train.steps=N)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in the run directory from its latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plot", help="plot a run's metrics (loss, drop rate, coefficients, ...)",
+                       description="Write PNG plots of a training run's metrics.jsonl: loss, "
+                                   "per-layer drop rate and aux coefficients (heatmaps and "
+                                   "curves), gate sharpness and expert load.")
+    p.add_argument("run_dir", help="training run directory (holds metrics.jsonl)")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/plots)")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 
@@ -202,14 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except SkymoeError as exc:
         print(f"skymoe {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"skymoe {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -306,6 +306,21 @@ def _read_rope(d: dict[str, Any], kwargs: dict[str, Any]) -> None:
         kwargs["rope_theta"] = d.pop("rope_theta")
 
 
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+def resolve_config(spec: str | Path) -> SkyworkMoeConfig:
+    """A config from a preset name (``tiny``, ``bench``, ``skywork-moe-base``), a config.json
+    path, or a checkpoint directory."""
+    preset = PRESETS_DIR / f"{spec}.json"
+    if not Path(spec).exists() and preset.is_file():
+        return SkyworkMoeConfig.from_json_file(preset)
+    if not Path(spec).exists():
+        names = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.json")))
+        raise ConfigError(f"{spec}: no such file or directory, and not a preset ({names})")
+    return SkyworkMoeConfig.from_json_file(spec)
+
+
 def parameter_counts(config: SkyworkMoeConfig) -> dict[str, int]:
     """Parameter counts computed from the config alone.
 

@@ -16,3 +16,11 @@ class ConfigError(SkymoeError, ValueError):
 
 class CheckpointError(SkymoeError):
     """A checkpoint directory or file that cannot be read or does not match the model."""
+
+
+class DataError(SkymoeError):
+    """A training corpus (file, directory, JSONL, Parquet) that cannot be read or is empty."""
+
+
+class TrainingError(SkymoeError):
+    """A training run that cannot go on (a non-finite loss, a run directory in the way)."""

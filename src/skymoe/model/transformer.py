@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import SkyworkMoeConfig
 from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding
 from .loss import causal_lm_loss
-from .moe import EXPERT_IMPLS, MoEBlock
+from .moe import EXPERT_IMPLS, MoEBlock, MoETrainingOptions
 
 
 class DenseMLP(nn.Module):
@@ -72,10 +73,17 @@ class DecoderStack(nn.Module):
 
 @dataclass
 class CausalLMOutput:
-    """``logits`` [B, T, V] (only the last position when ``last_only``); ``loss`` with labels."""
+    """``logits`` [B, T, V] (only the last position when ``last_only``); ``loss`` with labels.
+
+    When training with MoE training options: ``aux_loss``, the sum over MoE layers of
+    coefficient * balance loss + z-loss (add it to the loss), and ``moe_stats``, one dict of
+    detached per-layer sums per MoE layer (see ``MoEBlock``).
+    """
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    moe_stats: list[dict[str, torch.Tensor]] | None = None
 
 
 class SkyworkForCausalLM(nn.Module):
@@ -88,6 +96,8 @@ class SkyworkForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.rotary = RotaryEmbedding(config.head_size, config.rope_theta)
+        # Recompute each layer's activations in backward instead of storing them (training).
+        self.activation_checkpointing = False
 
     # ------------------------------------------------------------------------------ utilities
     # The embedding is never swapped by inference transforms, so it defines device and dtype.
@@ -116,6 +126,32 @@ class SkyworkForCausalLM(nn.Module):
                              f"{sorted(EXPERT_IMPLS)}")
         for block in self.moe_blocks():
             block.experts.impl = impl
+
+    def configure_moe_training(self, options: MoETrainingOptions | None) -> None:
+        """Capacity, drop policy and balance losses for training forwards (None: dropless,
+        no aux loss). Evaluation mode always routes dropless."""
+        for block in self.moe_blocks():
+            block.training_options = options
+
+    def set_aux_coefs(self, coefs: list[float]) -> None:
+        """Per-MoE-layer balance-loss coefficients (from the adaptive controller)."""
+        blocks = self.moe_blocks()
+        if len(coefs) != len(blocks):
+            raise ValueError(f"got {len(coefs)} coefficients for {len(blocks)} MoE layers")
+        for block, coef in zip(blocks, coefs):
+            block.aux_coef = float(coef)
+
+    def compile_layers(self, **compile_kwargs) -> "SkyworkForCausalLM":
+        """``torch.compile`` each decoder layer in place (as torchtitan does per block).
+
+        Fuses the elementwise work around the matmuls (RMSNorm, RoPE, SwiGLU, routing) in
+        forward and backward; the expert dispatch's data-dependent group sizes become graph
+        breaks, so the expert GEMMs stay the eager kernels. Meant for training and prefill-heavy
+        work with fixed shapes: the first step of each new shape pays the compilation.
+        """
+        for layer in self.model.layers:
+            layer.compile(**compile_kwargs)
+        return self
 
     def init_weights(self, seed: int | None = None) -> None:
         """Random init: N(0, initializer_range) for matrices, ones for norms."""
@@ -149,14 +185,29 @@ class SkyworkForCausalLM(nn.Module):
         start = start or 0
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(start, t, x.device, x.dtype)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, start)
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, cache, start, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache, start)
         if cache is not None:
             cache.length = start + t
         x = self.model.norm(x[:, -1:] if last_only else x)
         logits = self.lm_head(x)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(logits=logits, loss=loss)
+        out = CausalLMOutput(logits=logits, loss=loss)
+        if self.training:
+            self._collect_moe_training_outputs(out)
+        return out
+
+    def _collect_moe_training_outputs(self, out: CausalLMOutput) -> None:
+        blocks = [b for b in self.moe_blocks() if b.last_aux is not None]
+        if blocks:
+            out.aux_loss = torch.stack([b.last_aux for b in blocks]).sum()
+            out.moe_stats = [b.last_stats for b in blocks]
+        for b in blocks:  # release the graph references; the output owns them now
+            b.last_aux = b.last_stats = None
 
 
 def build_model(config: SkyworkMoeConfig, device: torch.device | str = "cpu",

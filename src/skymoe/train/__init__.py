@@ -1,0 +1,1 @@
+"""Training: the Skywork-MoE trainer, its data pipeline, checkpoints and metric plots."""

@@ -1,0 +1,217 @@
+"""Training configuration: one TOML file of sections, command-line overrides, a saved copy.
+
+Every setting has a default, so ``skymoe train`` runs with no file at all (the embedded
+default: a small Skywork-MoE on the Python standard library's source). A file or an override
+naming an unknown section or key, or a value of the wrong type, is an error naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from ..errors import ConfigError
+
+
+@dataclass
+class ModelSection:
+    config: str = "tiny"          # preset name, config.json path or checkpoint directory
+    init_from: str = ""           # optional HF checkpoint directory to start from (weights)
+    overrides: dict = field(default_factory=dict)  # config.json keys, e.g. moe_use_logits_norm
+
+
+@dataclass
+class DataSection:
+    sources: list = field(default_factory=list)  # files/dirs; empty: the Python stdlib source
+    patterns: list = field(default_factory=lambda: ["*"])
+    text_field: str = "text"
+    max_bytes: int = 0            # use at most this many bytes of text (0: all)
+    seq_len: int = 256
+    val_fraction: float = 0.02
+
+
+@dataclass
+class TokenizerSection:
+    path: str = ""                # directory with tokenizer.json/.model; empty: train a BPE
+    vocab_size: int = 4096        # for a trained tokenizer
+
+
+@dataclass
+class TrainSection:
+    steps: int = 300
+    batch_size: int = 16          # sequences per optimizer step
+    micro_batch_size: int = 16    # sequences per forward (gradient accumulation = ratio)
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 30
+    lr_decay_steps: int = 0       # cosine length (0: steps); keep it fixed to extend a run
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "bf16"       # bf16 autocast over fp32 master weights, or fp32
+    activation_checkpointing: bool = False
+    compile: bool = False         # torch.compile each decoder layer
+    seed: int = 0
+    device: str = "cpu"
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_last: int = 2
+    skip_nonfinite: bool = False  # skip a batch whose loss is NaN/Inf instead of stopping
+    sample_prompt: str = "def "
+    sample_tokens: int = 48
+
+
+@dataclass
+class MoESection:
+    capacity_factor: float = 1.0  # <= 0: dropless
+    drop_policy: str = "probability"
+    aux_loss: str = "skywork"     # or "switch"
+    aux_coef: float = 0.001       # initial (adaptive) or constant (fixed) coefficient
+    adaptive: bool = True
+    xi: float = 0.2
+    alpha_max: float = 0.01
+    beta: float = 0.99
+    z_loss_coef: float = 0.0
+    routing_group_size: int = 1   # sequences per routing group (0: the micro-batch)
+
+
+@dataclass
+class RunSection:
+    dir: str = "runs/default"
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    moe: MoESection = field(default_factory=MoESection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def validate(self) -> None:
+        """Cross-field checks, each naming the offending key."""
+        t, m, d = self.train, self.moe, self.data
+        checks = [
+            (t.steps >= 1, "train.steps must be >= 1"),
+            (t.batch_size >= 1 and t.micro_batch_size >= 1, "batch sizes must be >= 1"),
+            (t.batch_size % t.micro_batch_size == 0,
+             f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
+             f"({t.micro_batch_size})"),
+            (m.routing_group_size == 0 or t.micro_batch_size % m.routing_group_size == 0,
+             f"train.micro_batch_size ({t.micro_batch_size}) must be a multiple of "
+             f"moe.routing_group_size ({m.routing_group_size})"),
+            (t.lr > 0 and 0 <= t.min_lr <= t.lr, "need 0 <= train.min_lr <= train.lr, lr > 0"),
+            (t.warmup_steps >= 0 and t.lr_decay_steps >= 0, "warmup/decay steps must be >= 0"),
+            (t.precision in ("bf16", "fp32"), "train.precision must be 'bf16' or 'fp32'"),
+            (m.drop_policy in ("probability", "position"),
+             "moe.drop_policy must be 'probability' or 'position'"),
+            (m.aux_loss in ("skywork", "switch"), "moe.aux_loss must be 'skywork' or 'switch'"),
+            (0 <= m.beta <= 1 and m.alpha_max >= 0 and m.xi >= 0 and m.aux_coef >= 0,
+             "moe: need 0 <= beta <= 1 and non-negative xi, alpha_max, aux_coef"),
+            (d.seq_len >= 2, "data.seq_len must be >= 2"),
+            (0 <= d.val_fraction < 1, "data.val_fraction must be in [0, 1)"),
+            (t.eval_every >= 0 and t.checkpoint_every >= 0, "intervals must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"training config: {message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as TOML (atomically: a crash never leaves half a file)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(tomli_w.dumps(self.to_dict()).encode())
+        os.replace(tmp, path)
+
+
+def _coerce(where: str, default: Any, value: Any) -> Any:
+    """``value`` checked against the type of the setting's default (ints accepted as floats)."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"training config: {where} must be a {type(default).__name__}, "
+                          f"got {value!r}")
+    return value
+
+
+def from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """A config from nested dicts (a parsed TOML file); unknown names are errors."""
+    config = TrainConfig()
+    for section_name, values in data.items():
+        section = getattr(config, section_name, None)
+        if section is None or not dataclasses.is_dataclass(section):
+            known = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
+            raise ConfigError(f"{source}: unknown section [{section_name}] (known: {known})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section_name}] must be a table of settings")
+        for key, value in values.items():
+            _set(section, section_name, key, value, source)
+    config.validate()
+    return config
+
+
+def _set(section: Any, section_name: str, key: str, value: Any, source: str) -> None:
+    names = {f.name for f in dataclasses.fields(section)}
+    if key not in names:
+        raise ConfigError(f"{source}: unknown setting {section_name}.{key} "
+                          f"(known: {', '.join(sorted(names))})")
+    setattr(section, key, _coerce(f"{section_name}.{key}", getattr(section, key), value))
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """The defaults, updated by the TOML file at ``path`` (if any), then by ``overrides`` of
+    the form ``section.key=value`` or ``section.table.key=value`` (value in TOML syntax; bare
+    words are strings)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: training config not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    for item in overrides:
+        name, sep, raw = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not key:
+            raise ConfigError(f"override {item!r}: use section.key=value, e.g. train.lr=1e-3")
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"override {item!r}: [{section}] is not a table")
+        key, dot, subkey = key.partition(".")  # model.overrides.moe_use_logits_norm=false
+        value = _parse_value(raw.strip())
+        if dot:
+            table = data[section].setdefault(key, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"override {item!r}: {section}.{key} is not a table")
+            table[subkey] = value
+        else:
+            data[section][key] = value
+    return from_dict(data, str(path) if path is not None else "overrides")
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw  # a bare word such as a path or a policy name

@@ -1,0 +1,78 @@
+"""Per-layer MoE metrics of one optimizer step, summed over its micro-batches, and the run's
+metrics log (``metrics.jsonl``, read back by ``skymoe plot``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class MoEStepStats:
+    """Sums of the per-layer statistics that ``MoEBlock`` leaves for each training forward;
+    ``summary`` turns them into the step's metrics (one list entry per MoE layer)."""
+
+    def __init__(self, layer_indices: list[int]) -> None:
+        self.layers = layer_indices
+        self._sums: list[dict[str, torch.Tensor]] | None = None
+
+    def add(self, stats: list[dict[str, torch.Tensor]] | None) -> None:
+        if not stats:
+            return
+        if len(stats) != len(self.layers):
+            raise ValueError(f"stats for {len(stats)} layers, expected {len(self.layers)}")
+        if self._sums is None:
+            self._sums = [{k: v.detach().clone() for k, v in s.items()} for s in stats]
+        else:
+            for acc, s in zip(self._sums, stats):
+                for k, v in s.items():
+                    acc[k] += v
+
+    def drop_rates(self) -> list[float]:
+        """Dropped assignments / (k * tokens) per layer over the whole step."""
+        return [float(s["dropped"] / s["load"].sum()) for s in self._sums or []]
+
+    def summary(self) -> dict[str, Any]:
+        """The step's per-layer metrics; loads are fractions of the k*T routed assignments
+        (before capacity), CV is the population std / mean of the experts' counts."""
+        out: dict[str, Any] = {"layers": self.layers}
+        rows: dict[str, list] = {k: [] for k in ("drop_rate", "aux_loss", "z_loss", "load_min",
+                                                  "load_max", "load_cv", "dead_experts",
+                                                  "max1_max2", "max2_max3")}
+        for s in self._sums or []:
+            load = s["load"] / s["load"].sum()
+            tokens = s["tokens"]
+            rows["drop_rate"].append(float(s["dropped"] / s["load"].sum()))
+            rows["aux_loss"].append(float(s["aux_loss"] / tokens))
+            rows["z_loss"].append(float(s["z_loss"] / tokens))
+            rows["load_min"].append(float(load.min()))
+            rows["load_max"].append(float(load.max()))
+            rows["load_cv"].append(float(load.std(correction=0) / load.mean()))
+            rows["dead_experts"].append(int((s["load"] == 0).sum()))
+            rows["max1_max2"].append(float(s["max1_max2"] / tokens))
+            rows["max2_max3"].append(float(s["max2_max3"] / tokens))
+        out.update(rows)
+        return out
+
+    def reset(self) -> None:
+        self._sums = None
+
+
+class MetricsLog:
+    """Append-only JSONL log; each record is flushed and fsynced so a killed run keeps every
+    completed step (a torn last line is skipped by the reader)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()

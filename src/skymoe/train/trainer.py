@@ -1,0 +1,358 @@
+"""The trainer: data -> tokenizer -> Skywork-MoE model -> AdamW steps with Skywork's balancing,
+metrics, validation, checkpoints that lose nothing, and a clean stop on SIGINT/SIGTERM.
+
+One optimizer step = ``batch_size`` packed sequences in ``batch_size / micro_batch_size``
+micro-batches. Each micro-batch's loss (CE mean + the MoE blocks' aux terms) is scaled by its
+share of the batch's sequences, so the step's gradient is that of the whole batch however it is
+split (routing groups are fixed-size, so capacity and balance losses do not depend on the split
+either). The adaptive aux coefficients are updated once per step from that step's drop rates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import load_model, load_tokenizer
+from ..checkpoint.tokenizer import Tokenizer
+from ..config import SkyworkMoeConfig, resolve_config
+from ..errors import ConfigError, TrainingError
+from ..infer.generate import SamplingParams, generate
+from ..model.balance import AuxCoefController
+from ..model.moe import MoETrainingOptions
+from ..model.transformer import SkyworkForCausalLM, build_model
+from . import checkpointing, data
+from .bpe import train_bpe_tokenizer
+from .config import TrainConfig
+from .metrics import MetricsLog, MoEStepStats
+
+# Parts of the standard library left out of the default corpus: tests (odd encodings on
+# purpose), vendored packages and GUI demos.
+_STDLIB_EXCLUDED = {"test", "tests", "site-packages", "lib2to3", "idlelib", "tkinter",
+                    "turtledemo", "ensurepip", "__pycache__", "lib-dynload"}
+
+
+def default_corpus_sources() -> list[Path]:
+    """The Python standard library's own source: present on every machine that runs us."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [p for p in sorted(root.iterdir())
+            if p.name not in _STDLIB_EXCLUDED and not p.name.startswith("config-")
+            and (p.is_dir() or p.suffix == ".py")]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at
+    ``lr_decay_steps`` (default ``steps``), constant after. ``step`` counts from 0."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    decay = max((t.lr_decay_steps or t.steps) - t.warmup_steps, 1)
+    progress = min((step - t.warmup_steps) / decay, 1.0)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class StepResult:
+    loss: float        # CE + aux terms, averaged over the batch
+    ce_loss: float
+    grad_norm: float
+
+
+@dataclass
+class RunSummary:
+    steps: int
+    final_loss: float | None
+    val_loss: float | None
+    checkpoint: Path | None
+    run_dir: Path
+    interrupted: bool = False
+
+
+class Trainer:
+    """Sets up a run from a ``TrainConfig`` (fresh, or resumed from the run's latest
+    checkpoint), then ``run()`` trains to ``train.steps``."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> None:
+        cfg.validate()
+        self.cfg, self.quiet = cfg, quiet
+        self.run_dir = Path(cfg.run.dir)
+        self.device = torch.device(cfg.train.device)
+        self._check_run_dir(resume)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.train.seed)
+        self.tokenizer = self._tokenizer_and_data()
+        self.model = self._build_model()
+        self.moe_layers = [i for i, layer in enumerate(self.model.model.layers)
+                           if hasattr(layer, "block_sparse_moe")]
+        m = cfg.moe
+        self.controller = AuxCoefController(len(self.moe_layers), m.aux_coef, m.adaptive, m.xi,
+                                            m.alpha_max, m.beta)
+        self.optimizer = self._build_optimizer()
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        if resume:
+            self._resume()
+        self.model.set_aux_coefs(self.controller.alphas)
+        if cfg.train.compile:
+            self.model.compile_layers()
+        cfg.save(self.run_dir / "config.toml")
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.stats = MoEStepStats(self.moe_layers)
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------------------- set-up
+    def _check_run_dir(self, resume: bool) -> None:
+        has_checkpoints = bool(checkpointing.list_checkpoints(self.run_dir))
+        if resume and not has_checkpoints:
+            raise TrainingError(f"{self.run_dir}: no checkpoint to resume from; start the run "
+                                "without --resume")
+        if not resume and has_checkpoints:
+            raise TrainingError(f"{self.run_dir}: already holds a training run; pass --resume "
+                                "to continue it or set run.dir to a new directory")
+
+    def _log(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    def _tokenizer_and_data(self) -> Tokenizer:
+        d, cfg = self.cfg.data, self.cfg
+        sources = d.sources or default_corpus_sources()
+        patterns = d.patterns if d.sources else ["*.py"]
+        self._log(f"reading corpus: {'Python standard library source' if not d.sources else ', '.join(map(str, sources))}")
+        docs = data.read_documents(sources, patterns, d.text_field)
+        if d.max_bytes:
+            docs = _first_bytes(docs, d.max_bytes)
+        train_docs, val_docs = data.split_documents(docs, d.val_fraction, cfg.train.seed)
+        tok_dir = self.run_dir / "tokenizer"
+        if cfg.tokenizer.path:
+            tokenizer = load_tokenizer(cfg.tokenizer.path)
+        elif (tok_dir / "tokenizer.json").is_file():  # resumed run: the run's own tokenizer
+            tokenizer = load_tokenizer(tok_dir)
+        else:
+            self._log(f"training a byte-level BPE tokenizer (vocab {cfg.tokenizer.vocab_size})")
+            tokenizer = train_bpe_tokenizer(train_docs, cfg.tokenizer.vocab_size, tok_dir)
+        self.tokenizer_dir = Path(cfg.tokenizer.path) if cfg.tokenizer.path else tok_dir
+        if tokenizer.eos_id is None:
+            raise ConfigError(f"{self.tokenizer_dir}: the tokenizer has no EOS token, needed "
+                              "between packed documents")
+        train_seqs = data.pack_documents(data.tokenize_documents(tokenizer, train_docs),
+                                         d.seq_len, tokenizer.eos_id)
+        self.loader = data.SequenceLoader(train_seqs, cfg.train.batch_size, cfg.train.seed)
+        self.val_seqs = (data.pack_documents(data.tokenize_documents(tokenizer, val_docs),
+                                             d.seq_len, tokenizer.eos_id) if val_docs else None)
+        self._log(f"corpus: {len(train_docs)} training documents -> {train_seqs.shape[0]} "
+                  f"sequences of {d.seq_len} tokens; {len(val_docs)} held out")
+        return tokenizer
+
+    def _model_config(self) -> SkyworkMoeConfig:
+        m = self.cfg.model
+        base = resolve_config(m.init_from or m.config)
+        hf = {**base.to_hf_dict(), **m.overrides}
+        if not m.init_from:
+            hf["vocab_size"] = self.tokenizer.vocab_size
+            hf.update(bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id)
+        config = SkyworkMoeConfig.from_hf_dict(hf)
+        if config.vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError(f"model vocab_size {config.vocab_size} is smaller than the "
+                              f"tokenizer's {self.tokenizer.vocab_size}")
+        return config
+
+    def _build_model(self) -> SkyworkForCausalLM:
+        config = self._model_config()
+        if self.cfg.model.init_from:
+            model = load_model(self.cfg.model.init_from, dtype=torch.float32, device=self.device)
+        else:
+            model = build_model(config, device=self.device, dtype=torch.float32,
+                                seed=self.cfg.train.seed)
+        model.config = config  # keeps overrides (e.g. gating normalization) for saving
+        m = self.cfg.moe
+        model.configure_moe_training(MoETrainingOptions(
+            capacity_factor=m.capacity_factor, drop_policy=m.drop_policy, aux_loss=m.aux_loss,
+            z_loss_coef=m.z_loss_coef, routing_group_size=m.routing_group_size))
+        model.activation_checkpointing = self.cfg.train.activation_checkpointing
+        return model.train()
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        # No weight decay on norms (vectors); matrices, experts and embeddings decay.
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        t = self.cfg.train
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=lr_at(0, self.cfg), betas=(t.beta1, t.beta2))
+
+    def _resume(self) -> None:
+        path = checkpointing.latest_checkpoint(self.run_dir)
+        state = checkpointing.load_checkpoint(path, self.model, self.optimizer)
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["loader"])
+        self.controller.load_state_dict(state["controller"])
+        self.last_checkpoint = path
+        self._log(f"resumed from {path} (step {self.step})")
+
+    # ----------------------------------------------------------------------------- training
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def accumulate_gradients(self, batch: torch.Tensor) -> tuple[float, float]:
+        """Fill ``.grad`` with the gradient of the batch's loss (CE + aux terms), accumulated
+        over micro-batches, each scaled by its share of the batch. Returns (loss, CE loss)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.stats.reset()
+        total = ce_total = 0.0
+        for micro in batch.split(self.cfg.train.micro_batch_size):
+            micro = micro.to(self.device)
+            share = micro.shape[0] / batch.shape[0]
+            with self._autocast():
+                out = self.model(micro, labels=micro)
+            loss = out.loss + out.aux_loss if out.aux_loss is not None else out.loss
+            (loss * share).backward()
+            self.stats.add(out.moe_stats)
+            total += float(loss.detach()) * share
+            ce_total += float(out.loss.detach()) * share
+        return total, ce_total
+
+    def train_step(self, batch: torch.Tensor) -> StepResult:
+        """Gradients of one batch, clipping and the AdamW update. A non-finite loss or gradient
+        raises TrainingError, or with ``skip_nonfinite`` skips the update."""
+        t = self.cfg.train
+        total, ce_total = self.accumulate_gradients(batch)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")))
+        if not (math.isfinite(total) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            what = f"loss {total}" if not math.isfinite(total) else f"gradient norm {grad_norm}"
+            if not t.skip_nonfinite:
+                where = (f"the last good checkpoint is {self.last_checkpoint}"
+                         if self.last_checkpoint else "no checkpoint was saved yet")
+                raise TrainingError(f"step {self.step + 1}: {what} is not finite; {where}. "
+                                    "Lower train.lr, or set train.skip_nonfinite = true to "
+                                    "skip such batches")
+            self._log(f"step {self.step + 1}: {what} is not finite; batch skipped")
+            return StepResult(total, ce_total, grad_norm)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.cfg)
+        self.optimizer.step()
+        return StepResult(total, ce_total, grad_norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean next-token CE over up to ``eval_batches`` held-out batches (dropless routing)."""
+        if self.val_seqs is None or self.val_seqs.shape[0] == 0:
+            return None
+        t = self.cfg.train
+        self.model.eval()
+        losses = []
+        try:
+            for i, start in enumerate(range(0, self.val_seqs.shape[0], t.micro_batch_size)):
+                if i >= t.eval_batches:
+                    break
+                batch = self.val_seqs[start:start + t.micro_batch_size].to(self.device)
+                with self._autocast():
+                    losses.append((float(self.model(batch, labels=batch).loss), batch.shape[0]))
+        finally:
+            self.model.train()
+        return sum(l * n for l, n in losses) / sum(n for _, n in losses)
+
+    def save(self) -> Path:
+        state = {"step": self.step, "loader": self.loader.state_dict(),
+                 "controller": self.controller.state_dict(),
+                 "tokens_seen": self.step * self.cfg.train.batch_size * self.cfg.data.seq_len}
+        self.last_checkpoint = checkpointing.save_checkpoint(
+            self.run_dir, self.step, self.model, self.optimizer, state,
+            tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.train.keep_last)
+        return self.last_checkpoint
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self._stop_signal = signum
+
+    def run(self) -> RunSummary:
+        """Train until ``train.steps``; SIGINT/SIGTERM finish the current step, save and return
+        (``interrupted=True``)."""
+        t = self.cfg.train
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        tokens_per_step = t.batch_size * self.cfg.data.seq_len
+        bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step",
+                   disable=self.quiet or None, dynamic_ncols=True)
+        last: StepResult | None = None
+        val_loss = None
+        try:
+            while self.step < t.steps and self._stop_signal is None:
+                batch = self.loader.next_batch()
+                began = time.perf_counter()
+                last = self.train_step(batch)
+                elapsed = time.perf_counter() - began
+                self.step += 1
+                record = {"kind": "train", "step": self.step, "tokens": self.step * tokens_per_step,
+                          "loss": last.loss, "ce_loss": last.ce_loss, "grad_norm": last.grad_norm,
+                          "lr": lr_at(self.step - 1, self.cfg),
+                          "tokens_per_s": tokens_per_step / elapsed}
+                if self.moe_layers:
+                    moe = self.stats.summary()
+                    moe["aux_coef"] = list(self.controller.alphas)  # the ones this step used
+                    record["moe"] = moe
+                    self.model.set_aux_coefs(self.controller.step(self.stats.drop_rates()))
+                self.metrics.write(record)
+                postfix = {"loss": f"{last.loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+                if self.moe_layers:
+                    postfix["drop"] = f"{sum(moe['drop_rate']) / len(moe['drop_rate']):.3f}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+                if t.eval_every and self.step % t.eval_every == 0 or self.step == t.steps:
+                    val_loss = self._validate()
+                if (t.checkpoint_every and self.step % t.checkpoint_every == 0
+                        or self.step == t.steps or self._stop_signal is not None):
+                    self.save()
+        finally:
+            bar.close()
+            self.metrics.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return RunSummary(self.step, last.loss if last else None, val_loss, self.last_checkpoint,
+                          self.run_dir, interrupted=self._stop_signal is not None)
+
+    def _validate(self) -> float | None:
+        val_loss = self.evaluate()
+        if val_loss is not None:
+            self.metrics.write({"kind": "val", "step": self.step, "val_loss": val_loss,
+                                "val_ppl": math.exp(min(val_loss, 50.0))})
+        return val_loss
+
+    def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
+        """A short sampled continuation from the current model (temperature 0.8, top-p 0.95)."""
+        t = self.cfg.train
+        # Documents were packed after an EOS, without BOS: start the prompt the same way.
+        text = prompt if prompt is not None else t.sample_prompt
+        ids = [self.tokenizer.eos_id] + self.tokenizer.encode(text, add_bos=False)
+        self.model.eval()
+        try:
+            new = generate(self.model, torch.tensor([ids], device=self.device),
+                           max_new_tokens or t.sample_tokens,
+                           SamplingParams(temperature=0.8, top_p=0.95, seed=t.seed),
+                           eos_ids=[self.tokenizer.eos_id])
+        finally:
+            self.model.train()
+        return self.tokenizer.decode(ids[1:] + new[0].tolist())
+
+
+def _first_bytes(docs: list[str], limit: int) -> list[str]:
+    """The leading documents whose UTF-8 size fits in ``limit`` bytes (at least one)."""
+    kept, size = [], 0
+    for doc in docs:
+        size += len(doc.encode())
+        if kept and size > limit:
+            break
+        kept.append(doc)
+    return kept
