@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned here so CPU-only machines take the local CPU wheel; pyproject.toml keeps a
 # range (torch>=2.6) so GPU users can bring their own CUDA build (see README).
 TORCH_PIN ?= torch==2.13.0
-RUN_DIR ?= runs/tiny
+RUN_DIR ?= runs/default
 
 .PHONY: setup run test bench clean
 
@@ -17,17 +17,16 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# Trains the embedded default; run again, it resumes (a finished run just reports its result).
 run: setup
-	$(BIN)/skymoe init --config tiny $(RUN_DIR) --overwrite
-	$(BIN)/skymoe info $(RUN_DIR)
-	$(BIN)/skymoe generate $(RUN_DIR) --prompt "The mixture of experts" --max-new-tokens 32 \
-		--temperature 0.8 --top-p 0.95 --seed 0
+	$(BIN)/skymoe train --run-dir $(RUN_DIR) $$(test -d $(RUN_DIR)/checkpoints && echo --resume)
 
 test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -58,6 +58,7 @@ class TrainSection:
     precision: str = "bf16"       # bf16 autocast over fp32 master weights, or fp32
     activation_checkpointing: bool = False
     compile: bool = False         # torch.compile each decoder layer
+    keep_freed_memory: bool = True  # CPU: glibc reuses freed memory (no page faults per step)
     seed: int = 0
     device: str = "cpu"
     eval_every: int = 50
@@ -65,7 +66,7 @@ class TrainSection:
     checkpoint_every: int = 100
     keep_last: int = 2
     skip_nonfinite: bool = False  # skip a batch whose loss is NaN/Inf instead of stopping
-    sample_prompt: str = "def "
+    sample_prompt: str = "def"
     sample_tokens: int = 48
 
 

@@ -30,6 +30,7 @@ from ..infer.generate import SamplingParams, generate
 from ..model.balance import AuxCoefController
 from ..model.moe import MoETrainingOptions
 from ..model.transformer import SkyworkForCausalLM, build_model
+from ..runtime import keep_freed_memory
 from . import checkpointing, data
 from .bpe import train_bpe_tokenizer
 from .config import TrainConfig
@@ -86,6 +87,8 @@ class Trainer:
         self.cfg, self.quiet = cfg, quiet
         self.run_dir = Path(cfg.run.dir)
         self.device = torch.device(cfg.train.device)
+        if cfg.train.keep_freed_memory and self.device.type == "cpu":
+            keep_freed_memory()
         self._check_run_dir(resume)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed)
@@ -105,7 +108,6 @@ class Trainer:
         if cfg.train.compile:
             self.model.compile_layers()
         cfg.save(self.run_dir / "config.toml")
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.stats = MoEStepStats(self.moe_layers)
         self._stop_signal: int | None = None
 
@@ -127,7 +129,8 @@ class Trainer:
         d, cfg = self.cfg.data, self.cfg
         sources = d.sources or default_corpus_sources()
         patterns = d.patterns if d.sources else ["*.py"]
-        self._log(f"reading corpus: {'Python standard library source' if not d.sources else ', '.join(map(str, sources))}")
+        names = ", ".join(map(str, sources)) if d.sources else "the Python standard library source"
+        self._log(f"reading corpus: {names}")
         docs = data.read_documents(sources, patterns, d.text_field)
         if d.max_bytes:
             docs = _first_bytes(docs, d.max_bytes)
@@ -189,7 +192,8 @@ class Trainer:
         return torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr_at(0, self.cfg), betas=(t.beta1, t.beta2))
+            lr=lr_at(0, self.cfg), betas=(t.beta1, t.beta2),
+            fused=self.device.type in ("cpu", "cuda"))  # one kernel: 7x faster on CPU
 
     def _resume(self) -> None:
         path = checkpointing.latest_checkpoint(self.run_dir)
@@ -288,6 +292,7 @@ class Trainer:
                    disable=self.quiet or None, dynamic_ncols=True)
         last: StepResult | None = None
         val_loss = None
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         try:
             while self.step < t.steps and self._stop_signal is None:
                 batch = self.loader.next_batch()
@@ -310,9 +315,9 @@ class Trainer:
                     postfix["drop"] = f"{sum(moe['drop_rate']) / len(moe['drop_rate']):.3f}"
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
-                if t.eval_every and self.step % t.eval_every == 0 or self.step == t.steps:
+                if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
                     val_loss = self._validate()
-                if (t.checkpoint_every and self.step % t.checkpoint_every == 0
+                if ((t.checkpoint_every and self.step % t.checkpoint_every == 0)
                         or self.step == t.steps or self._stop_signal is not None):
                     self.save()
         finally:
