@@ -172,6 +172,7 @@ def test_run_dir_with_a_run_needs_resume(tmp_path):
     (["train.batch_size=6", "train.micro_batch_size=4"], "multiple of train.micro_batch_size"),
     (["moe.drop_policy=random"], "moe.drop_policy"),
     (["train.lr"], "section.key=value"),
+    (["train.compile=true", "train.activation_checkpointing=true"], "cannot be combined"),
 ])
 def test_config_errors_name_the_setting(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -113,6 +113,10 @@ class TrainConfig:
             (t.lr > 0 and 0 <= t.min_lr <= t.lr, "need 0 <= train.min_lr <= train.lr, lr > 0"),
             (t.warmup_steps >= 0 and t.lr_decay_steps >= 0, "warmup/decay steps must be >= 0"),
             (t.precision in ("bf16", "fp32"), "train.precision must be 'bf16' or 'fp32'"),
+            # The MoE dispatch has data-dependent shapes; under recomputation torch.compile may
+            # pick another graph than in the forward, which checkpointing rejects.
+            (not (t.compile and t.activation_checkpointing),
+             "train.compile and train.activation_checkpointing cannot be combined; choose one"),
             (m.drop_policy in ("probability", "position"),
              "moe.drop_policy must be 'probability' or 'position'"),
             (m.aux_loss in ("skywork", "switch"), "moe.aux_loss must be 'skywork' or 'switch'"),
