@@ -80,6 +80,17 @@ def test_gradient_accumulation_gives_the_same_gradients(tmp_path):
         torch.testing.assert_close(grads[2][name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
+    grads = []
+    for recompute in (False, True):
+        trainer = Trainer(_config(tmp_path, f"run{recompute}", train={
+            "precision": "fp32", "activation_checkpointing": recompute}), quiet=True)
+        trainer.accumulate_gradients(trainer.loader.next_batch())
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_resume_is_bit_exact(tmp_path):
     full = Trainer(_config(tmp_path, "full"), quiet=True)
     full.run()
