@@ -181,6 +181,51 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upcycle(args: argparse.Namespace) -> None:
+    from . import upcycle as up
+
+    if args.advise:
+        _advise(args, up)
+        return
+    if not args.dense_dir or not args.out_dir:
+        raise UsageError("give DENSE_DIR and OUT_DIR (or --advise)")
+    opts = up.UpcycleOptions(
+        num_experts=args.experts, top_k=args.top_k, interval=args.interval,
+        router_init=args.router_init, router_std=args.router_std, seed=args.seed,
+        noise_std=args.noise_std, reinit_fraction=args.reinit_fraction,
+        use_logits_norm=not args.no_logits_norm, gate_norm_std=args.gate_norm_std,
+        max_shard_bytes=up.parse_size(args.max_shard_size))
+    out = up.upcycle(args.dense_dir, args.out_dir, opts, overwrite=args.overwrite)
+    counts = parameter_counts(SkyworkMoeConfig.from_json_file(out))
+    print(f"wrote {out}: {opts.num_experts} experts, top-{opts.top_k}, every {opts.interval} "
+          f"layer(s); {format_count(counts['total'])} parameters, "
+          f"{format_count(counts['active'])} active")
+    print(f"train it with a fresh warmup + decay: skymoe train --set model.init_from={out}")
+
+
+def _advise(args: argparse.Namespace, up) -> None:
+    if args.dense_tokens is None or args.moe_tokens is None:
+        raise UsageError("--advise needs --dense-tokens and --moe-tokens")
+    if args.dense_params is not None:
+        dense_params = args.dense_params
+    elif args.dense_dir:
+        dense_params = up.active_params(up.read_dense_config(Path(args.dense_dir)))
+    else:
+        raise UsageError("--advise needs DENSE_DIR or --dense-params")
+    # The upcycled model's active parameters: the dense ones plus (top_k - 1) FFNs per MoE
+    # layer and the routers; without a checkpoint, top-2 of same-size experts is assumed.
+    if args.dense_dir:
+        dense = up.read_dense_config(Path(args.dense_dir))
+        moe_active = up.active_params(up.moe_config(dense, up.UpcycleOptions(
+            num_experts=args.experts, top_k=args.top_k, interval=args.interval)))
+        scale = moe_active / up.active_params(dense)
+    else:
+        scale = 1.0 + (args.top_k - 1) * 2 / 3  # FFN ~ 2/3 of a Llama layer's parameters
+    advice = up.advise(dense_params, args.dense_tokens, dense_params * scale, args.moe_tokens)
+    print("\n".join(advice.lines))
+    print(f"advice: {advice.verdict}")
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from .train.plots import plot_run
 
@@ -244,6 +289,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in the run directory from its latest checkpoint")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("upcycle", help="turn a dense Llama-format checkpoint into a Skywork-MoE",
+                       description="Write a Skywork-MoE checkpoint whose experts are copies of "
+                                   "a dense model's FFNs (attention, embeddings, norms and "
+                                   "tokenizer copied; router from a small random init or zeros). "
+                                   "Streams shard by shard. With --advise, print the report's "
+                                   "upcycle-or-scratch rule for your budgets instead.")
+    p.add_argument("dense_dir", nargs="?", help="dense Llama-format HF checkpoint directory")
+    p.add_argument("out_dir", nargs="?", help="output directory")
+    p.add_argument("--experts", type=int, default=16, help="experts per MoE layer (default 16)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    p.add_argument("--interval", type=int, default=1,
+                   help="every n-th layer becomes MoE (default 1: all)")
+    p.add_argument("--router-init", choices=["random", "zeros"], default="random")
+    p.add_argument("--router-std", type=float, default=0.02, help="random router std (0.02)")
+    p.add_argument("--seed", type=int, default=0, help="seed for router, noise, re-init")
+    p.add_argument("--noise-std", type=float, default=0.0,
+                   help="Gaussian noise on expert copies, relative to each weight's std")
+    p.add_argument("--reinit-fraction", type=float, default=0.0,
+                   help="Drop-Upcycling: fraction of each expert's FFN units re-initialized")
+    p.add_argument("--no-logits-norm", action="store_true",
+                   help="write moe_use_logits_norm=false (default: on)")
+    p.add_argument("--gate-norm-std", type=float, default=1.0,
+                   help="gating normalization lambda (default 1.0)")
+    p.add_argument("--max-shard-size", default="5GB", help="output shard size (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    p.add_argument("--advise", action="store_true",
+                   help="print whether to upcycle or train from scratch (no files written)")
+    p.add_argument("--dense-tokens", type=float, help="tokens the dense model was trained on")
+    p.add_argument("--moe-tokens", type=float, help="tokens you can train the MoE on")
+    p.add_argument("--dense-params", type=float,
+                   help="dense non-embedding parameters (default: from DENSE_DIR)")
+    p.set_defaults(func=cmd_upcycle)
 
     p = sub.add_parser("plot", help="plot a run's metrics (loss, drop rate, coefficients, ...)",
                        description="Write PNG plots of a training run's metrics.jsonl: loss, "

@@ -139,19 +139,24 @@ def write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], directory: str | 
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    groups: list[dict[str, torch.Tensor]] = [{}]
+    # Only the shard being filled holds tensors: written shards keep their names alone, so
+    # memory stays bounded by one shard however many tensors stream through.
+    shard_names: list[list[str]] = []
+    current: dict[str, torch.Tensor] = {}
     size = total = 0
     tmp_files: list[Path] = []
     for name, t in tensors:
         nbytes = t.numel() * t.element_size()
-        if groups[-1] and size + nbytes > max_shard_bytes:
-            tmp_files.append(_write_shard(groups[-1], d, len(tmp_files)))
-            groups.append({})
-            size = 0
-        groups[-1][name] = t
+        if current and size + nbytes > max_shard_bytes:
+            tmp_files.append(_write_shard(current, d, len(tmp_files)))
+            shard_names.append(list(current))
+            current, size = {}, 0
+        current[name] = t
         size += nbytes
         total += nbytes
-    tmp_files.append(_write_shard(groups[-1], d, len(tmp_files)))
+    tmp_files.append(_write_shard(current, d, len(tmp_files)))
+    shard_names.append(list(current))
+    del current
     n = len(tmp_files)
     final = [d / ("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
              for i in range(n)]
@@ -165,7 +170,7 @@ def write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], directory: str | 
     if n == 1:
         index_path.unlink(missing_ok=True)
     else:
-        weight_map = {name: dst.name for group, dst in zip(groups, final) for name in group}
+        weight_map = {name: dst.name for group, dst in zip(shard_names, final) for name in group}
         tmp = index_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                   indent=2) + "\n")
@@ -173,9 +178,15 @@ def write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], directory: str | 
     return final
 
 
+def _owns_storage(t: torch.Tensor) -> bool:
+    return (t.is_contiguous() and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+
 def _write_shard(group: dict[str, torch.Tensor], directory: Path, i: int) -> Path:
     path = directory / f".shard-{i:05d}.safetensors.tmp"
-    # Expert slices share storage with their stacked parameter; safetensors refuses shared
-    # storage, so each shard's tensors are copied (memory bounded by one shard).
-    save_file({k: v.clone() for k, v in group.items()}, str(path), metadata={"format": "pt"})
+    # Expert slices share storage with their stacked parameter, which safetensors refuses:
+    # those are copied (memory bounded by one shard); tensors that own their storage are not.
+    save_file({k: v if _owns_storage(v) else v.clone() for k, v in group.items()}, str(path),
+              metadata={"format": "pt"})
     return path

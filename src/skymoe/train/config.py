@@ -38,7 +38,7 @@ class DataSection:
 
 @dataclass
 class TokenizerSection:
-    path: str = ""                # directory with tokenizer.json/.model; empty: train a BPE
+    path: str = ""                # tokenizer.json/.model directory; empty: model.init_from's, or a new BPE
     vocab_size: int = 4096        # for a trained tokenizer
 
 
@@ -51,6 +51,7 @@ class TrainSection:
     min_lr: float = 2e-4
     warmup_steps: int = 30
     lr_decay_steps: int = 0       # cosine length (0: steps); keep it fixed to extend a run
+    schedule: str = "cosine"      # warmup + cosine decay, or "constant" (lr throughout)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -113,6 +114,7 @@ class TrainConfig:
             (t.lr > 0 and 0 <= t.min_lr <= t.lr, "need 0 <= train.min_lr <= train.lr, lr > 0"),
             (t.warmup_steps >= 0 and t.lr_decay_steps >= 0, "warmup/decay steps must be >= 0"),
             (t.precision in ("bf16", "fp32"), "train.precision must be 'bf16' or 'fp32'"),
+            (t.schedule in ("cosine", "constant"), "train.schedule must be 'cosine' or 'constant'"),
             # The MoE dispatch has data-dependent shapes; under recomputation torch.compile may
             # pick another graph than in the forward, which checkpointing rejects.
             (not (t.compile and t.activation_checkpointing),

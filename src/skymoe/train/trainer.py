@@ -52,8 +52,11 @@ def default_corpus_sources() -> list[Path]:
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at
-    ``lr_decay_steps`` (default ``steps``), constant after. ``step`` counts from 0."""
+    ``lr_decay_steps`` (default ``steps``), constant after; or ``lr`` throughout with the
+    ``"constant"`` schedule. ``step`` counts from 0."""
     t = cfg.train
+    if t.schedule == "constant":
+        return t.lr
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
     decay = max((t.lr_decay_steps or t.steps) - t.warmup_steps, 1)
@@ -136,14 +139,16 @@ class Trainer:
             docs = _first_bytes(docs, d.max_bytes)
         train_docs, val_docs = data.split_documents(docs, d.val_fraction, cfg.train.seed)
         tok_dir = self.run_dir / "tokenizer"
-        if cfg.tokenizer.path:
-            tokenizer = load_tokenizer(cfg.tokenizer.path)
+        # A model to start from brings its own tokenizer (its embedding rows follow it).
+        tok_path = cfg.tokenizer.path or cfg.model.init_from
+        if tok_path:
+            tokenizer = load_tokenizer(tok_path)
         elif (tok_dir / "tokenizer.json").is_file():  # resumed run: the run's own tokenizer
             tokenizer = load_tokenizer(tok_dir)
         else:
             self._log(f"training a byte-level BPE tokenizer (vocab {cfg.tokenizer.vocab_size})")
             tokenizer = train_bpe_tokenizer(train_docs, cfg.tokenizer.vocab_size, tok_dir)
-        self.tokenizer_dir = Path(cfg.tokenizer.path) if cfg.tokenizer.path else tok_dir
+        self.tokenizer_dir = Path(tok_path) if tok_path else tok_dir
         if tokenizer.eos_id is None:
             raise ConfigError(f"{self.tokenizer_dir}: the tokenizer has no EOS token, needed "
                               "between packed documents")
