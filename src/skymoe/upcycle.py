@@ -75,6 +75,8 @@ def moe_config(dense: SkyworkMoeConfig, opts: UpcycleOptions) -> SkyworkMoeConfi
               moe_2layer_gate=False, moe_feature_no_mul_topk=True,  # keeps the dense function
               moe_use_skywork_gating=False)
     hf.pop("architectures", None)
+    if dense.model_type == "llama":
+        hf.pop("sliding_window", None)  # Llama ignores the key; in skywork_moe it would apply
     return SkyworkMoeConfig.from_hf_dict(hf)
 
 
@@ -234,6 +236,10 @@ def advise(dense_params: float, dense_tokens: float, moe_active_params: float,
     """The report's rule of thumb: with C = 6 * active parameters * tokens, upcycle when the
     MoE budget is well below the compute sunk into the dense model; train from scratch when it
     is at least twice that."""
+    for name, value in (("dense parameters", dense_params), ("dense tokens", dense_tokens),
+                        ("MoE active parameters", moe_active_params), ("MoE tokens", moe_tokens)):
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{name} must be a positive number, got {value}")
     c_dense = 6 * dense_params * dense_tokens
     c_moe = 6 * moe_active_params * moe_tokens
     ratio = c_moe / c_dense
@@ -264,7 +270,7 @@ def parse_size(text: str) -> int:
     """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a byte count."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
              "GIB": 2**30}
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
     if not m or m[2].upper() not in units or not math.isfinite(float(m[1])) or float(m[1]) <= 0:
         raise ConfigError(f"size {text!r}: use a number with an optional unit, e.g. 5GB or 500MB")
     return int(float(m[1]) * units[m[2].upper()])
