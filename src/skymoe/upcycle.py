@@ -25,12 +25,11 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import io, names
+from .checkpoint.tokenizer import TOKENIZER_FILES
 from .config import SkyworkMoeConfig, parameter_counts
 from .errors import CheckpointError, ConfigError
 from .model.transformer import SkyworkForCausalLM
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "special_tokens_map.json", "generation_config.json")
 _DENSE_FFN = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
 _EXPERT_OF = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 

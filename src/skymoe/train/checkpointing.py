@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..checkpoint.hf import load_weights, save_model
+from ..checkpoint.tokenizer import TOKENIZER_FILES
 from ..config import SkyworkMoeConfig
 from ..errors import CheckpointError, ConfigError
 from ..model.transformer import SkyworkForCausalLM
@@ -42,8 +43,6 @@ TRAINING = "training"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
 RNG = "rng.pt"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "special_tokens_map.json")
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _TMP_DIR = re.compile(r"^\.tmp-.*-(\d+)$")  # every temporary name ends with the writer's pid
