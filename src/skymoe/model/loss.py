@@ -70,7 +70,13 @@ def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.T
     The labels are shifted instead of the logits (the last position gets -100), so the logits
     are used in place, without a copy.
     """
+    return _ChunkedCrossEntropy.apply(logits_BTV.reshape(-1, logits_BTV.shape[-1]),
+                                      next_token_labels(labels_BT))
+
+
+def next_token_labels(labels_BT: torch.Tensor) -> torch.Tensor:
+    """Flat [B*T] targets for next-token prediction: ``labels[t + 1]``, -100 at each
+    sequence's last position."""
     shifted = torch.cat([labels_BT[:, 1:], labels_BT.new_full((labels_BT.shape[0], 1),
                                                                IGNORE_INDEX)], dim=1)
-    return _ChunkedCrossEntropy.apply(logits_BTV.reshape(-1, logits_BTV.shape[-1]),
-                                      shifted.reshape(-1))
+    return shifted.reshape(-1)

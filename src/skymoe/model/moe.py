@@ -50,7 +50,7 @@ def route(logits_TE: torch.Tensor, top_k: int) -> Routing:
     return Routing(probs, top_w / top_w.sum(dim=-1, keepdim=True), top_ids)
 
 
-def _swiglu(h_S2F: torch.Tensor) -> torch.Tensor:
+def swiglu(h_S2F: torch.Tensor) -> torch.Tensor:
     gate, up = h_S2F.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -66,7 +66,7 @@ def experts_loop(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor
         token_idx, slot = torch.where(chosen if keep_TK is None else chosen & keep_TK)
         if token_idx.numel() == 0:
             continue
-        y = F.linear(_swiglu(F.linear(x_TH[token_idx], w13_EFH[e])), w2_EHF[e])
+        y = F.linear(swiglu(F.linear(x_TH[token_idx], w13_EFH[e])), w2_EHF[e])
         out_TH.index_add_(0, token_idx, (y * weights_TK[token_idx, slot, None]).to(x_TH.dtype))
     return out_TH
 
@@ -149,7 +149,7 @@ def experts_grouped(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Ten
                     keep_TK: torch.Tensor | None = None) -> torch.Tensor:
     """Fast path: assignments sorted by expert, one grouped matmul per projection."""
     def ffn(x_SH: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        return grouped_linear(_swiglu(grouped_linear(x_SH, w13_EFH, counts)), w2_EHF, counts)
+        return grouped_linear(swiglu(grouped_linear(x_SH, w13_EFH, counts)), w2_EHF, counts)
 
     return dispatch_sorted(x_TH, expert_ids_TK, weights_TK, w13_EFH.shape[0], ffn, keep_TK)
 

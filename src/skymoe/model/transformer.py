@@ -98,6 +98,8 @@ class SkyworkForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config.head_size, config.rope_theta)
         # Recompute each layer's activations in backward instead of storing them (training).
         self.activation_checkpointing = False
+        # Next-token loss from (logits, labels); tensor parallelism swaps in a vocab-parallel one.
+        self.loss_function = causal_lm_loss
 
     # ------------------------------------------------------------------------------ utilities
     # The embedding is never swapped by inference transforms, so it defines device and dtype.
@@ -195,7 +197,7 @@ class SkyworkForCausalLM(nn.Module):
             cache.length = start + t
         x = self.model.norm(x[:, -1:] if last_only else x)
         logits = self.lm_head(x)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = self.loss_function(logits, labels) if labels is not None else None
         out = CausalLMOutput(logits=logits, loss=loss)
         if self.training:
             self._collect_moe_training_outputs(out)

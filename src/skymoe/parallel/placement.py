@@ -1,0 +1,115 @@
+"""Which part of each full (single-process) parameter a rank holds under a layout.
+
+One pure function, used to shard a model (``parallelize``), to gather a checkpoint from the
+shards and to cut a checkpoint (weights or optimizer state) for another layout. A placement
+lists, per dimension, the indices of the full tensor this rank keeps:
+
+- attention: q/o at this rank's query heads, k/v at its KV heads (KV heads split with the first
+  ``kv_heads % tp`` ranks taking one extra; each rank gets the query heads of its KV groups);
+- dense MLP: gate/up rows and down columns of this rank's part of the intermediate size;
+- embedding and LM head: this rank's vocabulary rows;
+- experts: this rank's experts (``EP``) and, with ``ETP``, its part of each expert's
+  intermediate size (in ``w13`` both the w1 and the w3 rows of that part);
+- norms and routers: everything (replicated).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..config import SkyworkMoeConfig
+from .layout import Coords, ParallelLayout, split_range
+
+
+@dataclass(frozen=True)
+class Placement:
+    """``index[dim]``: the full tensor's indices along ``dim`` that this rank holds (dims not
+    listed are whole). ``tp_replicated``: every TP rank holds the same values (counted once in
+    norms). ``expert``: replicated over the expert-data-parallel group instead of DP."""
+
+    index: dict[int, torch.Tensor]
+    tp_replicated: bool
+    expert: bool = False
+
+    @property
+    def is_whole(self) -> bool:
+        return not self.index
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of ``full``."""
+        out = full
+        for dim, idx in sorted(self.index.items()):
+            out = out.index_select(dim, idx.to(out.device))
+        return out
+
+    def local_shape(self, full_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(len(self.index[d]) if d in self.index else n
+                     for d, n in enumerate(full_shape))
+
+    def put(self, full: torch.Tensor, part: torch.Tensor) -> None:
+        """Write this rank's ``part`` into its place in ``full``."""
+        if not self.index:
+            full.copy_(part)
+            return
+        grids = torch.meshgrid(*[self.index[d].to(full.device) if d in self.index
+                                 else torch.arange(n, device=full.device)
+                                 for d, n in enumerate(full.shape)], indexing="ij")
+        full[grids] = part
+
+
+def _arange(start: int, end: int) -> torch.Tensor:
+    return torch.arange(start, end, dtype=torch.long)
+
+
+def attention_heads(config: SkyworkMoeConfig, tp: int, rank: int) -> tuple[range, range]:
+    """(query heads, KV heads) of TP rank ``rank``: KV heads split unevenly, each rank taking
+    the whole query group of each of its KV heads."""
+    kv0, kv1 = split_range(config.num_key_value_heads, tp, rank)
+    group = config.num_attention_heads // config.num_key_value_heads
+    return range(kv0 * group, kv1 * group), range(kv0, kv1)
+
+
+def _head_rows(heads: range, head_dim: int) -> torch.Tensor:
+    return _arange(heads.start * head_dim, heads.stop * head_dim)
+
+
+_LAYER = r"^model\.layers\.\d+\."
+
+
+def placement(name: str, config: SkyworkMoeConfig, layout: ParallelLayout,
+              coords: Coords) -> Placement:
+    """Where parameter ``name`` (the model's own names) lives on the rank at ``coords``."""
+    c, tp, t = config, layout.tp, coords.tp
+    if re.search(r"(^|\.)(input_layernorm|post_attention_layernorm|norm)\.weight$", name) \
+            or re.search(r"block_sparse_moe\.gate(\.\d+)?\.weight$", name):
+        return Placement({}, tp_replicated=True)
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return Placement({0: _arange(*split_range(c.vocab_size, tp, t))}, tp_replicated=False)
+    m = re.search(_LAYER + r"self_attn\.([qkvo])_proj\.weight$", name)
+    if m:
+        q_heads, kv_heads = attention_heads(c, tp, t)
+        which = m[1]
+        if which == "q":
+            return Placement({0: _head_rows(q_heads, c.head_size)}, False)
+        if which == "o":
+            return Placement({1: _head_rows(q_heads, c.head_size)}, False)
+        return Placement({0: _head_rows(kv_heads, c.head_size)}, False)
+    m = re.search(_LAYER + r"mlp\.(gate_proj|up_proj|down_proj)\.weight$", name)
+    if m:
+        ffn = _arange(*split_range(c.intermediate_size, tp, t))
+        return Placement({1 if m[1] == "down_proj" else 0: ffn}, False)
+    m = re.search(_LAYER + r"block_sparse_moe\.experts\.(w13|w2)$", name)
+    if m:
+        per_rank = c.num_experts // layout.ep
+        index = {0: _arange(coords.ep * per_rank, (coords.ep + 1) * per_rank)}
+        if layout.etp > 1:
+            f = _arange(*split_range(c.intermediate_size, layout.etp, coords.etp))
+            index[1 if m[1] == "w13" else 2] = (torch.cat((f, f + c.intermediate_size))
+                                                if m[1] == "w13" else f)
+        if layout.ep == 1:
+            del index[0]
+        return Placement(index, tp_replicated=False, expert=True)
+    raise KeyError(f"no parallel placement is defined for parameter '{name}'")
