@@ -165,7 +165,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         config_path = saved if saved.is_file() else None
     cfg = train_config.load(config_path, overrides)
     trainer = Trainer(cfg, resume=args.resume)
-    summary = trainer.run()
+    try:
+        summary = trainer.run()
+    finally:
+        trainer.close()
+    if not trainer.is_main:  # under torchrun, rank 0 reports
+        return 128 + trainer._stop_signal if summary.interrupted else 0
     plots = plot_run(summary.run_dir)
     where = summary.checkpoint or "(none)"
     print(f"checkpoint: {where}\nmetrics:    {summary.run_dir / 'metrics.jsonl'}\n"
@@ -177,7 +182,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if summary.val_loss is not None:
         print(f"final validation loss {summary.val_loss:.3f} "
               f"(perplexity {math.exp(min(summary.val_loss, 50)):.1f})")
-    print(f"sample: {trainer.sample()!r}")
+    if trainer.mesh.world_size == 1:  # sharded logits need the serving engine's gather
+        print(f"sample: {trainer.sample()!r}")
     return 0
 
 

@@ -69,12 +69,13 @@ def step_dir_name(step: int) -> str:
 
 # ------------------------------------------------------------------------------------- saving
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
-                    optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
+                    optimizer: torch.optim.Optimizer | dict[str, Any],
+                    trainer_state: dict[str, Any],
                     tokenizer_dir: str | Path | None = None, keep_last: int = 3) -> Path:
     """Atomically write checkpoint ``RUN_DIR/checkpoints/step-XXXXXXXX`` and return its path.
 
     The weights (HF directory in the model's dtype), tokenizer files from ``tokenizer_dir``,
-    optimizer state, RNG states and ``trainer_state`` (a JSON-serializable dict) are written to
+    optimizer state (an optimizer, or its ``state_dict()``), RNG states and ``trainer_state`` (a JSON-serializable dict) are written to
     a temporary directory, fsynced and renamed into place; a checkpoint of the same step is
     replaced. Afterwards the oldest checkpoints beyond ``keep_last`` (``<= 0``: keep all; the
     one just written is never removed) and temporary directories left by killed savers are
@@ -110,7 +111,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
             shutil.copyfile(src, tmp / src.name)
         training = tmp / TRAINING
         training.mkdir()
-        torch.save(optimizer.state_dict(), training / OPTIMIZER)
+        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(),
+                   training / OPTIMIZER)
         torch.save(rng_state, training / RNG)
         (training / TRAINER_STATE).write_text(state_text)
         _fsync_tree(tmp)
@@ -301,7 +303,7 @@ def load_checkpoint(path: str | Path, model: nn.Module,
     training = path / TRAINING
     state = _read_trainer_state(training / TRAINER_STATE, path)
     rng = _read_rng(training / RNG)
-    opt_state = _read_optimizer(training / OPTIMIZER) if optimizer is not None else None
+    opt_state = read_optimizer_state(training / OPTIMIZER) if optimizer is not None else None
     _check_config(path, model.config)
     load_weights(model, path)
     if optimizer is not None:
@@ -348,7 +350,8 @@ def _torch_load(file: Path) -> Any:
                               "checkpoint") from None
 
 
-def _read_optimizer(file: Path) -> dict[str, Any]:
+def read_optimizer_state(file: Path) -> dict[str, Any]:
+    """A saved ``optimizer.state_dict()`` (read weights-only), checked for its two keys."""
     state = _torch_load(file)
     if not isinstance(state, dict) or "state" not in state or "param_groups" not in state:
         raise CheckpointError(f"{file}: not an optimizer state_dict (expected keys 'state' and "

@@ -17,6 +17,7 @@ from typing import Any
 import tomli_w
 
 from ..errors import ConfigError
+from ..parallel.layout import ParallelLayout, parse_layout
 
 
 @dataclass
@@ -46,7 +47,7 @@ class TokenizerSection:
 class TrainSection:
     steps: int = 300
     batch_size: int = 16          # sequences per optimizer step
-    micro_batch_size: int = 16    # sequences per forward (gradient accumulation = ratio)
+    micro_batch_size: int = 16    # sequences per forward per process (capped at batch/dp)
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_steps: int = 30
@@ -86,6 +87,19 @@ class MoESection:
 
 
 @dataclass
+class ParallelSection:
+    """Process layout for torchrun (see docs/distributed.md); 1 everywhere = one process."""
+
+    dp: int = 1
+    tp: int = 1
+    ep: int = 1
+    etp: int = 1
+    expert: str = ""              # preset: "edp" (ep = tp), "etp" (ep = dp, etp = tp), "ep"
+    zero: bool = True             # ZeRO-1: shard AdamW state over data-parallel ranks
+    timeout_s: float = 300.0      # a collective waiting longer fails the job naming the rank
+
+
+@dataclass
 class RunSection:
     dir: str = "runs/default"
 
@@ -97,6 +111,7 @@ class TrainConfig:
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     train: TrainSection = field(default_factory=TrainSection)
     moe: MoESection = field(default_factory=MoESection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
     run: RunSection = field(default_factory=RunSection)
 
     def validate(self) -> None:
@@ -127,10 +142,19 @@ class TrainConfig:
             (d.seq_len >= 2, "data.seq_len must be >= 2"),
             (0 <= d.val_fraction < 1, "data.val_fraction must be in [0, 1)"),
             (t.eval_every >= 0 and t.checkpoint_every >= 0, "intervals must be >= 0"),
+            (self.parallel.expert in ("", "ep", "etp", "edp"),
+             "parallel.expert must be 'ep', 'etp' or 'edp'"),
+            (self.parallel.timeout_s > 0, "parallel.timeout_s must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"training config: {message}")
+
+    def layout(self) -> ParallelLayout:
+        """The ``ParallelLayout`` of the [parallel] section."""
+        p = self.parallel
+        return parse_layout({"dp": p.dp, "tp": p.tp, "ep": p.ep, "etp": p.etp,
+                             "expert": p.expert})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

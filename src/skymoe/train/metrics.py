@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -30,6 +30,13 @@ class MoEStepStats:
             for acc, s in zip(self._sums, stats):
                 for k, v in s.items():
                     acc[k] += v
+
+    def apply_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``fn`` in place to every accumulated sum (e.g. an all-reduce over
+        data-parallel ranks, so every rank sees the whole step's statistics)."""
+        for s in self._sums or []:
+            for v in s.values():
+                fn(v)
 
     def drop_rates(self) -> list[float]:
         """Dropped assignments / (k * tokens) per layer over the whole step."""

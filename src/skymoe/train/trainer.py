@@ -30,6 +30,13 @@ from ..infer.generate import SamplingParams, generate
 from ..model.balance import AuxCoefController
 from ..model.moe import MoETrainingOptions
 from ..model.transformer import SkyworkForCausalLM, build_model
+from ..parallel import checkpoint as parallel_checkpoint
+from ..parallel.apply import parallelize, parameter_placements
+from ..parallel.comm import all_reduce_
+from ..parallel.data_parallel import DataParallel
+from ..parallel.health import guard_collectives
+from ..parallel.layout import split_range
+from ..parallel.mesh import build_mesh, init_distributed
 from ..runtime import keep_freed_memory
 from . import checkpointing, data
 from .bpe import train_bpe_tokenizer
@@ -87,9 +94,16 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> None:
         cfg.validate()
-        self.cfg, self.quiet = cfg, quiet
+        self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
         self.device = torch.device(cfg.train.device)
+        layout = cfg.layout()
+        _, world_size = init_distributed(cfg.parallel.timeout_s, self.device.type)
+        layout.validate(world_size=world_size)
+        self.mesh = build_mesh(layout, self.device.type)
+        self.is_main = self.mesh.is_main
+        self.quiet = quiet or not self.is_main  # one process reports
+        self.local_rows = split_range(cfg.train.batch_size, layout.dp, self.mesh.coords.dp)
         if cfg.train.keep_freed_memory and self.device.type == "cpu":
             keep_freed_memory()
         self._check_run_dir(resume)
@@ -97,20 +111,29 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = self._tokenizer_and_data()
         self.model = self._build_model()
+        layout.validate(config=self.model.config)
         self.moe_layers = [i for i, layer in enumerate(self.model.model.layers)
                            if hasattr(layer, "block_sparse_moe")]
         m = cfg.moe
         self.controller = AuxCoefController(len(self.moe_layers), m.aux_coef, m.adaptive, m.xi,
                                             m.alpha_max, m.beta)
-        self.optimizer = self._build_optimizer()
         self.step = 0
         self.last_checkpoint: Path | None = None
         if resume:
-            self._resume()
+            self._resume_model()
+        # Shard the full model for this rank (a no-op for one process).
+        placements = parameter_placements(self.model, self.mesh)
+        numel = {n: p.numel() for n, p in self.model.named_parameters()}
+        parallelize(self.model, self.mesh)
+        self.dp = DataParallel(self.model, self.mesh, placements, numel, cfg.parallel.zero)
+        self.optimizer = self._build_optimizer()
+        if resume:
+            self._resume_optimizer()
         self.model.set_aux_coefs(self.controller.alphas)
         if cfg.train.compile:
             self.model.compile_layers()
-        cfg.save(self.run_dir / "config.toml")
+        if self.is_main:
+            cfg.save(self.run_dir / "config.toml")
         self.stats = MoEStepStats(self.moe_layers)
         self._stop_signal: int | None = None
 
@@ -146,8 +169,14 @@ class Trainer:
         elif (tok_dir / "tokenizer.json").is_file():  # resumed run: the run's own tokenizer
             tokenizer = load_tokenizer(tok_dir)
         else:
-            self._log(f"training a byte-level BPE tokenizer (vocab {cfg.tokenizer.vocab_size})")
-            tokenizer = train_bpe_tokenizer(train_docs, cfg.tokenizer.vocab_size, tok_dir)
+            # One process trains and saves it; the others read what it wrote.
+            if self.is_main:
+                self._log(f"training a byte-level BPE tokenizer "
+                          f"(vocab {cfg.tokenizer.vocab_size})")
+                tokenizer = train_bpe_tokenizer(train_docs, cfg.tokenizer.vocab_size, tok_dir)
+            self._barrier()
+            if not self.is_main:
+                tokenizer = load_tokenizer(tok_dir)
         self.tokenizer_dir = Path(tok_path) if tok_path else tok_dir
         if tokenizer.eos_id is None:
             raise ConfigError(f"{self.tokenizer_dir}: the tokenizer has no EOS token, needed "
@@ -200,14 +229,35 @@ class Trainer:
             lr=lr_at(0, self.cfg), betas=(t.beta1, t.beta2),
             fused=self.device.type in ("cpu", "cuda"))  # one kernel: 7x faster on CPU
 
-    def _resume(self) -> None:
+    def _resume_model(self) -> None:
+        """Weights (into the full model, before sharding), RNG and trainer state."""
         path = checkpointing.latest_checkpoint(self.run_dir)
-        state = checkpointing.load_checkpoint(path, self.model, self.optimizer)
+        state = checkpointing.load_checkpoint(path, self.model)
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
         self.controller.load_state_dict(state["controller"])
         self.last_checkpoint = path
         self._log(f"resumed from {path} (step {self.step})")
+
+    def _resume_optimizer(self) -> None:
+        """This rank's part of the saved (whole-model) optimizer state."""
+        file = self.last_checkpoint / checkpointing.TRAINING / checkpointing.OPTIMIZER
+        saved = checkpointing.read_optimizer_state(file)
+        try:
+            parallel_checkpoint.restore_optimizer_state(self.optimizer, saved, self.model,
+                                                        self.dp, self.mesh)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise TrainingError(f"{file}: does not match this run's optimizer ({exc}); resume "
+                                "with the model and settings the run was saved with") from None
+
+    def close(self) -> None:
+        """Leave the process group (under torchrun); the trainer cannot train afterwards."""
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    def _barrier(self) -> None:
+        if self.mesh.world.active:
+            torch.distributed.barrier(group=self.mesh.world.pg)
 
     # ----------------------------------------------------------------------------- training
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -220,17 +270,21 @@ class Trainer:
         over micro-batches, each scaled by its share of the batch. Returns (loss, CE loss)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.stats.reset()
-        total = ce_total = 0.0
-        for micro in batch.split(self.cfg.train.micro_batch_size):
+        local = batch[self.local_rows[0]:self.local_rows[1]]  # this data-parallel rank's rows
+        sums = torch.zeros(2, dtype=torch.float64)
+        for micro in local.split(min(self.cfg.train.micro_batch_size, local.shape[0])):
             micro = micro.to(self.device)
-            share = micro.shape[0] / batch.shape[0]
+            share = micro.shape[0] / local.shape[0]
             with self._autocast():
                 out = self.model(micro, labels=micro)
             loss = out.loss + out.aux_loss if out.aux_loss is not None else out.loss
             (loss * share).backward()
             self.stats.add(out.moe_stats)
-            total += float(loss.detach()) * share
-            ce_total += float(out.loss.detach()) * share
+            sums += torch.tensor([float(loss.detach()), float(out.loss.detach())]) * share
+        self.dp.reduce_gradients()
+        self.stats.apply_(lambda t: all_reduce_(t, self.mesh.dp))
+        all_reduce_(sums, self.mesh.dp).div_(self.mesh.layout.dp)
+        total, ce_total = sums.tolist()
         return total, ce_total
 
     def train_step(self, batch: torch.Tensor) -> StepResult:
@@ -238,8 +292,7 @@ class Trainer:
         raises TrainingError, or with ``skip_nonfinite`` skips the update."""
         t = self.cfg.train
         total, ce_total = self.accumulate_gradients(batch)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf")))
+        grad_norm = self.dp.clip_grad_norm(t.grad_clip)
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             what = f"loss {total}" if not math.isfinite(total) else f"gradient norm {grad_norm}"
@@ -254,6 +307,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.cfg)
         self.optimizer.step()
+        self.dp.broadcast_parameters()  # ZeRO-1: owners share their updated weights
         return StepResult(total, ce_total, grad_norm)
 
     @torch.no_grad()
@@ -262,82 +316,121 @@ class Trainer:
         if self.val_seqs is None or self.val_seqs.shape[0] == 0:
             return None
         t = self.cfg.train
+        dp = self.mesh.dp
         self.model.eval()
-        losses = []
+        sums = torch.zeros(2, dtype=torch.float64)  # sum of loss * sequences, sequences
         try:
             for i, start in enumerate(range(0, self.val_seqs.shape[0], t.micro_batch_size)):
                 if i >= t.eval_batches:
                     break
+                if i % dp.size != dp.rank:  # data-parallel ranks share the batches
+                    continue
                 batch = self.val_seqs[start:start + t.micro_batch_size].to(self.device)
                 with self._autocast():
-                    losses.append((float(self.model(batch, labels=batch).loss), batch.shape[0]))
+                    loss = float(self.model(batch, labels=batch).loss)
+                sums += torch.tensor([loss * batch.shape[0], batch.shape[0]])
         finally:
             self.model.train()
-        return sum(l * n for l, n in losses) / sum(n for _, n in losses)
+        all_reduce_(sums, dp)
+        return float(sums[0] / sums[1])
 
     def save(self) -> Path:
+        """Write a checkpoint of the whole model (gathered from every rank onto rank 0), so
+        it resumes under any layout."""
         state = {"step": self.step, "loader": self.loader.state_dict(),
                  "controller": self.controller.state_dict(),
-                 "tokens_seen": self.step * self.cfg.train.batch_size * self.cfg.data.seq_len}
-        self.last_checkpoint = checkpointing.save_checkpoint(
-            self.run_dir, self.step, self.model, self.optimizer, state,
-            tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.train.keep_last)
-        return self.last_checkpoint
+                 "tokens_seen": self.step * self.cfg.train.batch_size * self.cfg.data.seq_len,
+                 "layout": self.mesh.layout.name}
+        full_model = parallel_checkpoint.gather_model(self.model, self.mesh)
+        optimizer_state = parallel_checkpoint.gather_optimizer_state(
+            self.optimizer, self.model, self.dp, self.mesh)
+        path = (self.run_dir / checkpointing.CHECKPOINTS
+                / checkpointing.step_dir_name(self.step))
+        if self.is_main:
+            path = checkpointing.save_checkpoint(
+                self.run_dir, self.step, full_model, optimizer_state, state,
+                tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.train.keep_last)
+        self._barrier()
+        self.last_checkpoint = path
+        return path
 
     def _on_signal(self, signum: int, frame) -> None:
         self._stop_signal = signum
 
     def run(self) -> RunSummary:
         """Train until ``train.steps``; SIGINT/SIGTERM finish the current step, save and return
-        (``interrupted=True``)."""
+        (``interrupted=True``). Under torchrun, a rank that dies or stalls ends the run with a
+        ``TrainingError`` naming it (see ``skymoe.parallel.health``)."""
         t = self.cfg.train
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        tokens_per_step = t.batch_size * self.cfg.data.seq_len
-        bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step",
-                   disable=self.quiet or None, dynamic_ncols=True)
+        self._bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step",
+                         disable=self.quiet or None, dynamic_ncols=True)
         last: StepResult | None = None
         val_loss = None
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.is_main else None
         try:
-            while self.step < t.steps and self._stop_signal is None:
-                batch = self.loader.next_batch()
-                began = time.perf_counter()
-                last = self.train_step(batch)
-                elapsed = time.perf_counter() - began
-                self.step += 1
-                record = {"kind": "train", "step": self.step, "tokens": self.step * tokens_per_step,
-                          "loss": last.loss, "ce_loss": last.ce_loss, "grad_norm": last.grad_norm,
-                          "lr": lr_at(self.step - 1, self.cfg),
-                          "tokens_per_s": tokens_per_step / elapsed}
-                if self.moe_layers:
-                    moe = self.stats.summary()
-                    moe["aux_coef"] = list(self.controller.alphas)  # the ones this step used
-                    record["moe"] = moe
-                    self.model.set_aux_coefs(self.controller.step(self.stats.drop_rates()))
-                self.metrics.write(record)
-                postfix = {"loss": f"{last.loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
-                if self.moe_layers:
-                    postfix["drop"] = f"{sum(moe['drop_rate']) / len(moe['drop_rate']):.3f}"
-                bar.set_postfix(postfix, refresh=False)
-                bar.update(1)
-                if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
-                    val_loss = self._validate()
-                if ((t.checkpoint_every and self.step % t.checkpoint_every == 0)
-                        or self.step == t.steps or self._stop_signal is not None):
-                    self.save()
+            with guard_collectives(self.mesh, self.cfg.parallel.timeout_s):
+                stopping = self._should_stop()
+                while self.step < t.steps and not stopping:
+                    last = self._logged_step()
+                    stopping = self._should_stop()  # agreed by all ranks before saving
+                    if (t.eval_every and self.step % t.eval_every == 0) or self.step == t.steps:
+                        val_loss = self._validate()
+                    if ((t.checkpoint_every and self.step % t.checkpoint_every == 0)
+                            or self.step == t.steps or stopping):
+                        self.save()
         finally:
-            bar.close()
-            self.metrics.close()
+            self._bar.close()
+            if self.metrics is not None:
+                self.metrics.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return RunSummary(self.step, last.loss if last else None, val_loss, self.last_checkpoint,
                           self.run_dir, interrupted=self._stop_signal is not None)
 
+    def _logged_step(self) -> StepResult:
+        """One optimizer step on the next batch, its metrics record and progress update."""
+        t = self.cfg.train
+        tokens_per_step = t.batch_size * self.cfg.data.seq_len
+        batch = self.loader.next_batch()
+        began = time.perf_counter()
+        last = self.train_step(batch)
+        elapsed = time.perf_counter() - began
+        self.step += 1
+        record = {"kind": "train", "step": self.step, "tokens": self.step * tokens_per_step,
+                  "loss": last.loss, "ce_loss": last.ce_loss, "grad_norm": last.grad_norm,
+                  "lr": lr_at(self.step - 1, self.cfg),
+                  "tokens_per_s": tokens_per_step / elapsed}
+        if self.moe_layers:
+            moe = self.stats.summary()
+            moe["aux_coef"] = list(self.controller.alphas)  # the ones this step used
+            record["moe"] = moe
+            self.model.set_aux_coefs(self.controller.step(self.stats.drop_rates()))
+        self._write_metrics(record)
+        postfix = {"loss": f"{last.loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+        if self.moe_layers:
+            postfix["drop"] = f"{sum(moe['drop_rate']) / len(moe['drop_rate']):.3f}"
+        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(1)
+        return last
+
+    def _should_stop(self) -> bool:
+        """Whether a stop signal reached any rank (all ranks stop at the same step)."""
+        flag = torch.tensor([0.0 if self._stop_signal is None else float(self._stop_signal)])
+        all_reduce_(flag, self.mesh.world, torch.distributed.ReduceOp.MAX)
+        if flag.item() and self._stop_signal is None:
+            self._stop_signal = int(flag.item())
+        return self._stop_signal is not None
+
+    def _write_metrics(self, record: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
+
     def _validate(self) -> float | None:
         val_loss = self.evaluate()
         if val_loss is not None:
-            self.metrics.write({"kind": "val", "step": self.step, "val_loss": val_loss,
-                                "val_ppl": math.exp(min(val_loss, 50.0))})
+            self._write_metrics({"kind": "val", "step": self.step, "val_loss": val_loss,
+                                 "val_ppl": math.exp(min(val_loss, 50.0))})
         return val_loss
 
     def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:

@@ -1,0 +1,151 @@
+"""Layout-independent checkpoints of a sharded model and its (ZeRO-1) optimizer.
+
+A checkpoint is always what one process would have written: the whole model in HF format and
+``optimizer.state_dict()`` of an AdamW over the whole model's parameters. Saving gathers every
+parameter and optimizer tensor onto rank 0, one tensor at a time, from the ranks that hold its
+pieces (``placement`` says where each piece goes; with ZeRO-1 only the owner's optimizer state
+counts). Loading reads the full state and keeps this rank's pieces. So a run saved under one
+layout resumes under any other, including a single process.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import SkyworkMoeConfig
+from ..model.transformer import SkyworkForCausalLM
+from .data_parallel import DataParallel
+from .mesh import ParallelMesh
+from .placement import placement
+
+
+def gather_tensor(local: torch.Tensor, name: str, full_shape: tuple[int, ...],
+                  config: SkyworkMoeConfig, mesh: ParallelMesh, valid: bool = True
+                  ) -> torch.Tensor | None:
+    """The full fp32 tensor ``name`` on rank 0 (None on other ranks), assembled from each
+    rank's ``local`` piece; pieces with ``valid`` False are ignored (a collective: every rank
+    calls it for the same names in the same order)."""
+    world = mesh.world
+    if not world.active:
+        return local.detach().float().clone()
+    layout = mesh.layout
+    parts = [placement(name, config, layout, layout.coords(r)) for r in range(world.size)]
+    shapes = [p.local_shape(full_shape) for p in parts]
+    width = 1 + max(math.prod(s) for s in shapes)
+    buf = torch.zeros(width, dtype=torch.float32)
+    buf[0] = float(valid)
+    buf[1:1 + local.numel()] = local.detach().reshape(-1).float().cpu()
+    received = [torch.empty_like(buf) for _ in range(world.size)] if mesh.is_main else None
+    world.traffic.record("send", buf.numel() * 4, world.size)
+    dist.gather(buf, received, dst=0, group=world.pg)
+    if not mesh.is_main:
+        return None
+    full = torch.zeros(full_shape, dtype=torch.float32)
+    for part, shape, piece in zip(parts, shapes, received):
+        if piece[0] > 0:
+            part.put(full, piece[1:1 + math.prod(shape)].view(shape))
+    return full
+
+
+def _full_shapes(config: SkyworkMoeConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        template = SkyworkForCausalLM(config)
+    return {n: tuple(p.shape) for n, p in template.named_parameters()}
+
+
+@torch.no_grad()
+def gather_model(model: SkyworkForCausalLM, mesh: ParallelMesh) -> SkyworkForCausalLM | None:
+    """The whole fp32 model on rank 0 (None elsewhere)."""
+    if not mesh.world.active:
+        return model
+    config = model.config
+    shapes = _full_shapes(config)
+    full = None
+    if mesh.is_main:
+        with torch.device("meta"):
+            full = SkyworkForCausalLM(config)
+        full.to_empty(device="cpu")
+        full.tie_weights()
+        targets = dict(full.named_parameters())
+    for name, p in model.named_parameters():
+        t = gather_tensor(p, name, shapes[name], config, mesh)
+        if full is not None:
+            targets[name].copy_(t)
+    return full
+
+
+def _named_groups(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[list[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+
+
+@torch.no_grad()
+def gather_optimizer_state(optimizer: torch.optim.Optimizer, model: SkyworkForCausalLM,
+                           dp: DataParallel, mesh: ParallelMesh) -> dict[str, Any] | None:
+    """On rank 0, the ``state_dict()`` an AdamW over the whole model (same parameter groups,
+    in model order) would have; None elsewhere."""
+    if not mesh.world.active:
+        return optimizer.state_dict()
+    shapes = _full_shapes(model.config)
+    owned = {it.name: dp.owns(it) for it in dp.items}
+    params = dict(model.named_parameters())
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    index = 0
+    for names in _named_groups(optimizer, model):
+        for name in names:
+            p = params[name]
+            s = optimizer.state.get(p, {})
+            valid = owned[name] and "exp_avg" in s
+            entry: dict[str, torch.Tensor] = {}
+            for key in ("exp_avg", "exp_avg_sq"):
+                local = s[key] if valid else torch.zeros_like(p)
+                full = gather_tensor(local, name, shapes[name], model.config, mesh, valid)
+                if full is not None:
+                    entry[key] = full
+            step = torch.tensor([float(s["step"]) if valid else -1.0])
+            dist.all_reduce(step, op=dist.ReduceOp.MAX, group=mesh.world.pg)
+            if mesh.is_main and step.item() >= 0:
+                state[index] = {"step": torch.tensor(step.item()), **entry}
+            index += 1
+    if not mesh.is_main:
+        return None
+    groups, start = [], 0
+    for group in optimizer.param_groups:
+        n = len(group["params"])
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": list(range(start, start + n))})
+        start += n
+    return {"state": state, "param_groups": groups}
+
+
+@torch.no_grad()
+def restore_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any],
+                            model: SkyworkForCausalLM, dp: DataParallel, mesh: ParallelMesh
+                            ) -> None:
+    """Load a whole-model ``saved`` state dict into this rank's (sharded, ZeRO-1) optimizer:
+    each owned parameter gets its piece of the saved moments."""
+    if not mesh.world.active:
+        optimizer.load_state_dict(saved)
+        return
+    owned = {it.name: dp.owns(it) for it in dp.items}
+    params = dict(model.named_parameters())
+    places = {it.name: it.placement for it in dp.items}
+    index = 0
+    for group, names in zip(optimizer.param_groups, _named_groups(optimizer, model)):
+        for name in names:
+            entry = saved["state"].get(index)
+            index += 1
+            if entry is None or not owned[name]:
+                continue
+            p = params[name]
+            optimizer.state[p] = {
+                "step": entry["step"].clone().float().to(p.device),
+                "exp_avg": places[name].take(entry["exp_avg"]).to(p),
+                "exp_avg_sq": places[name].take(entry["exp_avg_sq"]).to(p)}
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})

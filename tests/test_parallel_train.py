@@ -1,0 +1,114 @@
+"""`skymoe train` under torchrun: the same losses as one process, checkpoints that resume under
+another layout, and a rank that stalls or dies named in the error instead of a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from skymoe.errors import TrainingError
+from skymoe.parallel.comm import all_reduce_
+from skymoe.parallel.health import guard_collectives
+from skymoe.parallel.layout import ParallelLayout
+from skymoe.parallel.mesh import build_mesh
+from skymoe.train.trainer import Trainer
+
+from distributed import free_port
+from test_train import _config
+
+TOLERANCE = 1e-5
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+def _torchrun(config_file: Path, nproc: int, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           "-m", "skymoe", "train", str(config_file), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_layouts_match_one_process_and_resume_across_layouts(tmp_path):
+    settings = dict(train={"precision": "fp32", "steps": 6, "lr_decay_steps": 6,
+                           "batch_size": 4, "micro_batch_size": 2, "checkpoint_every": 2},
+                    tokenizer={"vocab_size": 301})  # odd vocabulary: uneven vocab shards
+    reference = Trainer(_config(tmp_path, "single", **settings), quiet=True)
+    reference.run()
+    reference.close()
+    want = _losses(tmp_path / "single")
+
+    # One process for 2 steps, then EDP (experts over the TP group) for 2, then DP + EP for
+    # the last 2: each resume reads a whole-model checkpoint written under another layout.
+    cfg = _config(tmp_path, "sharded", **settings)
+    cfg.tokenizer.path = str(tmp_path / "single" / "tokenizer")  # the same token ids
+    cfg.train.steps = 2
+    first = Trainer(cfg, quiet=True)
+    first.run()
+    first.close()
+    cfg.train.steps = 6
+    config_file = tmp_path / "sharded.toml"
+    cfg.save(config_file)
+    _torchrun(config_file, 2, "--resume", "--steps", "4", "--set", "parallel.tp=2",
+              "--set", "parallel.expert=edp")
+    _torchrun(config_file, 2, "--resume", "--set", "parallel.dp=2", "--set", "parallel.ep=2")
+    got = _losses(tmp_path / "sharded")
+    assert sorted(got) == sorted(want) == list(range(1, 7))
+    for step, loss in want.items():
+        assert abs(got[step] - loss) / loss < TOLERANCE, (step, got[step], loss)
+
+
+def _failing_rank(rank: int, world: int, port: int, mode: str, result: mp.Queue) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=3))
+    mesh = build_mesh(ParallelLayout(dp=world))
+    all_reduce_(torch.ones(1), mesh.world)  # everyone is up
+    if rank == 1:
+        if mode == "dies":
+            os._exit(3)
+        time.sleep(30)  # stalls: never joins the next collective
+        os._exit(0)
+    began = time.monotonic()
+    try:
+        with guard_collectives(mesh, probe_s=3.0):
+            all_reduce_(torch.ones(1), mesh.world)
+        result.put(("no error", time.monotonic() - began))
+    except TrainingError as exc:
+        result.put((str(exc), time.monotonic() - began))
+    result.close()
+    result.join_thread()  # flush before the hard exit below
+    os._exit(0)  # skip destroying the broken group
+
+
+@pytest.mark.parametrize("mode", ["dies", "stalls"])
+def test_a_dead_or_stalled_rank_is_named_within_the_timeout(mode):
+    ctx = mp.get_context("spawn")
+    result = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_failing_rank, args=(r, 2, port, mode, result))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        message, seconds = result.get(timeout=60)
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()
+    assert "rank(s) 1 did not respond" in message, message
+    assert seconds < 15, seconds  # timeout 3 s + probe 3 s, not forever
