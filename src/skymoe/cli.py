@@ -284,9 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train with Skywork-MoE's techniques: gating logit "
                                    "normalization, capacity and token dropping, the aux balance "
                                    "loss with per-layer adaptive coefficients. Settings come from "
-                                   "a TOML file (sections model, data, tokenizer, train, moe, run; "
-                                   "see docs/training.md) and --set overrides; with none, the "
-                                   "embedded default runs. Ctrl-C saves a checkpoint and stops.")
+                                   "a TOML file (sections model, data, tokenizer, train, moe, "
+                                   "parallel, run; see docs/training.md) and --set overrides; "
+                                   "with none, the embedded default runs. Ctrl-C saves a "
+                                   "checkpoint and stops. Several processes: torchrun "
+                                   "--nproc-per-node N -m skymoe train --set parallel.tp=2 "
+                                   "--set parallel.expert=edp (docs/distributed.md).")
     p.add_argument("config", nargs="?", help="TOML config file (optional)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a setting, e.g. --set train.lr=1e-3 (repeatable)")
