@@ -50,11 +50,11 @@ def worker(args: argparse.Namespace) -> None:
     from skymoe.model.moe import MoETrainingOptions
     from skymoe.model.transformer import build_model
     from skymoe.parallel.apply import parallelize, parameter_placements
-    from skymoe.parallel.comm import all_reduce_
     from skymoe.parallel.data_parallel import DataParallel
     from skymoe.parallel.layout import ParallelLayout, split_range
     from skymoe.parallel.mesh import build_mesh, init_distributed
     from skymoe.runtime import keep_freed_memory
+    from skymoe.train import step as step_ops
     from skymoe.train.metrics import MoEStepStats
 
     torch.set_num_threads(1 if args.procs > 1 else torch.get_num_threads())
@@ -76,6 +76,11 @@ def worker(args: argparse.Namespace) -> None:
                           generator=torch.Generator().manual_seed(0))
     rows = split_range(GLOBAL_BATCH, layout.dp, mesh.coords.dp)
     local = batch[rows[0]:rows[1]]
+    device = torch.device("cpu")
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
     times, traffic, drops = [], {}, []
     for step in range(args.warmup + args.steps):
         mesh.traffic.reset()
@@ -84,16 +89,9 @@ def worker(args: argparse.Namespace) -> None:
         began = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         stats.reset()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(local, labels=local)
-        (out.loss + out.aux_loss).backward()
-        stats.add(out.moe_stats)
-        dp.reduce_gradients()
-        stats.apply_(lambda t: all_reduce_(t, mesh.dp))
-        all_reduce_(torch.tensor([float(out.loss.detach()), 0.0], dtype=torch.float64), mesh.dp)
+        step_ops.accumulate_gradients(model, local, GLOBAL_BATCH, dp, stats, autocast, device)
         dp.clip_grad_norm(1.0)
-        optimizer.step()
-        dp.broadcast_parameters()
+        step_ops.apply_update(optimizer, dp, 1e-4)
         elapsed = time.perf_counter() - began
         if step >= args.warmup:
             times.append(elapsed)

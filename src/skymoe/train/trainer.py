@@ -39,6 +39,7 @@ from ..parallel.layout import split_range
 from ..parallel.mesh import build_mesh, init_distributed
 from ..runtime import keep_freed_memory
 from . import checkpointing, data
+from . import step as step_ops
 from .bpe import train_bpe_tokenizer
 from .config import TrainConfig
 from .metrics import MetricsLog, MoEStepStats
@@ -271,21 +272,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.stats.reset()
         local = batch[self.local_rows[0]:self.local_rows[1]]  # this data-parallel rank's rows
-        sums = torch.zeros(2, dtype=torch.float64)
-        for micro in local.split(min(self.cfg.train.micro_batch_size, local.shape[0])):
-            micro = micro.to(self.device)
-            share = micro.shape[0] / local.shape[0]
-            with self._autocast():
-                out = self.model(micro, labels=micro)
-            loss = out.loss + out.aux_loss if out.aux_loss is not None else out.loss
-            (loss * share).backward()
-            self.stats.add(out.moe_stats)
-            sums += torch.tensor([float(loss.detach()), float(out.loss.detach())]) * share
-        self.dp.reduce_gradients()
-        self.stats.apply_(lambda t: all_reduce_(t, self.mesh.dp))
-        all_reduce_(sums, self.mesh.dp).div_(self.mesh.layout.dp)
-        total, ce_total = sums.tolist()
-        return total, ce_total
+        return step_ops.accumulate_gradients(self.model, local, self.cfg.train.micro_batch_size,
+                                         self.dp, self.stats, self._autocast, self.device)
 
     def train_step(self, batch: torch.Tensor) -> StepResult:
         """Gradients of one batch, clipping and the AdamW update. A non-finite loss or gradient
@@ -304,10 +292,7 @@ class Trainer:
                                     "skip such batches")
             self._log(f"step {self.step + 1}: {what} is not finite; batch skipped")
             return StepResult(total, ce_total, grad_norm)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, self.cfg)
-        self.optimizer.step()
-        self.dp.broadcast_parameters()  # ZeRO-1: owners share their updated weights
+        step_ops.apply_update(self.optimizer, self.dp, lr_at(self.step, self.cfg))
         return StepResult(total, ce_total, grad_norm)
 
     @torch.no_grad()

@@ -1,0 +1,51 @@
+"""The collective parts of one optimizer step, shared by the trainer and the benchmarks.
+
+A step on a data-parallel rank: its rows of the global batch in micro-batches, each loss
+(CE + the MoE aux terms) scaled by its share so the gradient is that of the rank's mean loss;
+then gradients reduced over the replica groups, MoE statistics and losses summed over DP (so
+every rank sees the whole step), and after the caller's checks, the update and the ZeRO-1
+broadcast. With one process every collective is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+
+from ..parallel.comm import all_reduce_
+from ..parallel.data_parallel import DataParallel
+from .metrics import MoEStepStats
+
+
+def accumulate_gradients(model: torch.nn.Module, local_batch: torch.Tensor,
+                         micro_batch_size: int, dp: DataParallel, stats: MoEStepStats,
+                         autocast: Callable[[], contextlib.AbstractContextManager],
+                         device: torch.device) -> tuple[float, float]:
+    """Fill ``.grad`` with the step's gradient; returns the step's (loss, CE loss), averaged
+    over every data-parallel rank."""
+    sums = torch.zeros(2, dtype=torch.float64)
+    for micro in local_batch.split(min(micro_batch_size, local_batch.shape[0])):
+        micro = micro.to(device)
+        share = micro.shape[0] / local_batch.shape[0]
+        with autocast():
+            out = model(micro, labels=micro)
+        loss = out.loss + out.aux_loss if out.aux_loss is not None else out.loss
+        (loss * share).backward()
+        stats.add(out.moe_stats)
+        sums += torch.tensor([float(loss.detach()), float(out.loss.detach())]) * share
+    dp.reduce_gradients()
+    stats.apply_(lambda t: all_reduce_(t, dp.mesh.dp))
+    all_reduce_(sums, dp.mesh.dp).div_(dp.mesh.layout.dp)
+    total, ce_total = sums.tolist()
+    return total, ce_total
+
+
+def apply_update(optimizer: torch.optim.Optimizer, dp: DataParallel, lr: float) -> None:
+    """The AdamW update at ``lr`` (owners only, with ZeRO-1), then every rank gets the
+    updated weights."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    dp.broadcast_parameters()
