@@ -31,14 +31,15 @@ from pathlib import Path
 import torch
 
 GLOBAL_BATCH, SEQ_LEN = 8, 512
-# (processes, dp, tp, ep, etp, label)
+# (processes, dp, tp, ep, etp, all-to-all chunks, label)
 LAYOUTS = [
-    (1, 1, 1, 1, 1, "single process"),
-    (2, 2, 1, 2, 1, "EP  (ep=dp=2)"),
-    (2, 1, 2, 2, 1, "EDP (ep=tp=2)"),
-    (4, 2, 2, 4, 1, "EP  (dp2 tp2, ep=4)"),
-    (4, 2, 2, 2, 1, "EDP (dp2 tp2, ep=tp=2)"),
-    (4, 2, 2, 2, 2, "ETP (dp2 tp2, ep=dp=2, etp=2)"),
+    (1, 1, 1, 1, 1, 1, "single process"),
+    (2, 2, 1, 2, 1, 1, "EP  (ep=dp=2)"),
+    (2, 1, 2, 2, 1, 1, "EDP (ep=tp=2)"),
+    (2, 1, 2, 2, 1, 4, "EDP (ep=tp=2), a2a in 4 chunks"),
+    (4, 2, 2, 4, 1, 1, "EP  (dp2 tp2, ep=4)"),
+    (4, 2, 2, 2, 1, 1, "EDP (dp2 tp2, ep=tp=2)"),
+    (4, 2, 2, 2, 2, 1, "ETP (dp2 tp2, ep=dp=2, etp=2)"),
 ]
 KINDS = ("all_to_all", "all_reduce", "all_gather", "reduce", "broadcast")
 
@@ -68,7 +69,7 @@ def worker(args: argparse.Namespace) -> None:
     model.set_aux_coefs([0.001] * len(model.moe_blocks()))
     placements = parameter_placements(model, mesh)
     numel = {n: p.numel() for n, p in model.named_parameters()}
-    parallelize(model, mesh)
+    parallelize(model, mesh, args.chunks)
     dp = DataParallel(model, mesh, placements, numel, zero=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     stats = MoEStepStats(list(range(len(model.moe_blocks()))))
@@ -111,13 +112,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_layout(procs: int, dp: int, tp: int, ep: int, etp: int, steps: int) -> dict:
+def run_layout(procs: int, dp: int, tp: int, ep: int, etp: int, chunks: int,
+               steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
                __file__, "--worker", "--procs", str(procs), "--dp", str(dp), "--tp", str(tp),
-               "--ep", str(ep), "--etp", str(etp), "--steps", str(steps), "--out", str(out)]
+               "--ep", str(ep), "--etp", str(etp), "--chunks", str(chunks),
+               "--steps", str(steps), "--out", str(out)]
         env = {**os.environ, "OMP_NUM_THREADS": "1" if procs > 1 else os.environ.get(
             "OMP_NUM_THREADS", str(os.cpu_count()))}
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -134,7 +137,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    for flag in ("procs", "dp", "tp", "ep", "etp"):
+    for flag in ("procs", "dp", "tp", "ep", "etp", "chunks"):
         parser.add_argument(f"--{flag}", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -155,8 +158,8 @@ def main() -> None:
               + " ".join(f"{k:>20}" for k in KINDS))
     print(header)
     results = []
-    for procs, dp, tp, ep, etp, label in LAYOUTS:
-        r = run_layout(procs, dp, tp, ep, etp, args.steps)
+    for procs, dp, tp, ep, etp, chunks, label in LAYOUTS:
+        r = run_layout(procs, dp, tp, ep, etp, chunks, args.steps)
         layout = ParallelLayout(dp=dp, tp=tp, ep=ep, etp=etp)
         predicted = step_traffic(config, layout, StepShape(SEQ_LEN, GLOBAL_BATCH // dp,
                                                           drop_rate=r["drop_rate"]))

@@ -65,7 +65,7 @@ def _train(model, batches, optimizer, after_backward=None, after_step=None, loss
 
 
 def _parity_worker(rank: int, world: int, layout: ParallelLayout, capacity_factor: float,
-                   heads: int, kv_heads: int) -> None:
+                   heads: int, kv_heads: int, a2a_chunks: int = 1) -> None:
     config = tiny_config(heads, kv_heads)
     full = build_model(config, seed=0, dtype=torch.float32)
     full.configure_moe_training(MoETrainingOptions(capacity_factor=capacity_factor))
@@ -79,7 +79,7 @@ def _parity_worker(rank: int, world: int, layout: ParallelLayout, capacity_facto
     mesh = build_mesh(layout)
     placements = parameter_placements(sharded, mesh)
     numel = {n: p.numel() for n, p in sharded.named_parameters()}
-    parallelize(sharded, mesh)
+    parallelize(sharded, mesh, a2a_chunks)
     dp = DataParallel(sharded, mesh, placements, numel, zero=True)
     optimizer = torch.optim.AdamW(sharded.parameters(), lr=1e-3)
     rows = split_range(4, layout.dp, mesh.coords.dp)
@@ -139,7 +139,7 @@ def test_parity_grouped_query_attention_uneven_heads():
     spawn(_parity_worker, 2, ParallelLayout(tp=2, ep=2), 1.0, 6, 3)
 
 
-def _round_trip_worker(rank: int, world: int) -> None:
+def _round_trip_worker(rank: int, world: int, chunks: int) -> None:
     mesh = build_mesh(ParallelLayout(dp=world, ep=world))
     experts = 2 * world
     gen = torch.Generator().manual_seed(rank)
@@ -149,30 +149,34 @@ def _round_trip_worker(rank: int, world: int) -> None:
     expert_of_row = torch.repeat_interleave(torch.arange(experts), torch.tensor(counts))
     seen = []
 
-    def identity(rows, local_counts):
+    def identity(rows, local_counts, first):
         seen.append(local_counts)
         return rows
 
-    y = exchange(x, counts, mesh.ep, identity)
+    y = exchange(x, counts, mesh.ep, identity, chunks)
     assert torch.equal(y, x)  # bit-exact round trip
     upstream = torch.randn(y.shape, generator=gen)
     y.backward(upstream)
     assert torch.equal(x.grad, upstream)
 
     # Rows reach the rank that holds their expert, grouped by local expert.
-    def tag_by_expert(rows, local_counts):
-        local = torch.repeat_interleave(torch.arange(len(local_counts)),
-                                        torch.tensor(local_counts))
-        return rows * 0 + (rank * len(local_counts) + local)[:, None].float()
+    def tag_by_expert(rows, local_counts, first):
+        local = first + torch.repeat_interleave(torch.arange(len(local_counts)),
+                                                torch.tensor(local_counts))
+        return rows * 0 + (rank * 2 + local)[:, None].float()  # 2 experts per rank
 
-    tagged = exchange(x.detach(), counts, mesh.ep, tag_by_expert)
+    tagged = exchange(x.detach(), counts, mesh.ep, tag_by_expert, chunks)
     assert torch.equal(tagged[:, 0], expert_of_row.float())
     # Each rank received, for each of its experts, the sum of what all ranks sent it.
     totals = torch.tensor(counts)
     dist.all_reduce(totals)
-    assert seen[0] == totals.view(world, -1)[rank].tolist()
+    assert sum(seen, []) == totals.view(world, -1)[rank].tolist()
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_dispatcher_round_trip_is_exact(world):
-    spawn(_round_trip_worker, world)
+@pytest.mark.parametrize("world, chunks", [(2, 1), (4, 1), (2, 2)])
+def test_dispatcher_round_trip_is_exact(world, chunks):
+    spawn(_round_trip_worker, world, chunks)
+
+
+def test_parity_with_the_all_to_all_pipelined_in_chunks():
+    spawn(_parity_worker, 2, ParallelLayout(tp=2, ep=2), 1.0, 6, 6, 2)

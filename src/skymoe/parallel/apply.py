@@ -45,8 +45,10 @@ def _column_row_parallel(module: nn.Module, group: CommGroup) -> None:
     module.register_forward_hook(lambda _, __, out: reduce_from(out, group))
 
 
-def parallelize(model: SkyworkForCausalLM, mesh: ParallelMesh) -> SkyworkForCausalLM:
-    """Shard ``model`` (a full model, identical on every rank) for ``mesh`` in place."""
+def parallelize(model: SkyworkForCausalLM, mesh: ParallelMesh,
+                a2a_chunks: int = 1) -> SkyworkForCausalLM:
+    """Shard ``model`` (a full model, identical on every rank) for ``mesh`` in place;
+    ``a2a_chunks > 1`` overlaps the expert all-to-all with expert compute."""
     layout, coords, config = mesh.layout, mesh.coords, model.config
     layout.validate(config=config)
     if layout.world_size == 1:
@@ -72,5 +74,5 @@ def parallelize(model: SkyworkForCausalLM, mesh: ParallelMesh) -> SkyworkForCaus
             _column_row_parallel(ffn, tp)
         elif isinstance(ffn, MoEBlock) and (layout.ep > 1 or layout.etp > 1 or tp.active):
             ffn.experts = ParallelExperts(ffn.experts.w13, ffn.experts.w2, ffn.num_experts,
-                                          mesh.ep, mesh.etp, token_group)
+                                          mesh.ep, mesh.etp, token_group, a2a_chunks)
     return model

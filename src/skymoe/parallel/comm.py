@@ -13,7 +13,8 @@ over a group (each rank holds the full value and the full gradient):
 - ``reduce_from``: all-reduce forward, identity backward (leave it, summing partial results);
 - ``split_rows`` / ``gather_rows``: keep this rank's rows forward and all-gather the gradient,
   and the reverse;
-- ``all_to_all``: variable-split exchange; backward sends the gradient back the same way.
+- ``all_to_all_async`` / ``wait``: variable-split exchange that runs while the caller
+  computes; backward sends the gradient back the same way.
 """
 
 from __future__ import annotations
@@ -202,17 +203,64 @@ class _GatherRows(torch.autograd.Function):
         return grad[start:start + ctx.sizes[ctx.group.rank]], None, None
 
 
-class _AllToAll(torch.autograd.Function):
+class Pending:
+    """An all-to-all in flight: its work handle and the buffers it uses."""
+
+    def __init__(self) -> None:
+        self.work: dist.Work | None = None
+        self.buffers: tuple[torch.Tensor, ...] = ()
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+        self.work, self.buffers = None, ()
+
+
+class _AllToAllStart(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int],
-                group: CommGroup) -> torch.Tensor:
+                group: CommGroup, pending: Pending) -> torch.Tensor:
         ctx.splits, ctx.group = (out_splits, in_splits), group
-        return all_to_all_rows(x, out_splits, in_splits, group)
+        x = x.contiguous()
+        out = x.new_empty(sum(out_splits), *x.shape[1:])
+        sent = sum(n for r, n in enumerate(in_splits) if r != group.rank)
+        group.traffic.record("all_to_all", sent * math.prod(x.shape[1:]) * x.element_size(),
+                             group.size)
+        pending.work = dist.all_to_all_single(out, x, out_splits, in_splits, group=group.pg,
+                                              async_op=True)
+        pending.buffers = (x, out)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out_splits, in_splits = ctx.splits
-        return all_to_all_rows(grad, in_splits, out_splits, ctx.group), None, None, None
+        return all_to_all_rows(grad, in_splits, out_splits, ctx.group), None, None, None, None
+
+
+class _Wait(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, pending: Pending) -> torch.Tensor:
+        pending.wait()
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def all_to_all_async(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+                     group: CommGroup) -> tuple[torch.Tensor, Pending]:
+    """Start a differentiable all-to-all and return its (not yet filled) output with the
+    handle to pass to ``wait``; compute can run meanwhile. Backward is synchronous."""
+    pending = Pending()
+    if not group.active:
+        return x, pending
+    return _AllToAllStart.apply(x, out_splits, in_splits, group, pending), pending
+
+
+def wait(x: torch.Tensor, pending: Pending) -> torch.Tensor:
+    """``x`` once the all-to-all that fills it has finished."""
+    return _Wait.apply(x, pending) if pending.work is not None else x
 
 
 def copy_to(x: torch.Tensor, group: CommGroup) -> torch.Tensor:
@@ -233,9 +281,3 @@ def split_rows(x: torch.Tensor, sizes: list[int], group: CommGroup) -> torch.Ten
 def gather_rows(x: torch.Tensor, sizes: list[int], group: CommGroup) -> torch.Tensor:
     """Every rank's rows concatenated; the gradient of this rank's block is kept."""
     return _GatherRows.apply(x, sizes, group) if group.active else x
-
-
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int],
-               group: CommGroup) -> torch.Tensor:
-    """Differentiable variable-split all-to-all (see ``all_to_all_rows``)."""
-    return _AllToAll.apply(x, out_splits, in_splits, group) if group.active else x

@@ -17,15 +17,15 @@ router, capacity and drop decisions, balance losses and metrics of ``MoEBlock`` 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
 from ..model.moe import swiglu, dispatch_sorted, grouped_linear
-from .comm import CommGroup, all_to_all, copy_to, exchange_counts, gather_rows, reduce_from, \
-    split_rows
-from .layout import split_sizes
+from .comm import CommGroup, all_to_all_async, copy_to, exchange_counts, gather_rows, \
+    reduce_from, split_rows, wait
+from .layout import split_range, split_sizes
 
 
 def source_to_expert_order(counts_SE: torch.Tensor) -> torch.Tensor:
@@ -43,13 +43,14 @@ class ParallelExperts(nn.Module):
     """The experts ``[first_expert, first_expert + w13.shape[0])`` of a block with
     ``num_experts`` experts, reached through all-to-all over ``ep``; with ``etp`` active each
     holds a slice of the intermediate size. ``token_group`` splits the tokens before dispatch
-    (the TP group when ETP = 1; a one-rank group otherwise)."""
+    (the TP group when ETP = 1; a one-rank group otherwise). ``a2a_chunks > 1`` pipelines
+    the exchange with the expert compute (see ``exchange``)."""
 
     def __init__(self, w13: nn.Parameter, w2: nn.Parameter, num_experts: int, ep: CommGroup,
-                 etp: CommGroup, token_group: CommGroup) -> None:
+                 etp: CommGroup, token_group: CommGroup, a2a_chunks: int = 1) -> None:
         super().__init__()
         self.w13, self.w2 = w13, w2
-        self.num_experts = num_experts
+        self.num_experts, self.a2a_chunks = num_experts, a2a_chunks
         self.ep, self.etp, self.token_group = ep, etp, token_group
 
     def forward(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
@@ -70,26 +71,74 @@ class ParallelExperts(nn.Module):
         """Rows sorted by (global) expert in, outputs in the same order out."""
         if torch.is_autocast_enabled(x_SH.device.type):  # send what the GEMMs will read
             x_SH = x_SH.to(torch.get_autocast_dtype(x_SH.device.type))
-        return exchange(x_SH, counts, self.ep, self._local_experts)
+        return exchange(x_SH, counts, self.ep, self._local_experts, self.a2a_chunks)
 
-    def _local_experts(self, x_SH: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def _local_experts(self, x_SH: torch.Tensor, counts: list[int],
+                       first: int) -> torch.Tensor:
+        w13, w2 = self.w13[first:first + len(counts)], self.w2[first:first + len(counts)]
         h = copy_to(x_SH, self.etp)
-        h = grouped_linear(swiglu(grouped_linear(h, self.w13, counts)), self.w2, counts)
+        h = grouped_linear(swiglu(grouped_linear(h, w13, counts)), w2, counts)
         return reduce_from(h, self.etp)
 
 
-def exchange(x_SH: torch.Tensor, counts: list[int], ep: CommGroup,
-             local_fn: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> torch.Tensor:
-    """The all-to-all round trip: rows sorted by global expert (``counts[e]`` rows for expert
-    e, experts split evenly over ``ep`` in rank order) go to their expert's rank, where
-    ``local_fn(rows, local_counts)`` runs on them grouped by local expert; the results come back
-    in the original order. Differentiable."""
-    counts_RE = torch.tensor(counts, dtype=torch.long).view(ep.size, -1)
-    received_SE = exchange_counts(counts_RE, ep)
-    sent, got = counts_RE.sum(1).tolist(), received_SE.sum(1).tolist()
-    x_recv = all_to_all(x_SH, got, sent, ep)
-    order = source_to_expert_order(received_SE).to(x_SH.device)
-    y = local_fn(x_recv[order], received_SE.sum(0).tolist())
+class _Chunk(NamedTuple):
+    """The rows of a group of local experts on every rank, for one pipelined exchange."""
+
+    rows: torch.Tensor          # indices into the sender's sorted rows, in send order
+    sent: list[int]             # rows to each rank
+    got: list[int]              # rows from each rank
+    order: torch.Tensor         # received rows regrouped by local expert
+    local_counts: list[int]     # rows per local expert of the group
+    first: int                  # the group's first local expert
+
+
+def _plan_chunks(counts_RE: torch.Tensor, received_SE: torch.Tensor, chunks: int,
+                 device: torch.device) -> list[_Chunk]:
+    flat = counts_RE.reshape(-1)
+    offsets_RE = (flat.cumsum(0) - flat).view_as(counts_RE)
+    plans = []
+    for c in range(min(chunks, counts_RE.shape[1])):
+        e0, e1 = split_range(counts_RE.shape[1], min(chunks, counts_RE.shape[1]), c)
+        lengths = counts_RE[:, e0:e1].sum(1)
+        rows = torch.cat([torch.arange(int(offsets_RE[r, e0]), int(offsets_RE[r, e0] + n))
+                          for r, n in enumerate(lengths.tolist())])
+        recv_SE = received_SE[:, e0:e1]
+        plans.append(_Chunk(rows.to(device), lengths.tolist(), recv_SE.sum(1).tolist(),
+                            source_to_expert_order(recv_SE).to(device),
+                            recv_SE.sum(0).tolist(), e0))
+    return plans
+
+
+def _inverse(order: torch.Tensor) -> torch.Tensor:
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return all_to_all(y[inverse], sent, got, ep)
+    return inverse
+
+
+def exchange(x_SH: torch.Tensor, counts: list[int], ep: CommGroup,
+             local_fn: Callable[[torch.Tensor, list[int], int], torch.Tensor],
+             chunks: int = 1) -> torch.Tensor:
+    """The all-to-all round trip: rows sorted by global expert (``counts[e]`` rows for expert
+    e, experts split evenly over ``ep`` in rank order) go to their expert's rank, where
+    ``local_fn(rows, counts, first)`` runs on them grouped by local expert (``counts`` rows for
+    each of the local experts ``first, first + 1, ...``); the results come back in the original
+    order. Differentiable.
+
+    With ``chunks > 1`` the local experts are taken in that many groups and the exchanges are
+    pipelined: while one group computes, the next group's rows are in flight and the previous
+    group's results travel back (the backward pass exchanges synchronously).
+    """
+    counts_RE = torch.tensor(counts, dtype=torch.long).view(ep.size, -1)
+    received_SE = exchange_counts(counts_RE, ep)
+    plans = _plan_chunks(counts_RE, received_SE, chunks, x_SH.device)
+    inbound = [all_to_all_async(x_SH[plans[0].rows], plans[0].got, plans[0].sent, ep)]
+    outbound = []
+    for c, plan in enumerate(plans):
+        if c + 1 < len(plans):  # the next group's rows travel while this one computes
+            nxt = plans[c + 1]
+            inbound.append(all_to_all_async(x_SH[nxt.rows], nxt.got, nxt.sent, ep))
+        x_recv = wait(*inbound[c])
+        y = local_fn(x_recv[plan.order], plan.local_counts, plan.first)
+        outbound.append(all_to_all_async(y[_inverse(plan.order)], plan.sent, plan.got, ep))
+    y_rows = torch.cat([wait(*o) for o in outbound])
+    return y_rows[_inverse(torch.cat([p.rows for p in plans]))]

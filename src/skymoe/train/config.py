@@ -145,6 +145,7 @@ class TrainConfig:
             (self.parallel.expert in ("", "ep", "etp", "edp"),
              "parallel.expert must be 'ep', 'etp' or 'edp'"),
             (self.parallel.timeout_s > 0, "parallel.timeout_s must be > 0"),
+            (self.parallel.a2a_chunks >= 1, "parallel.a2a_chunks must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -125,7 +125,7 @@ class Trainer:
         # Shard the full model for this rank (a no-op for one process).
         placements = parameter_placements(self.model, self.mesh)
         numel = {n: p.numel() for n, p in self.model.named_parameters()}
-        parallelize(self.model, self.mesh)
+        parallelize(self.model, self.mesh, cfg.parallel.a2a_chunks)
         self.dp = DataParallel(self.model, self.mesh, placements, numel, cfg.parallel.zero)
         self.optimizer = self._build_optimizer()
         if resume:
