@@ -1,7 +1,7 @@
 """Distributed training step: tokens/s per process and bytes sent per rank, EP vs EDP.
 
-For each layout, ``torchrun`` starts N worker processes (gloo on CPU, one thread each) that
-train the shared "bench" config on one global batch of 8 x 512 tokens (bf16 autocast over
+For each layout, ``torchrun`` starts N worker processes (gloo on CPU, the cores split evenly
+between them) that train the shared "bench" config on one global batch of 8 x 512 tokens (bf16 autocast over
 fp32 master weights, capacity factor 1.0, ZeRO-1 AdamW): forward + backward, gradient
 reduction, statistics, clipping, the update and the ZeRO broadcast, exactly the collectives
 ``skymoe train`` issues. Rank 0 reports the median step time and the bytes it sent per
@@ -11,6 +11,8 @@ the real Skywork-MoE config.
 
 On a 2-core machine, 2 and 4 processes share the same two cores, so tokens/s per process
 falls with the process count by construction; the traffic columns are the portable result.
+The peer is one process on all the cores: "vs 1" is the job's total tokens/s over that
+process's (1.00 = the same machine as fast split into N processes).
 
 Usage: python benchmarks/bench_parallel.py [--steps 3] [--json F]
 """
@@ -58,7 +60,7 @@ def worker(args: argparse.Namespace) -> None:
     from skymoe.train import step as step_ops
     from skymoe.train.metrics import MoEStepStats
 
-    torch.set_num_threads(1 if args.procs > 1 else torch.get_num_threads())
+    torch.set_num_threads(_threads_per_process(args.procs))
     keep_freed_memory()
     init_distributed(600.0)
     layout = ParallelLayout(dp=args.dp, tp=args.tp, ep=args.ep, etp=args.etp)
@@ -106,6 +108,11 @@ def worker(args: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
+def _threads_per_process(procs: int) -> int:
+    """The machine's cores shared evenly, at least one thread each."""
+    return max(1, (os.cpu_count() or 1) // procs)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -121,8 +128,7 @@ def run_layout(procs: int, dp: int, tp: int, ep: int, etp: int, chunks: int,
                __file__, "--worker", "--procs", str(procs), "--dp", str(dp), "--tp", str(tp),
                "--ep", str(ep), "--etp", str(etp), "--chunks", str(chunks),
                "--steps", str(steps), "--out", str(out)]
-        env = {**os.environ, "OMP_NUM_THREADS": "1" if procs > 1 else os.environ.get(
-            "OMP_NUM_THREADS", str(os.cpu_count()))}
+        env = {**os.environ, "OMP_NUM_THREADS": str(_threads_per_process(procs))}
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
         return json.loads(out.read_text())
 
@@ -154,19 +160,22 @@ def main() -> None:
     print(f"bench config, global batch {GLOBAL_BATCH} x {SEQ_LEN} tokens, bf16 autocast, "
           f"gloo on CPU ({os.cpu_count()} cores), torch {torch.__version__}")
     print("MiB sent by rank 0 per step, measured (predicted)")
-    header = (f"{'layout':32} {'procs':>5} {'step s':>7} {'tok/s/proc':>10} "
+    header = (f"{'layout':32} {'procs':>5} {'step s':>7} {'tok/s/proc':>10} {'vs 1':>5} "
               + " ".join(f"{k:>20}" for k in KINDS))
     print(header)
     results = []
+    single_tok_s = None
     for procs, dp, tp, ep, etp, chunks, label in LAYOUTS:
         r = run_layout(procs, dp, tp, ep, etp, chunks, args.steps)
         layout = ParallelLayout(dp=dp, tp=tp, ep=ep, etp=etp)
         predicted = step_traffic(config, layout, StepShape(SEQ_LEN, GLOBAL_BATCH // dp,
                                                           drop_rate=r["drop_rate"]))
         per_proc = tokens / r["step_s"] / procs
+        single_tok_s = single_tok_s or per_proc  # the first row is the single process
         cells = " ".join(f"{_mb(r['traffic'].get(k, 0))} ({_mb(predicted.get(k, 0)).strip():>7})"
                          for k in KINDS)
-        print(f"{label:32} {procs:5d} {r['step_s']:7.2f} {per_proc:10.1f} {cells}")
+        print(f"{label:32} {procs:5d} {r['step_s']:7.2f} {per_proc:10.1f} "
+              f"{per_proc * procs / single_tok_s:5.2f} {cells}")
         results.append({"label": label, "procs": procs, "layout": layout.name, **r,
                         "tokens_per_s_per_process": per_proc, "predicted": predicted})
 
@@ -177,7 +186,7 @@ def main() -> None:
           "sent per rank per step")
     print(f"{'layout':34} " + " ".join(f"{k:>11}" for k in KINDS) + "   token exchange")
     for dp, tp, ep, etp, label, where in [
-            (8, 4, 32, 1, "EP  (dp8 tp4, ep=32)", "all 32 ranks: across nodes"),
+            (8, 4, 16, 1, "EP  (dp8 tp4, ep=16)", "16 ranks: across nodes"),
             (8, 4, 8, 4, "ETP (dp8 tp4, ep=dp=8, etp=4)", "8 DP ranks: across nodes"),
             (8, 4, 4, 1, "EDP (dp8 tp4, ep=tp=4)", "the TP group: inside a node")]:
         layout = ParallelLayout(dp=dp, tp=tp, ep=ep, etp=etp)

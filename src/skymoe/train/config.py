@@ -96,6 +96,7 @@ class ParallelSection:
     etp: int = 1
     expert: str = ""              # preset: "edp" (ep = tp), "etp" (ep = dp, etp = tp), "ep"
     zero: bool = True             # ZeRO-1: shard AdamW state over data-parallel ranks
+    a2a_chunks: int = 1           # > 1: pipeline the expert all-to-all with expert compute
     timeout_s: float = 300.0      # a collective waiting longer fails the job naming the rank
 
 
