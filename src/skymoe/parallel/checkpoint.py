@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import SkyworkMoeConfig
 from ..model.transformer import SkyworkForCausalLM
+from .comm import all_reduce_
 from .data_parallel import DataParallel
 from .mesh import ParallelMesh
 from .placement import placement
@@ -108,7 +109,7 @@ def gather_optimizer_state(optimizer: torch.optim.Optimizer, model: SkyworkForCa
                 if full is not None:
                     entry[key] = full
             step = torch.tensor([float(s["step"]) if valid else -1.0])
-            dist.all_reduce(step, op=dist.ReduceOp.MAX, group=mesh.world.pg)
+            all_reduce_(step, mesh.world, dist.ReduceOp.MAX)  # the owner's step count
             if mesh.is_main and step.item() >= 0:
                 state[index] = {"step": torch.tensor(step.item()), **entry}
             index += 1
@@ -135,8 +136,13 @@ def restore_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, A
     owned = {it.name: dp.owns(it) for it in dp.items}
     params = dict(model.named_parameters())
     places = {it.name: it.placement for it in dp.items}
+    names_in_order = [n for names in _named_groups(optimizer, model) for n in names]
+    saved_count = sum(len(g["params"]) for g in saved["param_groups"])
+    if saved_count != len(names_in_order):
+        raise ValueError(f"the saved optimizer has {saved_count} parameters, this model "
+                         f"{len(names_in_order)}")
     index = 0
-    for group, names in zip(optimizer.param_groups, _named_groups(optimizer, model)):
+    for names in _named_groups(optimizer, model):
         for name in names:
             entry = saved["state"].get(index)
             index += 1

@@ -48,8 +48,8 @@ def guard_collectives(mesh: ParallelMesh, probe_s: float) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, dist.DistError) as exc:
-        if not mesh.world.active or isinstance(exc, TrainingError):
-            raise
+        if not mesh.world.active or not _is_communication_failure(exc):
+            raise  # a bug on this rank: fail now (torchrun stops the others)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         missing = unresponsive_ranks(mesh, probe_s)
         if missing == []:
@@ -59,3 +59,12 @@ def guard_collectives(mesh: ParallelMesh, probe_s: float) -> Iterator[None]:
         raise TrainingError(f"rank {mesh.rank}: a collective failed ({first[:200]}); {who}. "
                             "Check that rank's log; resume from the last checkpoint") from None
 
+
+
+_COMM_MARKERS = ("gloo", "nccl", "timed out", "timeout", "connection", "peer")
+
+
+def _is_communication_failure(exc: BaseException) -> bool:
+    """Errors of the transport (gloo and NCCL raise plain RuntimeErrors naming themselves)."""
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or any(m in text for m in _COMM_MARKERS)

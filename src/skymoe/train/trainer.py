@@ -101,6 +101,9 @@ class Trainer:
         layout = cfg.layout()
         _, world_size = init_distributed(cfg.parallel.timeout_s, self.device.type)
         layout.validate(world_size=world_size)
+        if cfg.train.batch_size % layout.dp:
+            raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be a multiple of "
+                              f"parallel.dp ({layout.dp}): every replica takes an equal share")
         self.mesh = build_mesh(layout, self.device.type)
         self.is_main = self.mesh.is_main
         self.quiet = quiet or not self.is_main  # one process reports
