@@ -44,10 +44,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def _train(model, batches, optimizer, after_backward=None, after_step=None, loss_of=None):
-    """AdamW steps over ``batches``; returns per-step losses and the gradients of the first
-    and last step."""
-    losses, grads = [], []
+def _train(model, batches, optimizer, after_backward=None, after_step=None, loss_of=None,
+           norm_of=None):
+    """AdamW steps over ``batches``; returns per-step losses, the gradients of the first and
+    last step, and the gradient norm of each step."""
+    losses, grads, norms = [], [], []
     for batch in batches:
         optimizer.zero_grad(set_to_none=True)
         out = model(batch, labels=batch)
@@ -56,16 +57,18 @@ def _train(model, batches, optimizer, after_backward=None, after_step=None, loss
         if after_backward:
             after_backward()
         losses.append(loss_of(loss) if loss_of else float(loss))
+        norms.append(norm_of() if norm_of else float(torch.nn.utils.get_total_norm(
+            [p.grad for p in model.parameters()])))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()
                       if p.grad is not None})
         optimizer.step()
         if after_step:
             after_step()
-    return losses, [grads[0], grads[-1]]
+    return losses, [grads[0], grads[-1]], norms
 
 
 def _parity_worker(rank: int, world: int, layout: ParallelLayout, capacity_factor: float,
-                   heads: int, kv_heads: int, a2a_chunks: int = 1) -> None:
+                   heads: int, kv_heads: int, a2a_chunks: int = 1, zero: bool = True) -> None:
     config = tiny_config(heads, kv_heads)
     full = build_model(config, seed=0, dtype=torch.float32)
     full.configure_moe_training(MoETrainingOptions(capacity_factor=capacity_factor))
@@ -74,13 +77,14 @@ def _parity_worker(rank: int, world: int, layout: ParallelLayout, capacity_facto
     batches = [torch.randint(0, config.vocab_size, (4, 16), generator=gen) for _ in range(STEPS)]
     sharded = copy.deepcopy(full)
 
-    ref_losses, ref_grads = _train(full, batches, torch.optim.AdamW(full.parameters(), lr=1e-3))
+    ref_losses, ref_grads, ref_norms = _train(full, batches,
+                                              torch.optim.AdamW(full.parameters(), lr=1e-3))
 
     mesh = build_mesh(layout)
     placements = parameter_placements(sharded, mesh)
     numel = {n: p.numel() for n, p in sharded.named_parameters()}
     parallelize(sharded, mesh, a2a_chunks)
-    dp = DataParallel(sharded, mesh, placements, numel, zero=True)
+    dp = DataParallel(sharded, mesh, placements, numel, zero=zero)
     optimizer = torch.optim.AdamW(sharded.parameters(), lr=1e-3)
     rows = split_range(4, layout.dp, mesh.coords.dp)
     local = [b[rows[0]:rows[1]] for b in batches]
@@ -88,11 +92,14 @@ def _parity_worker(rank: int, world: int, layout: ParallelLayout, capacity_facto
     def global_loss(loss):
         return float(all_reduce_(loss.detach().clone(), mesh.dp)) / layout.dp
 
-    losses, grads = _train(sharded, local, optimizer, dp.reduce_gradients,
-                           dp.broadcast_parameters, global_loss)
+    losses, grads, norms = _train(sharded, local, optimizer, dp.reduce_gradients,
+                                  dp.broadcast_parameters, global_loss,
+                                  lambda: float(dp.grad_norm()))
 
     for step, (got, want) in enumerate(zip(losses, ref_losses)):
         assert abs(got - want) / abs(want) < TOLERANCE, (layout.name, step, got, want)
+    for step, (got, want) in enumerate(zip(norms, ref_norms)):  # what clipping sees
+        assert abs(got - want) / want < TOLERANCE, (layout.name, "grad norm", step, got, want)
     checked = 0
     for got_grads, want_grads in zip(grads, ref_grads):
         for name, g in got_grads.items():
@@ -129,9 +136,10 @@ def test_parity_two_processes(layout, capacity_factor):
     spawn(_parity_worker, 2, layout, capacity_factor, 6, 6)
 
 
+@pytest.mark.parametrize("capacity_factor", [1.0, 0.0], ids=["drop", "dropless"])
 @pytest.mark.parametrize("layout", LAYOUTS_4, ids=lambda l: l.name)
-def test_parity_four_processes(layout):
-    spawn(_parity_worker, 4, layout, 1.0, 6, 6)
+def test_parity_four_processes(layout, capacity_factor):
+    spawn(_parity_worker, 4, layout, capacity_factor, 6, 6)
 
 
 def test_parity_grouped_query_attention_uneven_heads():
@@ -176,6 +184,11 @@ def _round_trip_worker(rank: int, world: int, chunks: int) -> None:
 @pytest.mark.parametrize("world, chunks", [(2, 1), (4, 1), (2, 2)])
 def test_dispatcher_round_trip_is_exact(world, chunks):
     spawn(_round_trip_worker, world, chunks)
+
+
+def test_parity_without_zero():
+    # Optimizer state replicated over DP: every replica steps, the norm counts one of them.
+    spawn(_parity_worker, 4, ParallelLayout(dp=2, tp=2, ep=2), 1.0, 6, 6, 1, False)
 
 
 def test_parity_with_the_all_to_all_pipelined_in_chunks():

@@ -123,7 +123,7 @@ class DataParallel:
         total = torch.zeros((), dtype=torch.float64)
         for it in self.items:
             g = it.param.grad
-            if g is None or not self.owns(it):
+            if g is None or it.group.rank != it.owner:  # one replica counts (the owner)
                 continue
             if it.placement.tp_replicated and self.mesh.coords.tp != 0:
                 continue
