@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from .config import SkyworkMoeConfig, format_count, parameter_counts, resolve_config
-from .errors import SkymoeError
+from .errors import ConfigError, SkymoeError
+from .units import parse_size
 
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16}
@@ -200,7 +201,7 @@ def cmd_upcycle(args: argparse.Namespace) -> None:
         router_init=args.router_init, router_std=args.router_std, seed=args.seed,
         noise_std=args.noise_std, reinit_fraction=args.reinit_fraction,
         use_logits_norm=not args.no_logits_norm, gate_norm_std=args.gate_norm_std,
-        max_shard_bytes=up.parse_size(args.max_shard_size))
+        max_shard_bytes=parse_size(args.max_shard_size))
     out = up.upcycle(args.dense_dir, args.out_dir, opts, overwrite=args.overwrite)
     counts = parameter_counts(SkyworkMoeConfig.from_json_file(out))
     print(f"wrote {out}: {opts.num_experts} experts, top-{opts.top_k}, every {opts.interval} "
@@ -339,7 +340,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="training run directory (holds metrics.jsonl)")
     p.add_argument("--out", help="output directory (default: RUN_DIR/plots)")
     p.set_defaults(func=cmd_plot)
+
+    plan = sub.add_parser("plan", help="plan a deployment (serve)",
+                          description="Planners computed from a model config alone.")
+    plan_sub = plan.add_subparsers(dest="what", required=True, metavar="WHAT")
+    p = plan_sub.add_parser(
+        "serve", help="does a model fit on N GPUs with tensor parallelism, and how fast?",
+        description="Weights and KV-cache capacity per rank under non-uniform tensor "
+                    "parallelism (first heads %% N ranks take one extra head, experts split "
+                    "along the intermediate size, vocab padded to a multiple of 24), whether it "
+                    "fits, and a memory-bandwidth estimate of decode throughput vs batch size.")
+    p.add_argument("--model", required=True,
+                   help="preset name (e.g. skywork-moe-base), config.json or checkpoint dir")
+    p.add_argument("--gpus", type=int, required=True, help="tensor-parallel GPUs")
+    p.add_argument("--gpu", choices=sorted(GPU_PRESET_NAMES), default="4090",
+                   help="GPU preset for memory and bandwidths (default 4090)")
+    p.add_argument("--gpu-mem", help="GPU memory, e.g. 24GiB (overrides the preset)")
+    p.add_argument("--bandwidth", type=float, help="GPU memory bandwidth in GB/s")
+    p.add_argument("--link-bandwidth", type=float, help="GPU-to-GPU bandwidth in GB/s")
+    p.add_argument("--reserve", default="1.5GiB",
+                   help="memory per GPU kept for context/activations (default 1.5GiB)")
+    p.add_argument("--dtype", default="fp8", help="weight dtype: fp8 (default), bf16, fp16")
+    p.add_argument("--kv-dtype", default="bf16", help="KV cache dtype (default bf16)")
+    p.add_argument("--context", type=int, default=1024,
+                   help="average cached tokens per sequence for the estimate (default 1024)")
+    p.set_defaults(func=cmd_plan_serve)
     return parser
+
+
+GPU_PRESET_NAMES = ("4090", "a100", "h100", "h200")
+
+
+def cmd_plan_serve(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from .infer.planner import GPU_PRESETS, format_plan, plan_serve
+
+    gpu = GPU_PRESETS[args.gpu]
+    changes = {"reserve": parse_size(args.reserve)}
+    if args.gpu_mem:
+        changes["memory"] = parse_size(args.gpu_mem)
+    for flag, key in ((args.bandwidth, "bandwidth"), (args.link_bandwidth, "link_bandwidth")):
+        if flag is not None:
+            if not (flag > 0 and math.isfinite(flag)):
+                raise ConfigError(f"--{key.replace('_', '-')} must be a positive number of GB/s")
+            changes[key] = flag * 1e9
+    plan = plan_serve(resolve_config(args.model), args.gpus, dataclasses.replace(gpu, **changes),
+                      args.dtype, args.kv_dtype, args.context)
+    print(format_plan(plan))
 
 
 def main(argv: list[str] | None = None) -> int:
