@@ -40,9 +40,9 @@ def source_to_expert_order(counts_SE: torch.Tensor) -> torch.Tensor:
 
 
 class ParallelExperts(nn.Module):
-    """The experts ``[first_expert, first_expert + w13.shape[0])`` of a block with
-    ``num_experts`` experts, reached through all-to-all over ``ep``; with ``etp`` active each
-    holds a slice of the intermediate size. ``token_group`` splits the tokens before dispatch
+    """This rank's ``num_experts / ep.size`` experts of a block (``w13``/``w2`` stacked as in
+    ``SwiGLUExperts``), reached through all-to-all over ``ep``; with ``etp`` active each holds a
+    slice of the intermediate size. ``token_group`` splits the tokens before dispatch
     (the TP group when ETP = 1; a one-rank group otherwise). ``a2a_chunks > 1`` pipelines
     the exchange with the expert compute (see ``exchange``)."""
 
