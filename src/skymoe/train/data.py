@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import sysconfig
 from array import array
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -23,6 +24,19 @@ _SKIP_DIRS = ("__pycache__",)
 
 
 # --------------------------------------------------------------------------------------- reading
+# Parts of the standard library left out of the default corpus: tests (odd encodings on
+# purpose), vendored packages and GUI demos.
+_STDLIB_EXCLUDED = {"test", "tests", "site-packages", "lib2to3", "idlelib", "tkinter",
+                    "turtledemo", "ensurepip", "__pycache__", "lib-dynload"}
+
+
+def default_corpus_sources() -> list[Path]:
+    """The Python standard library's own source: present on every machine that runs us."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [p for p in sorted(root.iterdir())
+            if p.name not in _STDLIB_EXCLUDED and not p.name.startswith("config-")
+            and (p.is_dir() or p.suffix == ".py")]
+
 
 def read_documents(sources: Sequence[str | Path], patterns: Sequence[str] = ("*",),
                    text_field: str = "text") -> list[str]:

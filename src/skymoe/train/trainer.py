@@ -14,7 +14,6 @@ import contextlib
 import math
 import signal
 import sys
-import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,20 +42,6 @@ from . import step as step_ops
 from .bpe import train_bpe_tokenizer
 from .config import TrainConfig
 from .metrics import MetricsLog, MoEStepStats
-
-# Parts of the standard library left out of the default corpus: tests (odd encodings on
-# purpose), vendored packages and GUI demos.
-_STDLIB_EXCLUDED = {"test", "tests", "site-packages", "lib2to3", "idlelib", "tkinter",
-                    "turtledemo", "ensurepip", "__pycache__", "lib-dynload"}
-
-
-def default_corpus_sources() -> list[Path]:
-    """The Python standard library's own source: present on every machine that runs us."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return [p for p in sorted(root.iterdir())
-            if p.name not in _STDLIB_EXCLUDED and not p.name.startswith("config-")
-            and (p.is_dir() or p.suffix == ".py")]
-
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at
@@ -157,7 +142,7 @@ class Trainer:
 
     def _tokenizer_and_data(self) -> Tokenizer:
         d, cfg = self.cfg.data, self.cfg
-        sources = d.sources or default_corpus_sources()
+        sources = d.sources or data.default_corpus_sources()
         patterns = d.patterns if d.sources else ["*.py"]
         names = ", ".join(map(str, sources)) if d.sources else "the Python standard library source"
         self._log(f"reading corpus: {names}")
