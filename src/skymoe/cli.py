@@ -341,6 +341,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: RUN_DIR/plots)")
     p.set_defaults(func=cmd_plot)
 
+    p = sub.add_parser("quantize", help="write an FP8 checkpoint (vLLM / Skywork-MoE-FP8 "
+                                        "convention)",
+                       description="Quantize an HF checkpoint to FP8: attention, expert and MLP "
+                                   "projections become float8_e4m3fn with one fp32 weight_scale "
+                                   "per tensor (per expert per matrix); router, embeddings, LM "
+                                   "head and norms stay as they are; config.json gets "
+                                   "quantization_config {quant_method: fp8, activation_scheme: "
+                                   "dynamic}. Streamed tensor by tensor.")
+    p.add_argument("in_dir", help="HF checkpoint directory (bf16 or fp32)")
+    p.add_argument("out_dir", help="output directory")
+    p.add_argument("--fp8", action="store_true", required=True,
+                   help="FP8 e4m3 with per-tensor scales (the only format so far)")
+    p.add_argument("--max-shard-size", default="5GB", help="output shard size (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    p.set_defaults(func=cmd_quantize)
+
     p = sub.add_parser("eval", help="perplexity, and KL / top-1 agreement vs a reference",
                        description="Score a model on text: perplexity with the context length "
                                    "and scoring rule printed; with --reference, KL divergence "
@@ -386,6 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average cached tokens per sequence for the estimate (default 1024)")
     p.set_defaults(func=cmd_plan_serve)
     return parser
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from .quantize import quantize_checkpoint
+
+    out = quantize_checkpoint(args.in_dir, args.out_dir, overwrite=args.overwrite,
+                              max_shard_bytes=parse_size(args.max_shard_size))
+    before = sum(f.stat().st_size for f in Path(args.in_dir).glob("*.safetensors"))
+    after = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"wrote {out}: {after / 1e6:.1f} MB of safetensors"
+          + (f" ({after / before:.2f}x the input's {before / 1e6:.1f} MB)" if before else ""))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

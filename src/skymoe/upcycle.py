@@ -14,9 +14,7 @@ stays near one input tensor plus one output shard, whatever the size of the resu
 from __future__ import annotations
 
 import math
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import io, names
-from .checkpoint.tokenizer import TOKENIZER_FILES
+from .checkpoint.convert import write_converted
 from .config import SkyworkMoeConfig, parameter_counts
 from .errors import CheckpointError, ConfigError
 from .model.transformer import SkyworkForCausalLM
@@ -179,33 +177,10 @@ def upcycle(dense_dir: str | Path, out_dir: str | Path, opts: UpcycleOptions,
     dense_dir, out_dir = Path(dense_dir), Path(out_dir)
     dense = read_dense_config(dense_dir)
     moe = moe_config(dense, opts)
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"{out_dir}: already exists; pass --overwrite to replace it")
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    total = sum(f.stat().st_size for f in io.weight_files(dense_dir))
-    try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="upcycle (read)",
-                  disable=(not show_progress) if show_progress is not None else None) as bar:
-            io.write_sharded(upcycled_tensors(dense_dir, dense, moe, opts, bar), tmp,
-                             opts.max_shard_bytes)
-        moe.save(tmp)
-        for name in TOKENIZER_FILES:
-            if (dense_dir / name).is_file():
-                shutil.copy2(dense_dir / name, tmp / name)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.rename(target, old)
-    os.rename(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+    return write_converted(
+        dense_dir, out_dir, moe,
+        lambda bar: upcycled_tensors(dense_dir, dense, moe, opts, bar), opts.max_shard_bytes,
+        overwrite, show_progress, desc="upcycle")
 
 
 def read_dense_config(dense_dir: Path) -> SkyworkMoeConfig:

@@ -10,9 +10,10 @@ import torch
 from ..config import SkyworkMoeConfig
 from ..errors import CheckpointError
 from ..model.transformer import SkyworkForCausalLM
-from . import io, names
+from . import fp8, io, names
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None,
@@ -52,10 +53,13 @@ def load_weights(model: SkyworkForCausalLM, path: str | Path) -> SkyworkForCausa
     files = io.weight_files(path)
     params = dict(model.named_parameters(remove_duplicate=False))
     missing = set(names.expected_names(model))
+    scales = io.read_tensors(files, lambda n: n.endswith((".weight_scale", ".weight_scale_inv")))
+    block = fp8.block_size_of(config.extra.get("quantization_config"))
+    dequantized = False
     with torch.no_grad():
         for file in files:
             for name, tensor in io.iter_tensors(file):
-                if names.is_ignored(name):
+                if names.is_ignored(name) or fp8.is_scale(name):
                     continue
                 target = names.resolve(name, params)
                 if target is None:
@@ -63,15 +67,34 @@ def load_weights(model: SkyworkForCausalLM, path: str | Path) -> SkyworkForCausa
                         f"{file}: tensor '{name}' does not belong to a {config.model_type} model "
                         f"with {config.num_hidden_layers} layers and {config.num_experts} experts "
                         "(check config.json against the weights)")
+                if tensor.dtype in _FP8_DTYPES:
+                    tensor = _dequantize(file, name, tensor, scales, block)
+                    dequantized = True
                 _check_tensor(file, name, tensor, target)
                 target.copy_(tensor)
                 missing.discard(name)
+    if dequantized:  # the model now holds plain weights: saving it writes no FP8
+        config.extra.pop("quantization_config", None)
     if missing:
         first = sorted(missing)[0]
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, "
                               f"e.g. '{first}'; the weights are incomplete or belong to another "
                               "config")
     return model
+
+
+def _dequantize(file: Path, name: str, q: torch.Tensor, scales: dict[str, torch.Tensor],
+                block: list[int] | None) -> torch.Tensor:
+    """An FP8 weight in fp32 (exact: every e4m3 value times its fp32 scale)."""
+    if name + "_scale" in scales:
+        return fp8.dequantize(name, q, scales[name + "_scale"])
+    if name + "_scale_inv" in scales:
+        if block is None:
+            raise CheckpointError(f"{file}: '{name}' has a block scale (weight_scale_inv) but "
+                                  "config.json has no quantization_config.weight_block_size")
+        return fp8.dequantize(name, q, scales[name + "_scale_inv"], block)
+    raise CheckpointError(f"{file}: FP8 tensor '{name}' has no '{name}_scale' (or "
+                          "'_scale_inv') in the checkpoint; it cannot be dequantized")
 
 
 def _check_tensor(file: Path, name: str, tensor: torch.Tensor, target: torch.Tensor) -> None:

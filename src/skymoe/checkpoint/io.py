@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -93,6 +93,23 @@ def iter_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise CheckpointError(f"{file}: holds a {type(state).__name__}, not a dict of tensors")
     for name in list(state):
         yield name, state.pop(name)
+
+
+def read_tensors(files: list[Path], wanted: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    """The tensors whose names satisfy ``wanted`` (small ones, such as FP8 scales) from the
+    safetensors files among ``files``, without loading the others. ``.bin`` files are not
+    searched (reading one means reading all of it; FP8 checkpoints are safetensors)."""
+    out: dict[str, torch.Tensor] = {}
+    for file in (f for f in files if f.suffix == ".safetensors"):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    if wanted(name):
+                        out[name] = f.get_tensor(name)
+        except SafetensorError as exc:
+            raise CheckpointError(f"{file}: unreadable safetensors file, truncated or "
+                                  f"corrupt ({exc}); re-download or re-save it") from None
+    return out
 
 
 def _load_bin_without_mmap(file: Path) -> dict:
