@@ -100,12 +100,58 @@ def _write_vllm_style(src, dst, scheme: str):
 def test_independently_written_fp8_checkpoints_load_exactly(tmp_path, scheme):
     src = _tiny(tmp_path)
     expected = _write_vllm_style(src, tmp_path / "fp8", scheme)
-    model = load_model(tmp_path / "fp8", dtype=torch.float32)
+    model = load_model(tmp_path / "fp8", dtype=torch.float32, fp8="dequantize")
     weights = dict(hf_tensors(model))
     assert len(expected) == 2 * 4 + 3 + 4 * 3  # q/k/v/o x 2 layers, one dense MLP, 4 experts
     for name, want in expected.items():
         assert torch.equal(weights[name], want), name
     assert "quantization_config" not in model.config.extra  # the model holds plain weights
+    if scheme != "per-tensor":
+        return  # block scales and per-channel expert scales load dequantized
+    # Default: FP8 modules that compute from the stored values and scales...
+    fp8_model = load_model(tmp_path / "fp8", dtype=torch.float32)
+    ids = torch.randint(64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(fp8_model(ids).logits, model(ids).logits, rtol=1e-5,
+                                   atol=1e-5)
+    # ... and, loaded in the checkpoint's own dtype, re-save it bit for bit.
+    save_model(load_model(tmp_path / "fp8"), tmp_path / "resaved")
+    before = load_file(tmp_path / "fp8" / "model.safetensors")
+    after = load_file(tmp_path / "resaved" / "model.safetensors")
+    for name, t in after.items():
+        want = before[name].reshape(t.shape)
+        assert t.dtype == want.dtype and torch.equal(t.view(torch.uint8) if t.dtype == E4M3
+                                                     else t, want.view(torch.uint8)
+                                                     if want.dtype == E4M3 else want), name
+    assert set(before) - set(after) == {n for n in before if n.endswith("input_scale")}
+    saved = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert saved["quantization_config"]["quant_method"] == "fp8"
+
+
+def test_fp8_linear_applies_per_channel_scales_to_the_output():
+    from skymoe.infer.fp8 import Fp8Linear
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 16, generator=gen)
+    scale = w.abs().amax(dim=1, keepdim=True) / 448
+    q = (w / scale).to(E4M3)
+    layer = Fp8Linear(24, 16, per_channel=True)
+    layer.weight.copy_(q)
+    layer.weight_scale.copy_(scale)
+    x = torch.randn(5, 16, generator=gen)
+    torch.testing.assert_close(layer(x), x @ (q.float() * scale).t(), rtol=1e-5, atol=1e-6)
+
+
+def test_fp8_storage_in_memory_gives_the_same_logits(tmp_path):
+    out = quantize_checkpoint(_tiny(tmp_path), tmp_path / "q", show_progress=False)
+    widened = load_model(out, dtype=torch.float32)
+    kept = load_model(out, dtype=torch.float32, fp8="keep")
+    q_proj = kept.model.layers[0].self_attn.q_proj
+    assert q_proj.weight.dtype == E4M3 and kept.model.layers[1].block_sparse_moe.experts.w13 \
+        .dtype == E4M3
+    ids = torch.randint(64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(kept(ids).logits, widened(ids).logits)
 
 
 def test_missing_or_unusable_scales_are_clear_errors(tmp_path):
@@ -119,8 +165,10 @@ def test_missing_or_unusable_scales_are_clear_errors(tmp_path):
     tensors = load_file(tmp_path / "fp8" / "model.safetensors")
     tensors = {k: v for k, v in tensors.items() if not k.endswith("_scale_inv")}
     save_file(tensors, tmp_path / "fp8" / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"FP8 tensor '.*' has no '.*weight_scale'"):
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint, e.g. '.*weight_scale'"):
         load_model(tmp_path / "fp8")
+    with pytest.raises(CheckpointError, match=r"FP8 tensor '.*' has no '.*weight_scale'"):
+        load_model(tmp_path / "fp8", fp8="dequantize")
 
 
 def test_quantize_refuses_quantized_input_and_existing_output(tmp_path):
@@ -165,3 +213,26 @@ def test_quantized_trained_model_agrees_with_the_original(tmp_path):
     result = evaluate(quantized, stream, context=16, stride=8, reference=reference)
     assert result.kl_mean < KL_MEAN_LIMIT, result
     assert result.top1_agreement >= 0.95, result
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_matmuls_on_gpu_match_the_dequantized_model(tmp_path):
+    from skymoe.infer.fp8 import scaled_mm_supported
+
+    if not scaled_mm_supported(torch.device("cuda")):
+        pytest.skip("FP8 matmuls need an sm_89+ GPU")
+    config = SkyworkMoeConfig(vocab_size=256, hidden_size=128, intermediate_size=256,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                              num_experts=4, num_experts_per_tok=2, moe_expert_interval=2,
+                              torch_dtype="bfloat16")
+    save_model(build_model(config, seed=0, dtype=torch.bfloat16), tmp_path / "bf16")
+    out = quantize_checkpoint(tmp_path / "bf16", tmp_path / "fp8", show_progress=False)
+    fast = load_model(out, device="cuda")  # sm_89+: FP8 storage, torch._scaled_mm
+    assert fast.model.layers[0].self_attn.q_proj.weight.dtype == E4M3
+    exact = load_model(out, device="cuda", fp8="dequantize")
+    ids = torch.randint(256, (4, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        got, want = fast(ids).logits.float(), exact(ids).logits.float()
+    # activations quantized to e4m3 on the fly: close, not equal
+    assert (got - want).norm() / want.norm() < 0.1
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9

@@ -22,8 +22,21 @@ def is_ignored(name: str) -> bool:
     return bool(_IGNORED.search(name))
 
 
+_EXPERT_SCALE = re.compile(r"^(?P<prefix>.+\.block_sparse_moe\.experts)\.(?P<e>\d+)"
+                           r"\.(?P<w>w[123])\.weight_scale$")
+
+
 def resolve(name: str, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """The parameter (or slice of one) that HF tensor ``name`` fills, or None if unknown."""
+    """The parameter or buffer (or slice of one) that HF tensor ``name`` fills, or None if
+    unknown. FP8 modules (``skymoe.infer.fp8``) keep per-expert scales stacked in
+    ``experts.w13_scale`` [E, 2] (w1, w3) and ``experts.w2_scale`` [E]."""
+    s = _EXPERT_SCALE.match(name)
+    if s is not None:
+        prefix, e, which = s["prefix"], int(s["e"]), s["w"]
+        stacked = params.get(prefix + (".w2_scale" if which == "w2" else ".w13_scale"))
+        if stacked is None or e >= stacked.shape[0]:
+            return None
+        return stacked[e] if which == "w2" else stacked[e, 0 if which == "w1" else 1]
     m = _EXPERT.match(name)
     if m is None:
         return params.get(name)
@@ -39,14 +52,26 @@ def resolve(name: str, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
 
 
 def hf_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """All weights of ``model`` under their HF names (views; nothing is copied)."""
+    """All weights of ``model`` under their HF names (views; nothing is copied), FP8 modules'
+    values and scales included (values held widened are narrowed back to e4m3, exactly)."""
     seen: set[int] = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
+    buffers = dict(model.named_buffers())
+    for name, p in [*model.named_parameters(remove_duplicate=False), *buffers.items()]:
         if id(p) in seen and name == "lm_head.weight":
             continue  # tied embeddings are stored once, as HF does
         seen.add(id(p))
         data = p.detach()
-        if name.endswith(".experts.w13"):
+        if name + "_scale" in buffers and data.dtype != torch.float8_e4m3fn:
+            data = data.to(torch.float8_e4m3fn)  # e4m3 values kept in bf16: exact round trip
+        if name.endswith((".experts.w13_scale", ".experts.w2_scale")):
+            prefix, which = name.rsplit(".", 1)
+            for e in range(data.shape[0]):
+                if which == "w2_scale":
+                    yield f"{prefix}.{e}.w2.weight_scale", data[e]
+                else:
+                    yield f"{prefix}.{e}.w1.weight_scale", data[e, 0]
+                    yield f"{prefix}.{e}.w3.weight_scale", data[e, 1]
+        elif name.endswith(".experts.w13"):
             prefix, ffn = name[: -len(".w13")], data.shape[1] // 2
             for e in range(data.shape[0]):
                 yield f"{prefix}.{e}.w1.weight", data[e, :ffn]

@@ -1,0 +1,147 @@
+"""FP8 weights in memory: linear layers and experts that keep the checkpoint's e4m3 values and
+scales, so an FP8 model computes from exactly what was stored and re-saves without loss.
+
+Kernels are chosen by capability, never by an import failing:
+
+- CUDA sm_89+ with FP8 storage: ``torch._scaled_mm`` with dynamic per-tensor activation scaling
+  (``amax(|x|) / 448``) and the weight's per-tensor scale;
+- elsewhere: the e4m3 values are held in bf16 (exact: e4m3 has fewer mantissa and exponent bits
+  than bf16) and the scale multiplies the matmul's output in fp32, so the result equals a
+  matmul with the dequantized weight up to the matmul's own rounding. ``keep_fp8=True`` keeps
+  one byte per value in memory instead and widens per call (slower; for when RAM is the limit).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint.fp8 import FP8_DTYPE, FP8_MAX
+from ..model.moe import dispatch_sorted, grouped_linear, swiglu
+from ..model.transformer import DenseMLP, SkyworkForCausalLM
+
+_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def scaled_mm_supported(device: torch.device) -> bool:
+    """FP8 matmuls need an sm_89+ GPU (Ada, Hopper or newer)."""
+    return (device.type == "cuda" and hasattr(torch, "_scaled_mm")
+            and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def _fp8_matmul(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (w_q * w_scale)^T`` through ``torch._scaled_mm`` with the activation quantized to
+    e4m3 on the fly (one scale for the whole ``x``)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    x_scale = (x2.abs().amax().float() / FP8_MAX).clamp_min(1e-12)
+    x_q = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    out = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale.reshape(()).float(),
+                           out_dtype=torch.bfloat16)
+    return out.to(x.dtype).view(*x.shape[:-1], w_q.shape[0])
+
+
+def _use_scaled_mm(x: torch.Tensor, w: torch.Tensor, per_tensor: bool = True) -> bool:
+    # _scaled_mm wants FP8 operands whose inner and outer sizes are multiples of 16.
+    return (w.dtype == FP8_DTYPE and per_tensor and w.shape[-2] % 16 == 0
+            and w.shape[-1] % 16 == 0 and scaled_mm_supported(x.device))
+
+
+def _widen(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return w.to(dtype if dtype in (torch.float32, torch.bfloat16, torch.float16)
+                else torch.bfloat16)
+
+
+class Fp8Linear(nn.Module):
+    """A bias-free linear layer from FP8 values ``weight`` [out, in] and fp32 ``weight_scale``
+    (one per tensor, or [out, 1] per output channel)."""
+
+    def __init__(self, out_features: int, in_features: int, per_channel: bool = False,
+                 keep_fp8: bool = False, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        dtype = FP8_DTYPE if keep_fp8 else torch.bfloat16
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype,
+                                                   device=device))
+        self.register_buffer("weight_scale", torch.ones(
+            (out_features, 1) if per_channel else (), dtype=torch.float32, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_scaled_mm(x, self.weight, self.weight_scale.numel() == 1):
+            return _fp8_matmul(x, self.weight, self.weight_scale)
+        y = F.linear(x, _widen(self.weight, x.dtype).to(x.dtype))
+        scale = self.weight_scale.reshape(-1) if self.weight_scale.numel() > 1 \
+            else self.weight_scale
+        return (y.float() * scale).to(x.dtype)
+
+
+class Fp8Experts(nn.Module):
+    """``SwiGLUExperts`` from FP8 values: ``w13`` [E, 2F, H] with ``w13_scale`` [E, 2] (the w1
+    and w3 scale of each expert) and ``w2`` [E, H, F] with ``w2_scale`` [E]."""
+
+    def __init__(self, num_experts: int, hidden: int, ffn: int, keep_fp8: bool = False,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        dtype = FP8_DTYPE if keep_fp8 else torch.bfloat16
+        self.num_experts, self.ffn = num_experts, ffn
+        self.register_buffer("w13", torch.empty(num_experts, 2 * ffn, hidden, dtype=dtype,
+                                                device=device))
+        self.register_buffer("w2", torch.empty(num_experts, hidden, ffn, dtype=dtype,
+                                               device=device))
+        self.register_buffer("w13_scale", torch.ones(num_experts, 2, device=device))
+        self.register_buffer("w2_scale", torch.ones(num_experts, device=device))
+
+    def forward(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                keep_TK: torch.Tensor | None = None) -> torch.Tensor:
+        return dispatch_sorted(x_TH, expert_ids_TK, weights_TK, self.num_experts, self._ffn,
+                               keep_TK)
+
+    def _ffn(self, x_SH: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        if _use_scaled_mm(x_SH, self.w13) and _use_scaled_mm(x_SH, self.w2):
+            return self._ffn_scaled_mm(x_SH, counts)
+        dtype = x_SH.dtype
+        expert_S = torch.repeat_interleave(torch.arange(len(counts), device=x_SH.device),
+                                           torch.tensor(counts, device=x_SH.device))
+        h = grouped_linear(x_SH, _widen(self.w13, dtype).to(dtype), counts).float()
+        h = h * self.w13_scale[expert_S].repeat_interleave(self.ffn, dim=1)
+        h = swiglu(h).to(dtype)
+        y = grouped_linear(h, _widen(self.w2, dtype).to(dtype), counts).float()
+        return (y * self.w2_scale[expert_S, None]).to(dtype)
+
+    def _ffn_scaled_mm(self, x_SH: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """One FP8 GEMM per projection per non-empty expert."""
+        outs, start = [], 0
+        f = self.ffn
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = x_SH[start:start + n]
+            start += n
+            gate = _fp8_matmul(rows, self.w13[e, :f], self.w13_scale[e, 0])
+            up = _fp8_matmul(rows, self.w13[e, f:], self.w13_scale[e, 1])
+            outs.append(_fp8_matmul(F.silu(gate) * up, self.w2[e], self.w2_scale[e]))
+        return torch.cat(outs) if outs else x_SH.new_zeros(0, x_SH.shape[-1])
+
+
+def use_fp8_modules(model: SkyworkForCausalLM, per_channel: set[str] = frozenset(),
+                    keep_fp8: bool = False) -> SkyworkForCausalLM:
+    """Replace every attention projection, dense MLP projection and expert block with its FP8
+    module (empty; load the checkpoint afterwards). ``per_channel`` names the linear layers
+    (``model.layers.0.self_attn.q_proj``) whose checkpoint scales are per output channel."""
+    device = model.model.embed_tokens.weight.device
+    for i, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{i}"
+        owners = [(layer.self_attn, f"{prefix}.self_attn", _LINEARS)]
+        if isinstance(layer.ffn, DenseMLP):
+            owners.append((layer.ffn, f"{prefix}.mlp", _MLP))
+        else:
+            old = layer.ffn.experts
+            layer.ffn.experts = Fp8Experts(old.num_experts, old.w13.shape[2], old.ffn, keep_fp8,
+                                           device)
+        for module, name, attrs in owners:
+            for attr in attrs:
+                old = getattr(module, attr)
+                setattr(module, attr, Fp8Linear(old.out_features, old.in_features,
+                                                f"{name}.{attr}" in per_channel, keep_fp8,
+                                                device))
+    return model
