@@ -35,11 +35,14 @@ def _fp8_matmul(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> to
     """``x @ (w_q * w_scale)^T`` through ``torch._scaled_mm`` with the activation quantized to
     e4m3 on the fly (one scale for the whole ``x``)."""
     x2 = x.reshape(-1, x.shape[-1])
+    rows = x2.shape[0]
     x_scale = (x2.abs().amax().float() / FP8_MAX).clamp_min(1e-12)
     x_q = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    if rows % 16:  # cuBLAS FP8 GEMMs take row counts in multiples of 16
+        x_q = torch.cat((x_q, x_q.new_zeros(16 - rows % 16, x_q.shape[1])))
     out = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale.reshape(()).float(),
                            out_dtype=torch.bfloat16)
-    return out.to(x.dtype).view(*x.shape[:-1], w_q.shape[0])
+    return out[:rows].to(x.dtype).view(*x.shape[:-1], w_q.shape[0])
 
 
 def _use_scaled_mm(x: torch.Tensor, w: torch.Tensor, per_tensor: bool = True) -> bool:
