@@ -40,7 +40,9 @@ def _fp8_matmul(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> to
     x_q = (x2.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     if rows % 16:  # cuBLAS FP8 GEMMs take row counts in multiples of 16
         x_q = torch.cat((x_q, x_q.new_zeros(16 - rows % 16, x_q.shape[1])))
-    out = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale.reshape(()).float(),
+    # A scale that is a view into a stacked tensor is copied: cuBLAS wants its own pointer.
+    w_scale = w_scale.reshape(()).float().clone()
+    out = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale,
                            out_dtype=torch.bfloat16)
     return out[:rows].to(x.dtype).view(*x.shape[:-1], w_q.shape[0])
 
