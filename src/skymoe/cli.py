@@ -18,6 +18,7 @@ import torch
 
 from .config import SkyworkMoeConfig, format_count, parameter_counts, resolve_config
 from .errors import ConfigError, SkymoeError
+from .checkpoint.fp8 import FP8_MODES
 from .units import parse_size
 
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -120,7 +121,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.path)
-    model = pack_for_cpu_inference(load_model(args.path, dtype=_DTYPES[args.dtype]))
+    model = pack_for_cpu_inference(load_model(args.path, dtype=_DTYPES[args.dtype],
+                                              fp8=args.fp8))
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise UsageError("the prompt encodes to no tokens; give a non-empty --prompt")
@@ -278,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(_DTYPES), default="auto",
                    help="compute dtype (default: the checkpoint's torch_dtype)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    p.add_argument("--fp8", choices=FP8_MODES, default="auto", help=FP8_HELP)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train a Skywork-MoE model (default: a small one on the "
@@ -375,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score at most this many tokens (default 32768)")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    p.add_argument("--fp8", choices=FP8_MODES, default="auto", help=FP8_HELP)
     p.set_defaults(func=cmd_eval)
 
     plan = sub.add_parser("plan", help="plan a deployment (serve)",
@@ -426,7 +430,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     dtype = _DTYPES[args.dtype]
     tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=dtype)
+    model = load_model(args.model, dtype=dtype, fp8=args.fp8)
     reference = load_model(args.reference, dtype=dtype) if args.reference else None
     if reference is not None and reference.config.vocab_size != model.config.vocab_size:
         raise UsageError(f"--reference has vocab_size {reference.config.vocab_size}, the model "
@@ -462,6 +466,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 GPU_PRESET_NAMES = ("4090", "a100", "h100", "h200")
+FP8_HELP = ("FP8 checkpoints: auto (FP8 modules; FP8 matmuls on sm_89+ GPUs), keep (one byte "
+            "per weight in memory), dequantize (plain weights)")
 
 
 def cmd_plan_serve(args: argparse.Namespace) -> None:

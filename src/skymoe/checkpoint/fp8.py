@@ -22,6 +22,8 @@ from ..errors import CheckpointError
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 QUANTIZATION_CONFIG = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+# How load_model holds FP8 weights (see skymoe.checkpoint.hf.load_model).
+FP8_MODES = ("auto", "keep", "dequantize")
 
 _QUANTIZABLE = re.compile(r"(\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
                           r"|\.experts\.\d+\.w[123])\.weight$")

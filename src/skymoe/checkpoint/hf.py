@@ -17,9 +17,6 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-FP8_MODES = ("auto", "keep", "dequantize")
-
-
 def load_model(path: str | Path, dtype: torch.dtype | None = None,
                device: torch.device | str = "cpu", expert_impl: str | None = None,
                fp8: str = "auto") -> SkyworkForCausalLM:
@@ -36,8 +33,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
     checkpoints with block scales or per-channel expert scales, load plain weights
     ``q * scale`` instead.
     """
-    if fp8 not in FP8_MODES:
-        raise ValueError(f"fp8 must be one of {FP8_MODES}, not {fp8!r}")
+    if fp8 not in fp8_format.FP8_MODES:
+        raise ValueError(f"fp8 must be one of {fp8_format.FP8_MODES}, not {fp8!r}")
     path = Path(path)
     config = SkyworkMoeConfig.from_json_file(path)
     io.weight_files(path)  # fail on a directory without weights before allocating the model
