@@ -95,29 +95,36 @@ class Fp8Experts(nn.Module):
                                                device=device))
         self.register_buffer("w13_scale", torch.ones(num_experts, 2, device=device))
         self.register_buffer("w2_scale", torch.ones(num_experts, device=device))
+        self.parallel = None  # an expert-parallel dispatcher, as on SwiGLUExperts
 
     def forward(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                 keep_TK: torch.Tensor | None = None) -> torch.Tensor:
-        return dispatch_sorted(x_TH, expert_ids_TK, weights_TK, self.num_experts, self._ffn,
-                               keep_TK)
+        if self.parallel is not None:
+            return self.parallel(self, x_TH, expert_ids_TK, weights_TK, keep_TK)
+        return dispatch_sorted(x_TH, expert_ids_TK, weights_TK, self.num_experts,
+                               self.sorted_ffn, keep_TK)
 
-    def _ffn(self, x_SH: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def sorted_ffn(self, x_SH: torch.Tensor, counts: list[int], first: int = 0) -> torch.Tensor:
+        """The FFN of rows sorted by expert for experts ``first, first + 1, ...``."""
+        last = first + len(counts)
         if _use_scaled_mm(x_SH, self.w13) and _use_scaled_mm(x_SH, self.w2):
-            return self._ffn_scaled_mm(x_SH, counts)
+            return self._ffn_scaled_mm(x_SH, counts, first)
         dtype = x_SH.dtype
-        expert_S = torch.repeat_interleave(torch.arange(len(counts), device=x_SH.device),
-                                           torch.tensor(counts, device=x_SH.device))
-        h = grouped_linear(x_SH, _widen(self.w13, dtype).to(dtype), counts).float()
-        h = h * self.w13_scale[expert_S].repeat_interleave(self.ffn, dim=1)
+        expert_S = first + torch.repeat_interleave(torch.arange(len(counts), device=x_SH.device),
+                                                   torch.tensor(counts, device=x_SH.device))
+        ffn = self.w13.shape[1] // 2  # this rank's share under expert tensor parallelism
+        h = grouped_linear(x_SH, _widen(self.w13[first:last], dtype).to(dtype), counts).float()
+        h = h * self.w13_scale[expert_S].repeat_interleave(ffn, dim=1)
         h = swiglu(h).to(dtype)
-        y = grouped_linear(h, _widen(self.w2, dtype).to(dtype), counts).float()
+        y = grouped_linear(h, _widen(self.w2[first:last], dtype).to(dtype), counts).float()
         return (y * self.w2_scale[expert_S, None]).to(dtype)
 
-    def _ffn_scaled_mm(self, x_SH: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def _ffn_scaled_mm(self, x_SH: torch.Tensor, counts: list[int], first: int) -> torch.Tensor:
         """One FP8 GEMM per projection per non-empty expert."""
         outs, start = [], 0
-        f = self.ffn
-        for e, n in enumerate(counts):
+        f = self.w13.shape[1] // 2
+        for i, n in enumerate(counts):
+            e = first + i
             if n == 0:
                 continue
             rows = x_SH[start:start + n]

@@ -117,6 +117,8 @@ def grouped_linear(x_SH: torch.Tensor, w_EOH: torch.Tensor, counts: list[int]) -
 
 
 SortedFFN = Callable[[torch.Tensor, list[int]], torch.Tensor]
+# (experts module, x_TH, expert_ids_TK, weights_TK, keep_TK) -> y_TH, e.g. an all-to-all
+ExpertDispatcher = Callable[..., torch.Tensor]
 
 
 def dispatch_sorted(x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
@@ -144,14 +146,18 @@ def dispatch_sorted(x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK:
     return y_SH[inverse_S].view(t, k, -1).sum(dim=1).to(x_TH.dtype)
 
 
+def sorted_swiglu(x_SH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
+                  counts: list[int]) -> torch.Tensor:
+    """The SwiGLU FFN of rows sorted by expert (``counts[e]`` rows for expert e)."""
+    return grouped_linear(swiglu(grouped_linear(x_SH, w13_EFH, counts)), w2_EHF, counts)
+
+
 def experts_grouped(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
                     expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                     keep_TK: torch.Tensor | None = None) -> torch.Tensor:
     """Fast path: assignments sorted by expert, one grouped matmul per projection."""
-    def ffn(x_SH: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        return grouped_linear(swiglu(grouped_linear(x_SH, w13_EFH, counts)), w2_EHF, counts)
-
-    return dispatch_sorted(x_TH, expert_ids_TK, weights_TK, w13_EFH.shape[0], ffn, keep_TK)
+    return dispatch_sorted(x_TH, expert_ids_TK, weights_TK, w13_EFH.shape[0],
+                           lambda x, counts: sorted_swiglu(x, w13_EFH, w2_EHF, counts), keep_TK)
 
 
 EXPERT_IMPLS: dict[str, Callable[..., torch.Tensor]] = {
@@ -170,7 +176,9 @@ class SwiGLUExperts(nn.Module):
     """E SwiGLU experts with stacked weights ``w13`` [E, 2F, H] and ``w2`` [E, H, F].
 
     ``impl`` selects the computation (``"grouped"`` or the reference ``"loop"``); inference
-    transforms may replace the whole module (see ``skymoe.infer.cpu_kernels``).
+    transforms may replace the whole module (see ``skymoe.infer.cpu_kernels``). Expert
+    parallelism attaches a dispatcher as ``parallel`` (see ``skymoe.parallel.experts``), which
+    then routes tokens across ranks and calls ``sorted_ffn`` on this rank's experts.
     """
 
     def __init__(self, num_experts: int, hidden: int, ffn: int,
@@ -179,11 +187,20 @@ class SwiGLUExperts(nn.Module):
         self.num_experts, self.ffn, self.impl = num_experts, ffn, impl
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * ffn, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, ffn))
+        self.parallel: ExpertDispatcher | None = None
 
     def forward(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                 keep_TK: torch.Tensor | None = None) -> torch.Tensor:
+        if self.parallel is not None:
+            return self.parallel(self, x_TH, expert_ids_TK, weights_TK, keep_TK)
         return EXPERT_IMPLS[self.impl](x_TH, self.w13, self.w2, expert_ids_TK, weights_TK,
                                        keep_TK)
+
+    def sorted_ffn(self, x_SH: torch.Tensor, counts: list[int], first: int = 0) -> torch.Tensor:
+        """The FFN of rows sorted by expert for this module's experts ``first, first + 1, ...``
+        (``counts[i]`` rows each)."""
+        last = first + len(counts)
+        return sorted_swiglu(x_SH, self.w13[first:last], self.w2[first:last], counts)
 
 
 @dataclass

@@ -167,8 +167,10 @@ class SkyworkForCausalLM(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
 
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        """A cache for this model's KV heads (under tensor parallelism: this rank's)."""
         c = self.config
-        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_size,
+        kv_heads = self.model.layers[0].self_attn.kv_heads
+        return KVCache(c.num_hidden_layers, batch, kv_heads, max_len, c.head_size,
                        self.dtype, self.device)
 
     # -------------------------------------------------------------------------------- forward

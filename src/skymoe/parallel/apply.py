@@ -3,32 +3,36 @@
 Applied from outside, after construction (torchtitan's habit): parameters are cut to this
 rank's placement (``skymoe.parallel.placement``), attention and dense MLPs get Megatron's
 column/row-parallel hooks, the embedding and the loss become vocabulary-parallel, and each MoE
-block's experts are replaced by ``ParallelExperts``. The model code itself does not change.
+block's experts get an all-to-all dispatcher (``ExpertParallel``). The model code itself does
+not change.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..model.moe import MoEBlock
 from ..model.transformer import DenseMLP, SkyworkForCausalLM
-from .comm import CommGroup, copy_to, reduce_from, single
-from .experts import ParallelExperts
-from .layout import split_range
+from .comm import CommGroup, copy_to, gather_rows, reduce_from, single
+from .experts import ExpertParallel
+from .layout import split_range, split_sizes
 from .mesh import ParallelMesh
 from .placement import Placement, attention_heads, placement
 from .vocab import VocabParallelEmbedding, VocabParallelLoss
 
 
 def parameter_placements(model: SkyworkForCausalLM, mesh: ParallelMesh) -> dict[str, Placement]:
-    """The placement of every parameter name of the full ``model`` on this rank."""
+    """The placement of every parameter (and FP8 buffer) name of the full ``model`` on this
+    rank."""
     return {name: placement(name, model.config, mesh.layout, mesh.coords)
-            for name, _ in model.named_parameters(remove_duplicate=False)}
+            for name, _ in [*model.named_parameters(remove_duplicate=False),
+                            *model.named_buffers()]}
 
 
-def _shard_parameters(model: nn.Module, placements: dict[str, Placement]) -> None:
-    """Replace each parameter by this rank's part (tied parameters stay tied)."""
-    replaced: dict[int, nn.Parameter] = {}
+def _shard_tensors(model: nn.Module, placements: dict[str, Placement]) -> None:
+    """Replace each parameter and buffer by this rank's part (tied parameters stay tied)."""
+    replaced: dict[int, torch.Tensor] = {}
     for name, p in list(model.named_parameters(remove_duplicate=False)):
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
@@ -37,6 +41,16 @@ def _shard_parameters(model: nn.Module, placements: dict[str, Placement]) -> Non
             replaced[id(p)] = p if part.is_whole else nn.Parameter(
                 part.take(p.detach()).contiguous(), requires_grad=p.requires_grad)
         setattr(module, attr, replaced[id(p)])
+    for name, b in list(model.named_buffers()):
+        module_name, _, attr = name.rpartition(".")
+        part = placements[name]
+        if not part.is_whole:
+            model.get_submodule(module_name).register_buffer(attr, part.take(b).contiguous())
+
+
+def _gather_vocab(logits: torch.Tensor, sizes: list[int], group: CommGroup) -> torch.Tensor:
+    """Full-vocabulary logits from every rank's shard (last dimension)."""
+    return gather_rows(logits.movedim(-1, 0).contiguous(), sizes, group).movedim(0, -1)
 
 
 def _column_row_parallel(module: nn.Module, group: CommGroup) -> None:
@@ -45,24 +59,30 @@ def _column_row_parallel(module: nn.Module, group: CommGroup) -> None:
     module.register_forward_hook(lambda _, __, out: reduce_from(out, group))
 
 
-def parallelize(model: SkyworkForCausalLM, mesh: ParallelMesh,
-                a2a_chunks: int = 1) -> SkyworkForCausalLM:
+def parallelize(model: SkyworkForCausalLM, mesh: ParallelMesh, a2a_chunks: int = 1,
+                gather_logits: bool = False) -> SkyworkForCausalLM:
     """Shard ``model`` (a full model, identical on every rank) for ``mesh`` in place;
-    ``a2a_chunks > 1`` overlaps the expert all-to-all with expert compute."""
+    ``a2a_chunks > 1`` overlaps the expert all-to-all with expert compute. With
+    ``gather_logits`` (inference) the output logits are gathered to the full vocabulary on
+    every rank; otherwise they stay vocabulary-sharded and the loss is vocabulary-parallel."""
     layout, coords, config = mesh.layout, mesh.coords, model.config
     layout.validate(config=config)
     if layout.world_size == 1:
         return model
     if layout.pp > 1:
         raise NotImplementedError("pipeline parallelism is applied by skymoe.parallel.pipeline")
-    _shard_parameters(model, parameter_placements(model, mesh))
+    _shard_tensors(model, parameter_placements(model, mesh))
     tp = mesh.tp
     if tp.active:
         vocab_start = split_range(config.vocab_size, tp.size, tp.rank)[0]
         embed = model.model.embed_tokens
         model.model.embed_tokens = VocabParallelEmbedding(embed.weight, vocab_start, tp)
         model.lm_head.register_forward_pre_hook(lambda _, args: (copy_to(args[0], tp),))
-        model.loss_function = VocabParallelLoss(vocab_start, tp)
+        if gather_logits:
+            sizes = split_sizes(config.vocab_size, tp.size)
+            model.lm_head.register_forward_hook(lambda _, __, out: _gather_vocab(out, sizes, tp))
+        else:
+            model.loss_function = VocabParallelLoss(vocab_start, tp)
         q_heads, kv_heads = attention_heads(config, tp.size, tp.rank)
     token_group = tp if layout.slices_tokens else single(mesh.traffic)
     for layer in model.model.layers:
@@ -73,6 +93,6 @@ def parallelize(model: SkyworkForCausalLM, mesh: ParallelMesh,
         if isinstance(ffn, DenseMLP) and tp.active:
             _column_row_parallel(ffn, tp)
         elif isinstance(ffn, MoEBlock) and (layout.ep > 1 or layout.etp > 1 or tp.active):
-            ffn.experts = ParallelExperts(ffn.experts.w13, ffn.experts.w2, ffn.num_experts,
-                                          mesh.ep, mesh.etp, token_group, a2a_chunks)
+            ffn.experts.parallel = ExpertParallel(ffn.num_experts, mesh.ep, mesh.etp,
+                                                  token_group, a2a_chunks)
     return model

@@ -1,8 +1,9 @@
 """Expert parallelism: this rank's experts, fed through an all-to-all token dispatcher.
 
-``ParallelExperts`` replaces a block's ``SwiGLUExperts`` with the same call signature, so the
-router, capacity and drop decisions, balance losses and metrics of ``MoEBlock`` run unchanged
-(and identically on every rank that holds the same tokens). Per forward:
+``ExpertParallel`` is attached to a block's experts module (``experts.parallel``), whose
+forward then goes through it; the router, capacity and drop decisions, balance losses and
+metrics of ``MoEBlock`` run unchanged (and identically on every rank that holds the same
+tokens). Per forward:
 
 1. with ETP = 1 and TP > 1, each TP rank keeps its share of the group's (replicated) tokens;
 2. the assignments are sorted by expert (``dispatch_sorted``; dropped ones never leave);
@@ -22,7 +23,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from ..model.moe import swiglu, dispatch_sorted, grouped_linear
+from ..model.moe import dispatch_sorted
 from .comm import CommGroup, all_to_all_async, copy_to, exchange_counts, gather_rows, \
     reduce_from, split_rows, wait
 from .layout import split_range, split_sizes
@@ -39,22 +40,21 @@ def source_to_expert_order(counts_SE: torch.Tensor) -> torch.Tensor:
     return offset + torch.arange(int(lengths.sum()), device=counts_SE.device)
 
 
-class ParallelExperts(nn.Module):
-    """This rank's ``num_experts / ep.size`` experts of a block (``w13``/``w2`` stacked as in
-    ``SwiGLUExperts``), reached through all-to-all over ``ep``; with ``etp`` active each holds a
-    slice of the intermediate size. ``token_group`` splits the tokens before dispatch
-    (the TP group when ETP = 1; a one-rank group otherwise). ``a2a_chunks > 1`` pipelines
-    the exchange with the expert compute (see ``exchange``)."""
+class ExpertParallel:
+    """The all-to-all dispatcher attached to an experts module (``experts.parallel``) that
+    holds this rank's ``num_experts / ep.size`` experts (``SwiGLUExperts`` or FP8 experts, with
+    ETP each holding a slice of the intermediate size). ``token_group`` splits the tokens
+    before dispatch (the TP group when ETP = 1; a one-rank group otherwise);
+    ``a2a_chunks > 1`` pipelines the exchange with the expert compute (see ``exchange``). The
+    experts module keeps its parameters and names; this object is a value, not a submodule."""
 
-    def __init__(self, w13: nn.Parameter, w2: nn.Parameter, num_experts: int, ep: CommGroup,
-                 etp: CommGroup, token_group: CommGroup, a2a_chunks: int = 1) -> None:
-        super().__init__()
-        self.w13, self.w2 = w13, w2
+    def __init__(self, num_experts: int, ep: CommGroup, etp: CommGroup, token_group: CommGroup,
+                 a2a_chunks: int = 1) -> None:
         self.num_experts, self.a2a_chunks = num_experts, a2a_chunks
         self.ep, self.etp, self.token_group = ep, etp, token_group
 
-    def forward(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                keep_TK: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, experts: nn.Module, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor,
+                 weights_TK: torch.Tensor, keep_TK: torch.Tensor | None = None) -> torch.Tensor:
         group = self.token_group
         if group.active:
             sizes = split_sizes(x_TH.shape[0], group.size)
@@ -63,22 +63,19 @@ class ParallelExperts(nn.Module):
             x_TH, weights_TK = split_rows(x_TH, sizes, group), split_rows(weights_TK, sizes, group)
             expert_ids_TK = expert_ids_TK[rows]
             keep_TK = keep_TK[rows] if keep_TK is not None else None
-        y_TH = dispatch_sorted(x_TH, expert_ids_TK, weights_TK, self.num_experts, self._ffn,
-                               keep_TK)
+
+        def local_experts(x_SH: torch.Tensor, counts: list[int], first: int) -> torch.Tensor:
+            return reduce_from(experts.sorted_ffn(copy_to(x_SH, self.etp), counts, first),
+                               self.etp)
+
+        def ffn(x_SH: torch.Tensor, counts: list[int]) -> torch.Tensor:
+            """Rows sorted by (global) expert in, outputs in the same order out."""
+            if torch.is_autocast_enabled(x_SH.device.type):  # send what the GEMMs will read
+                x_SH = x_SH.to(torch.get_autocast_dtype(x_SH.device.type))
+            return exchange(x_SH, counts, self.ep, local_experts, self.a2a_chunks)
+
+        y_TH = dispatch_sorted(x_TH, expert_ids_TK, weights_TK, self.num_experts, ffn, keep_TK)
         return gather_rows(y_TH, sizes, group) if group.active else y_TH
-
-    def _ffn(self, x_SH: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Rows sorted by (global) expert in, outputs in the same order out."""
-        if torch.is_autocast_enabled(x_SH.device.type):  # send what the GEMMs will read
-            x_SH = x_SH.to(torch.get_autocast_dtype(x_SH.device.type))
-        return exchange(x_SH, counts, self.ep, self._local_experts, self.a2a_chunks)
-
-    def _local_experts(self, x_SH: torch.Tensor, counts: list[int],
-                       first: int) -> torch.Tensor:
-        w13, w2 = self.w13[first:first + len(counts)], self.w2[first:first + len(counts)]
-        h = copy_to(x_SH, self.etp)
-        h = grouped_linear(swiglu(grouped_linear(h, w13, counts)), w2, counts)
-        return reduce_from(h, self.etp)
 
 
 class _Chunk(NamedTuple):
