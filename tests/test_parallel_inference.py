@@ -5,11 +5,15 @@ same logits and greedy tokens as one process, for bf16-widened FP8 weights too."
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from skymoe.checkpoint import load_model, save_model
+from skymoe.checkpoint import load_model, save_byte_tokenizer, save_model
+from skymoe.checkpoint.tokenizer import BYTE_VOCAB_SIZE
 from skymoe.config import SkyworkMoeConfig
 from skymoe.infer.generate import generate
 from skymoe.model.transformer import build_model
@@ -18,7 +22,7 @@ from skymoe.parallel.layout import ParallelLayout
 from skymoe.parallel.mesh import build_mesh
 from skymoe.quantize import quantize_checkpoint
 
-from distributed import spawn
+from distributed import free_port, spawn
 
 
 def _config() -> SkyworkMoeConfig:
@@ -55,3 +59,21 @@ def test_tensor_parallel_inference_with_fp8_weights(tmp_path):
     save_model(build_model(_config(), seed=0, dtype=torch.float32), tmp_path / "model")
     out = quantize_checkpoint(tmp_path / "model", tmp_path / "fp8", show_progress=False)
     spawn(_worker, 2, str(out))
+
+
+def test_generate_under_torchrun_prints_what_one_process_prints(tmp_path):
+    config = _config()
+    config.vocab_size = BYTE_VOCAB_SIZE
+    save_model(build_model(config, seed=0, dtype=torch.float32), tmp_path / "m")
+    save_byte_tokenizer(tmp_path / "m")
+    args = ["-m", "skymoe", "generate", str(tmp_path / "m"), "--prompt", "hello",
+            "--max-new-tokens", "12", "--temperature", "0.8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *args, "--seed", "3"], capture_output=True,
+                         text=True, env=env)
+    tp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                         "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+                         *args, "--seed", "3", "--tp", "2"], capture_output=True, text=True,
+                        env=env)
+    assert one.returncode == 0 and tp.returncode == 0, tp.stderr[-2000:]
+    assert tp.stdout == one.stdout and one.stdout.startswith("hello")

@@ -121,8 +121,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.path)
-    model = pack_for_cpu_inference(load_model(args.path, dtype=_DTYPES[args.dtype],
-                                              fp8=args.fp8))
+    model = load_model(args.path, dtype=_DTYPES[args.dtype], fp8=args.fp8)
+    if args.tp > 1:
+        model, params, is_main = _tensor_parallel(model, params, args.tp)
+    else:
+        model, is_main = pack_for_cpu_inference(model), True
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise UsageError("the prompt encodes to no tokens; give a non-empty --prompt")
@@ -132,20 +135,49 @@ def cmd_generate(args: argparse.Namespace) -> None:
                          f"exceeds the model's context of {limit} positions")
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else model.config.eos_token_ids
     stream = StreamDecoder(tokenizer)
-    print(args.prompt, end="", flush=True)
+    if is_main:
+        print(args.prompt, end="", flush=True)
     counter = {"n": 0}
 
     def on_token(tok: torch.Tensor) -> None:
         counter["n"] += 1
-        if int(tok[0]) not in eos:
+        if int(tok[0]) not in eos and is_main:
             print(stream.push(int(tok[0])), end="", flush=True)
 
     t0 = time.perf_counter()
     generate(model, torch.tensor([ids]), args.max_new_tokens, params, eos, on_token)
     elapsed = time.perf_counter() - t0
-    print()
-    print(f"[{counter['n']} tokens in {elapsed:.2f} s, {counter['n'] / elapsed:.1f} tok/s; "
-          f"prompt {len(ids)} tokens]", file=sys.stderr)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if is_main:
+        print()
+        print(f"[{counter['n']} tokens in {elapsed:.2f} s, {counter['n'] / elapsed:.1f} tok/s; "
+              f"prompt {len(ids)} tokens]", file=sys.stderr)
+
+
+def _tensor_parallel(model, params, tp: int):
+    """Shard ``model`` over the ``tp`` processes torchrun started (every rank samples the same
+    token: a sampling seed is agreed on when none was given). Returns (model, params, is
+    rank 0)."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from .parallel.apply import parallelize
+    from .parallel.layout import ParallelLayout
+    from .parallel.mesh import build_mesh, init_distributed
+
+    _, world = init_distributed()
+    if world != tp:
+        raise UsageError(f"--tp {tp} needs {tp} processes; start with torchrun "
+                         f"--nproc-per-node {tp} -m skymoe generate ... (got {world})")
+    mesh = build_mesh(ParallelLayout(tp=tp, etp=tp))  # heads split unevenly, experts by rows
+    parallelize(model, mesh, gather_logits=True)
+    if params.temperature > 0 and params.seed is None:
+        seed = torch.randint(2**31 - 1, (1,))
+        dist.broadcast(seed, src=0)
+        params = dataclasses.replace(params, seed=int(seed))
+    return model, params, mesh.is_main
 
 
 # ------------------------------------------------------------------------------------ train
@@ -281,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: the checkpoint's torch_dtype)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     p.add_argument("--fp8", choices=FP8_MODES, default="auto", help=FP8_HELP)
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel processes (run under torchrun --nproc-per-node TP); "
+                        "heads split unevenly, experts along the intermediate size")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train a Skywork-MoE model (default: a small one on the "
