@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..model.moe import MoEBlock
 from ..model.transformer import DenseMLP, SkyworkForCausalLM
 from .comm import CommGroup, copy_to, gather_rows, reduce_from, single
@@ -70,7 +71,8 @@ def parallelize(model: SkyworkForCausalLM, mesh: ParallelMesh, a2a_chunks: int =
     if layout.world_size == 1:
         return model
     if layout.pp > 1:
-        raise NotImplementedError("pipeline parallelism is applied by skymoe.parallel.pipeline")
+        raise ConfigError(f"layout {layout.name}: pipeline parallelism (pp > 1) is not "
+                          "available yet; use dp, tp, ep and etp")
     _shard_tensors(model, parameter_placements(model, mesh))
     tp = mesh.tp
     if tp.active:
