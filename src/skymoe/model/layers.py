@@ -55,6 +55,16 @@ class RotaryEmbedding:
         return self._cos[start:end].to(dtype), self._sin[start:end].to(dtype)
 
 
+    def cos_sin_at(self, positions_BT: torch.Tensor,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin at per-row positions [B, T], shaped [B, 1, T, head_dim] (for
+        sequences of a batch that sit at different positions)."""
+        end = int(positions_BT.max()) + 1
+        self.cos_sin(0, end, positions_BT.device, dtype)  # grow the tables if needed
+        return (self._cos[positions_BT].to(dtype).unsqueeze(1),
+                self._sin[positions_BT].to(dtype).unsqueeze(1))
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half rotary embedding of ``x`` [B, heads, T, D] with tables [T, D] from
     ``RotaryEmbedding.cos_sin``: ``x * cos + rotate_half(x) * sin`` in two fused-friendly ops."""
@@ -87,6 +97,65 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+class SlotKVCache:
+    """KV cache of ``slots`` independent sequences, each at its own length (for continuous
+    batching: sequences join and leave between steps).
+
+    A forward runs on some of the slots: ``begin(slots, t)`` names them (one per batch row,
+    each row adding ``t`` tokens at its slot's current length); layers then ``update`` and read
+    their keys through a per-row causal ``mask``, and ``finish`` advances the lengths.
+    ``release(slot)`` frees a slot for a new sequence.
+    """
+
+    def __init__(self, num_layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        shape = (slots, max_len, kv_heads, head_dim)  # position-major: one scatter per update
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self._rows: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+
+    def begin(self, slots: torch.Tensor, t: int) -> torch.Tensor:
+        """Start a forward of ``t`` tokens for each slot in ``slots`` [B]; returns the
+        positions [B, t] the tokens take."""
+        positions = self.lengths[slots][:, None] + torch.arange(t, device=slots.device)
+        if int(positions.max()) >= self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions per sequence; asked to "
+                             f"write position {int(positions.max())}")
+        self._rows, self._positions = slots, positions
+        return positions
+
+    def update(self, layer: int, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, kv_heads, t, D] of the current rows; return each row's keys and values
+        up to the longest row, [B, kv_heads, L, D] (positions past a row's end are masked)."""
+        rows, pos = self._rows, self._positions
+        self.keys[layer][rows[:, None], pos] = k.transpose(1, 2)
+        self.values[layer][rows[:, None], pos] = v.transpose(1, 2)
+        end = int(pos.max()) + 1
+        return (self.keys[layer][rows, :end].transpose(1, 2),
+                self.values[layer][rows, :end].transpose(1, 2))
+
+    def mask(self, window: int | None = None) -> torch.Tensor:
+        """[B, 1, t, L] boolean: a query sees the keys at or before its own position (and
+        within the last ``window`` positions)."""
+        pos = self._positions
+        keys = torch.arange(int(pos.max()) + 1, device=pos.device)
+        visible = keys[None, None, :] <= pos[:, :, None]
+        if window is not None:
+            visible &= keys[None, None, :] > pos[:, :, None] - window
+        return visible[:, None]
+
+    def finish(self) -> None:
+        self.lengths[self._rows] = self._positions[:, -1] + 1
+        self._rows = self._positions = None
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+
 def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Decode attention (one query per sequence, no mask) as two batched matmuls.
 
@@ -116,12 +185,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
 
     def forward(self, x_BTH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+                cache: KVCache | SlotKVCache | None = None, start: int = 0) -> torch.Tensor:
         b, t, _ = x_BTH.shape
         q = self.q_proj(x_BTH).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x_BTH).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BTH).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if isinstance(cache, SlotKVCache):  # rows at different positions: an explicit mask
+            k, v = cache.update(self.layer_idx, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask(self.sliding_window),
+                                                 enable_gqa=self.kv_heads != self.heads)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
         if cache is not None:
             k, v = cache.update(self.layer_idx, start, k, v)
         mask, causal = self._mask(start, t, k.shape[2], x_BTH.device)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import SkyworkMoeConfig
-from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding
+from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding, SlotKVCache
 from .loss import causal_lm_loss
 from .moe import EXPERT_IMPLS, MoEBlock, MoETrainingOptions
 
@@ -56,7 +56,7 @@ class DecoderLayer(nn.Module):
         return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None, start: int) -> torch.Tensor:
+                cache: KVCache | SlotKVCache | None, start: int | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
         return x + self.ffn(self.post_attention_layernorm(x))
 
@@ -166,6 +166,12 @@ class SkyworkForCausalLM(nn.Module):
                 else:
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
 
+    def new_slot_cache(self, slots: int, max_len: int) -> SlotKVCache:
+        """A cache of ``slots`` independent sequences of up to ``max_len`` positions."""
+        c = self.config
+        return SlotKVCache(c.num_hidden_layers, slots, self.model.layers[0].self_attn.kv_heads,
+                           max_len, c.head_size, self.dtype, self.device)
+
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
         """A cache for this model's KV heads (under tensor parallelism: this rank's)."""
         c = self.config
@@ -175,27 +181,35 @@ class SkyworkForCausalLM(nn.Module):
 
     # -------------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None, start: int | None = None,
-                last_only: bool = False) -> CausalLMOutput:
+                cache: KVCache | SlotKVCache | None = None, start: int | None = None,
+                last_only: bool = False, slots: torch.Tensor | None = None) -> CausalLMOutput:
         """Logits for ``input_ids`` [B, T].
 
         With a ``cache`` the tokens are placed at positions ``start ..`` (default: the cache's
         current length) and the cache advances. ``labels`` [B, T] give the next-token loss
-        (shifted inside; -100 ignored).
+        (shifted inside; -100 ignored). With a ``SlotKVCache``, row i continues the sequence
+        in cache slot ``slots[i]`` from that slot's own length.
         """
         b, t = input_ids.shape
-        if cache is not None and start is None:
-            start = cache.length
-        start = start or 0
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(start, t, x.device, x.dtype)
+        if isinstance(cache, SlotKVCache):  # each row continues its own sequence
+            if slots is None:
+                raise ValueError("a SlotKVCache forward needs slots= (the cache slot of each row)")
+            cos, sin = self.rotary.cos_sin_at(cache.begin(slots, t), x.dtype)
+        else:
+            if cache is not None and start is None:
+                start = cache.length
+            start = start or 0
+            cos, sin = self.rotary.cos_sin(start, t, x.device, x.dtype)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
             if recompute:
                 x = checkpoint(layer, x, cos, sin, cache, start, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cache, start)
-        if cache is not None:
+        if isinstance(cache, SlotKVCache):
+            cache.finish()
+        elif cache is not None:
             cache.length = start + t
         x = self.model.norm(x[:, -1:] if last_only else x)
         logits = self.lm_head(x)
