@@ -109,8 +109,9 @@ def cmd_init(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------- generate
 def cmd_generate(args: argparse.Namespace) -> None:
     from .checkpoint import StreamDecoder, load_model, load_tokenizer
-    from .infer import SamplingParams, generate
+    from .infer import SamplingParams
     from .infer.cpu_kernels import pack_for_cpu_inference
+    from .infer.engine import Engine, Request
 
     try:
         params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
@@ -144,8 +145,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if int(tok[0]) not in eos and is_main:
             print(stream.push(int(tok[0])), end="", flush=True)
 
+    engine = Engine(model, max_batch=1, max_len=len(ids) + args.max_new_tokens)
+    engine.submit(Request(ids, args.max_new_tokens, params, stop_token_ids=tuple(eos),
+                          on_token=lambda _, token, __: on_token(torch.tensor([token]))))
     t0 = time.perf_counter()
-    generate(model, torch.tensor([ids]), args.max_new_tokens, params, eos, on_token)
+    engine.run()
     elapsed = time.perf_counter() - t0
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -416,6 +420,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8", choices=FP8_MODES, default="auto", help=FP8_HELP)
     p.set_defaults(func=cmd_eval)
 
+    bench = sub.add_parser("bench", help="benchmarks (generate)",
+                           description="Throughput benchmarks of skymoe itself.")
+    bench_sub = bench.add_subparsers(dest="what", required=True, metavar="WHAT")
+    p = bench_sub.add_parser(
+        "generate", help="offline batched generation throughput",
+        description="Submit --num-prompts random prompts of --input-len tokens, each generating "
+                    "exactly --output-len tokens, to the continuous-batching engine with up to "
+                    "--max-batch in flight; report output tokens/s and total (prompt + output) "
+                    "tokens/s.")
+    p.add_argument("model", help="HF checkpoint directory or a preset (random weights)")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--input-len", type=int, default=64)
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    p.add_argument("--fp8", choices=FP8_MODES, default="auto", help=FP8_HELP)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_bench_generate)
+
     plan = sub.add_parser("plan", help="plan a deployment (serve)",
                           description="Planners computed from a model config alone.")
     plan_sub = plan.add_subparsers(dest="what", required=True, metavar="WHAT")
@@ -498,6 +521,44 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"vs reference {args.reference}: KL(reference || model) mean {result.kl_mean:.3e}, "
               f"p99.9 {result.kl_p999:.3e}, max {result.kl_max:.3e} nats/token; top-1 "
               f"agreement {100 * result.top1_agreement:.2f}%")
+
+
+def cmd_bench_generate(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from .checkpoint import load_model
+    from .infer.cpu_kernels import pack_for_cpu_inference
+    from .infer.engine import Engine, Request
+    from .model.transformer import build_model
+
+    for flag in ("num_prompts", "input_len", "output_len", "max_batch"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
+    dtype = _DTYPES[args.dtype]
+    if Path(args.model).is_dir():
+        model = load_model(args.model, dtype=dtype, fp8=args.fp8)
+    else:
+        model = build_model(resolve_config(args.model), dtype=dtype or torch.bfloat16,
+                            seed=args.seed)
+    model = pack_for_cpu_inference(model.eval())
+    gen = torch.Generator().manual_seed(args.seed)
+    prompts = torch.randint(model.config.vocab_size, (args.num_prompts, args.input_len),
+                            generator=gen).tolist()
+    engine = Engine(model, max_batch=args.max_batch, max_len=args.input_len + args.output_len,
+                    max_queue=args.num_prompts)
+    for prompt in prompts:  # no stop tokens: every request runs to --output-len
+        engine.submit(Request(prompt, args.output_len))
+    began = time.perf_counter()
+    with tqdm(total=args.num_prompts, desc="bench", unit="req") as bar:
+        while engine.has_work:
+            bar.update(len(engine.step()))
+    elapsed = time.perf_counter() - began
+    out_tokens = args.num_prompts * args.output_len
+    total = out_tokens + args.num_prompts * args.input_len
+    print(f"{args.num_prompts} requests x ({args.input_len} prompt + {args.output_len} output "
+          f"tokens), up to {args.max_batch} in flight, {args.dtype}: {elapsed:.2f} s")
+    print(f"requests/s {args.num_prompts / elapsed:.2f}; output tokens/s "
+          f"{out_tokens / elapsed:.1f}; total (prompt + output) tokens/s {total / elapsed:.1f}")
 
 
 GPU_PRESET_NAMES = ("4090", "a100", "h100", "h200")

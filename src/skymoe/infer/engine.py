@@ -1,0 +1,179 @@
+"""A continuous-batching generation engine over a preallocated slot KV cache.
+
+Requests wait in a bounded queue. Each ``step()`` admits waiting requests into free cache
+slots (one prefill each, which also samples their first token), then runs one decode step for
+every running request together, samples each row with its own settings and random stream,
+streams the new tokens to the requests' callbacks, and retires the requests that finished
+(stop token, stop string, ``max_tokens``, cancelled), freeing their slots for the next step.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import SkymoeError
+from .generate import SamplingParams, sample_next
+
+
+class QueueFullError(SkymoeError):
+    """The engine's queue is at its bound; retry later."""
+
+
+@dataclass
+class Request:
+    """One generation request. ``on_token(request, token_id, text_delta)`` is called for every
+    generated token (``text_delta`` is None without a tokenizer)."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    on_token: Callable[["Request", int, str | None], None] | None = None
+    request_id: str = ""
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_tokens: int
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str  # "stop", "length" or "cancelled"
+
+
+@dataclass
+class _Running:
+    request: Request
+    slot: int
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+
+
+class Engine:
+    """Continuous batching for ``model`` with up to ``max_batch`` sequences of ``max_len``
+    positions (prompt + output) in flight and ``max_queue`` waiting."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer=None, max_batch: int = 16,
+                 max_len: int = 2048, max_queue: int = 256) -> None:
+        if max_batch < 1 or max_len < 2 or max_queue < 0:
+            raise ValueError("need max_batch >= 1, max_len >= 2 and max_queue >= 0")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
+        self.cache = model.new_slot_cache(max_batch, max_len)
+        self.device = model.device
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, _Running] = {}  # slot -> request
+        self.finished: list[Completion] = []
+        self._ids = itertools.count()
+
+    # ---------------------------------------------------------------------------- requests
+    def submit(self, request: Request) -> str:
+        """Queue ``request``; returns its id. Raises ``QueueFullError`` at the queue bound and
+        ``ValueError`` for a request that cannot run."""
+        if not request.prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        if len(request.prompt_ids) + request.max_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens "
+                             f"({request.max_tokens}) exceeds the engine's {self.max_len} "
+                             "positions per sequence")
+        if len(self.waiting) >= self.max_queue:
+            raise QueueFullError(f"{len(self.waiting)} requests are waiting (the limit); retry "
+                                 "later")
+        request.request_id = request.request_id or f"req-{next(self._ids)}"
+        self.waiting.append(request)
+        return request.request_id
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a waiting or running request (its slot is free for the next step)."""
+        for request in self.waiting:
+            if request.request_id == request_id:
+                self.waiting.remove(request)
+                self.finished.append(Completion(request_id, len(request.prompt_ids), [], "",
+                                                "cancelled"))
+                return True
+        for slot, run in list(self.running.items()):
+            if run.request.request_id == request_id:
+                self._retire(slot, "cancelled")
+                return True
+        return False
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------------------ stepping
+    @torch.inference_mode()
+    def step(self) -> list[Completion]:
+        """Admit, decode one token for every running request, retire; returns the requests
+        that finished in this step."""
+        self._admit()
+        if self.running:
+            slots = sorted(self.running)
+            ids = torch.tensor([[self.running[s].tokens[-1]] for s in slots], device=self.device)
+            logits = self.model(ids, cache=self.cache,
+                                slots=torch.tensor(slots, device=self.device)).logits[:, -1]
+            for row, slot in enumerate(slots):
+                self._accept(slot, logits[row])
+        done, self.finished = self.finished, []
+        return done
+
+    def run(self) -> list[Completion]:
+        """Step until every queued and running request has finished."""
+        out: list[Completion] = []
+        while self.has_work:
+            out += self.step()
+        out += self.finished  # requests cancelled after the last step
+        self.finished = []
+        return out
+
+    def _admit(self) -> None:
+        free = [s for s in range(self.max_batch) if s not in self.running]
+        while self.waiting and free:
+            request, slot = self.waiting.popleft(), free.pop(0)
+            self.cache.release(slot)
+            params = request.sampling
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(params.seed)
+            self.running[slot] = _Running(request, slot, gen)
+            prompt = torch.tensor([request.prompt_ids], device=self.device)
+            logits = self.model(prompt, cache=self.cache, slots=torch.tensor([slot],
+                                device=self.device), last_only=True).logits[0, -1]
+            self._accept(slot, logits)
+
+    def _accept(self, slot: int, logits_V: torch.Tensor) -> None:
+        """Sample this slot's next token, stream it, and retire the request if it is done."""
+        run = self.running[slot]
+        request = run.request
+        token = int(sample_next(logits_V[None], request.sampling, run.generator)[0])
+        run.tokens.append(token)
+        delta = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(run.tokens)
+            delta, run.text = text[len(run.text):], text
+        if request.on_token is not None:
+            request.on_token(request, token, delta)
+        if token in request.stop_token_ids:
+            self._retire(slot, "stop")
+        elif request.stop and any(s in run.text for s in request.stop):
+            cut = min(run.text.index(s) for s in request.stop if s in run.text)
+            run.text = run.text[:cut]
+            self._retire(slot, "stop")
+        elif len(run.tokens) >= request.max_tokens:
+            self._retire(slot, "length")
+
+    def _retire(self, slot: int, reason: str) -> None:
+        run = self.running.pop(slot)
+        self.cache.release(slot)
+        self.finished.append(Completion(run.request.request_id, len(run.request.prompt_ids),
+                                        run.tokens, run.text if self.tokenizer else None,
+                                        reason))
