@@ -26,9 +26,10 @@ from distributed import free_port, spawn
 
 
 def _config() -> SkyworkMoeConfig:
-    # 6 heads over 4 ranks: 2,2,1,1; vocab 61 and intermediate 22 split unevenly too.
-    return SkyworkMoeConfig(vocab_size=61, hidden_size=48, intermediate_size=22,
-                            num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=6,
+    # 5 heads divide by none of 2, 3, 4 (3,2 / 2,2,1 / 2,1,1,1); vocab 61 and intermediate 22
+    # split unevenly too.
+    return SkyworkMoeConfig(vocab_size=61, hidden_size=40, intermediate_size=22,
+                            num_hidden_layers=3, num_attention_heads=5, num_key_value_heads=5,
                             num_experts=4, num_experts_per_tok=2, moe_expert_interval=2,
                             max_position_embeddings=64, torch_dtype="float32")
 
@@ -41,8 +42,8 @@ def _worker(rank: int, world: int, fp8_dir: str | None) -> None:
     sharded = copy.deepcopy(full)
     mesh = build_mesh(ParallelLayout(tp=world, etp=world))
     parallelize(sharded, mesh, gather_logits=True)
-    assert sharded.new_kv_cache(1, 4).keys[0].shape[1] == [2, 2, 1, 1][rank] if world == 4 \
-        else True
+    heads = {2: [3, 2], 3: [2, 2, 1], 4: [2, 1, 1, 1]}[world][rank]
+    assert sharded.new_kv_cache(1, 4).keys[0].shape[1] == heads  # this rank's KV heads
     prompt = torch.randint(61, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, got = full(prompt).logits, sharded(prompt).logits
@@ -50,7 +51,7 @@ def _worker(rank: int, world: int, fp8_dir: str | None) -> None:
     assert torch.equal(generate(sharded, prompt, 10), generate(full, prompt, 10))
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 3, 4])
 def test_tensor_parallel_inference_matches_one_process(world):
     spawn(_worker, world, None)
 
