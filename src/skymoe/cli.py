@@ -19,6 +19,7 @@ import torch
 from .config import SkyworkMoeConfig, format_count, parameter_counts, resolve_config
 from .errors import ConfigError, SkymoeError
 from .checkpoint.fp8 import FP8_MODES
+from .infer.planner import GPU_PRESETS
 from .units import parse_size
 
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -138,25 +139,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
     stream = StreamDecoder(tokenizer)
     if is_main:
         print(args.prompt, end="", flush=True)
-    counter = {"n": 0}
 
-    def on_token(tok: torch.Tensor) -> None:
-        counter["n"] += 1
-        if int(tok[0]) not in eos and is_main:
-            print(stream.push(int(tok[0])), end="", flush=True)
+    def on_token(_, token: int, __) -> None:
+        if token not in eos and is_main:
+            print(stream.push(token), end="", flush=True)
 
     engine = Engine(model, max_batch=1, max_len=len(ids) + args.max_new_tokens)
     engine.submit(Request(ids, args.max_new_tokens, params, stop_token_ids=tuple(eos),
-                          on_token=lambda _, token, __: on_token(torch.tensor([token]))))
+                          on_token=on_token))
     t0 = time.perf_counter()
-    engine.run()
+    (done,) = engine.run()
     elapsed = time.perf_counter() - t0
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if is_main:
+        n = len(done.token_ids)
         print()
-        print(f"[{counter['n']} tokens in {elapsed:.2f} s, {counter['n'] / elapsed:.1f} tok/s; "
-              f"prompt {len(ids)} tokens]", file=sys.stderr)
+        print(f"[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tok/s; prompt {len(ids)} "
+              "tokens]", file=sys.stderr)
 
 
 def _tensor_parallel(model, params, tp: int):
@@ -451,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="preset name (e.g. skywork-moe-base), config.json or checkpoint dir")
     p.add_argument("--gpus", type=int, required=True, help="tensor-parallel GPUs")
-    p.add_argument("--gpu", choices=sorted(GPU_PRESET_NAMES), default="4090",
+    p.add_argument("--gpu", choices=sorted(GPU_PRESETS), default="4090",
                    help="GPU preset for memory and bandwidths (default 4090)")
     p.add_argument("--gpu-mem", help="GPU memory, e.g. 24GiB (overrides the preset)")
     p.add_argument("--bandwidth", type=float, help="GPU memory bandwidth in GB/s")
@@ -561,7 +561,6 @@ def cmd_bench_generate(args: argparse.Namespace) -> None:
           f"{out_tokens / elapsed:.1f}; total (prompt + output) tokens/s {total / elapsed:.1f}")
 
 
-GPU_PRESET_NAMES = ("4090", "a100", "h100", "h200")
 FP8_HELP = ("FP8 checkpoints: auto (FP8 modules; FP8 matmuls on sm_89+ GPUs), keep (one byte "
             "per weight in memory), dequantize (plain weights)")
 
@@ -569,7 +568,7 @@ FP8_HELP = ("FP8 checkpoints: auto (FP8 modules; FP8 matmuls on sm_89+ GPUs), ke
 def cmd_plan_serve(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from .infer.planner import GPU_PRESETS, format_plan, plan_serve
+    from .infer.planner import format_plan, plan_serve
 
     gpu = GPU_PRESETS[args.gpu]
     changes = {"reserve": parse_size(args.reserve)}

@@ -140,10 +140,6 @@ class ParallelLayout:
         ep, etp = divmod(rest, self.etp)
         return Coords(pp, dp, tp, edp, ep, etp)
 
-    def token_slice_count(self) -> int:
-        """Parts the tokens of one TP group are cut into before dispatch (1: not cut)."""
-        return self.tp if self.slices_tokens else 1
-
 
 def parse_layout(spec: dict[str, int]) -> ParallelLayout:
     """A layout from ``{"dp": .., "tp": .., ...}`` with named-preset support:

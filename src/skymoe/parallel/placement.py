@@ -39,10 +39,12 @@ class Placement:
         return not self.index
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
-        """This rank's part of ``full``."""
+        """This rank's part of ``full``. Dimensions ``full`` lacks or holds once (broadcast,
+        like a per-tensor FP8 scale where a per-channel one could be) are taken whole."""
         out = full
         for dim, idx in sorted(self.index.items()):
-            out = out.index_select(dim, idx.to(out.device))
+            if dim < out.ndim and out.shape[dim] > 1:
+                out = out.index_select(dim, idx.to(out.device))
         return out
 
     def local_shape(self, full_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -102,51 +104,21 @@ def placement(name: str, config: SkyworkMoeConfig, layout: ParallelLayout,
         ffn = _arange(*split_range(c.intermediate_size, tp, t))
         return Placement({1 if m[1] == "down_proj" else 0: ffn}, False)
     m = re.search(_LAYER + r"(self_attn|mlp)\.(\w+)\.weight_scale$", name)
-    if m:  # FP8 scale: per tensor (replicated) or per output channel (rows of column-parallel)
-        split_rows = m[2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-        return _fp8_scale_placement(name[: -len("_scale")], config, layout, coords,
-                                    split_rows)
-    m = re.search(_LAYER + r"block_sparse_moe\.experts\.(w13|w2)_scale$", name)
-    if m:  # one FP8 scale per expert (and projection): follows the experts, not their slices
-        per_rank = c.num_experts // layout.ep
-        index = {0: _arange(coords.ep * per_rank, (coords.ep + 1) * per_rank)} \
-            if layout.ep > 1 else {}
-        return Placement(index, tp_replicated=False, expert=True)
-    m = re.search(_LAYER + r"block_sparse_moe\.experts\.(w13|w2)$", name)
+    if m:  # FP8 scale: per output channel, cut like a column-parallel weight's rows (``take``
+        # leaves a per-tensor scale whole); a row-parallel weight's output rows are whole
+        if m[2] not in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            return Placement({}, tp_replicated=True)
+        rows = placement(name[: -len("_scale")], config, layout, coords).index
+        return Placement({0: rows[0]} if 0 in rows else {}, tp_replicated=False)
+    m = re.search(_LAYER + r"block_sparse_moe\.experts\.(w13|w2)(_scale)?$", name)
     if m:
-        per_rank = c.num_experts // layout.ep
-        index = {0: _arange(coords.ep * per_rank, (coords.ep + 1) * per_rank)}
-        if layout.etp > 1:
+        index = {}
+        if layout.ep > 1:
+            per_rank = c.num_experts // layout.ep
+            index[0] = _arange(coords.ep * per_rank, (coords.ep + 1) * per_rank)
+        if layout.etp > 1 and not m[2]:  # a scale per expert follows the expert, not its slice
             f = _arange(*split_range(c.intermediate_size, layout.etp, coords.etp))
             index[1 if m[1] == "w13" else 2] = (torch.cat((f, f + c.intermediate_size))
                                                 if m[1] == "w13" else f)
-        if layout.ep == 1:
-            del index[0]
         return Placement(index, tp_replicated=False, expert=True)
     raise KeyError(f"no parallel placement is defined for parameter '{name}'")
-
-
-def _fp8_scale_placement(weight_name: str, config: SkyworkMoeConfig, layout: ParallelLayout,
-                         coords: Coords, split_rows: bool) -> Placement:
-    """A per-channel scale [out, 1] is cut like its weight's rows; a per-tensor scale (and the
-    scale of a row-parallel weight, whose output rows are whole) is replicated. The caller
-    only knows the name, so both cases share the weight's row index, applied when the scale
-    has as many rows as the weight."""
-    if not split_rows:
-        return Placement({}, tp_replicated=True)
-    rows = placement(weight_name, config, layout, coords).index.get(0)
-    return _PerChannel(rows) if rows is not None else Placement({}, tp_replicated=True)
-
-
-class _PerChannel(Placement):
-    """Placement of an FP8 scale: row-sliced when per channel, whole when per tensor."""
-
-    def __init__(self, rows: torch.Tensor) -> None:
-        super().__init__({0: rows}, tp_replicated=False)
-
-    def take(self, full: torch.Tensor) -> torch.Tensor:
-        return super().take(full) if full.ndim >= 1 and full.shape[0] > 1 else full
-
-    @property
-    def is_whole(self) -> bool:
-        return False
