@@ -230,6 +230,16 @@ class MoETrainingOptions:
             raise ValueError("routing_group_size must be >= 0 (0: the whole micro-batch)")
 
 
+def zero_moe_stats(num_experts: int) -> dict[str, torch.Tensor]:
+    """Zeros with the keys and shapes of the statistics a training forward of ``MoEBlock``
+    leaves in ``last_stats`` (for layers a process does not hold, e.g. on other pipeline
+    stages, so sums over processes line up)."""
+    stats = {k: torch.zeros(()) for k in ("tokens", "dropped", "aux_loss", "z_loss",
+                                          "max1_max2", "max2_max3")}
+    stats["load"] = torch.zeros(num_experts)
+    return stats
+
+
 class MoEBlock(nn.Module):
     """Router + experts, exactly as Skywork-MoE's block (SYSTEM.md section 2).
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import SkyworkMoeConfig
 from ..errors import ConfigError
 from ..model.moe import MoEBlock
 from ..model.transformer import DenseMLP, SkyworkForCausalLM
@@ -19,6 +20,7 @@ from .comm import CommGroup, copy_to, gather_rows, reduce_from, single
 from .experts import ExpertParallel
 from .layout import split_range, split_sizes
 from .mesh import ParallelMesh
+from .pipeline import PipelineStageModel
 from .placement import Placement, attention_heads, placement
 from .vocab import VocabParallelEmbedding, VocabParallelLoss
 
@@ -60,34 +62,33 @@ def _column_row_parallel(module: nn.Module, group: CommGroup) -> None:
     module.register_forward_hook(lambda _, __, out: reduce_from(out, group))
 
 
-def parallelize(model: SkyworkForCausalLM, mesh: ParallelMesh, a2a_chunks: int = 1,
-                gather_logits: bool = False) -> SkyworkForCausalLM:
-    """Shard ``model`` (a full model, identical on every rank) for ``mesh`` in place;
-    ``a2a_chunks > 1`` overlaps the expert all-to-all with expert compute. With
-    ``gather_logits`` (inference) the output logits are gathered to the full vocabulary on
-    every rank; otherwise they stay vocabulary-sharded and the loss is vocabulary-parallel."""
-    layout, coords, config = mesh.layout, mesh.coords, model.config
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers a full model or a pipeline stage holds, in model order."""
+    layers = model.model.layers
+    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+
+
+def parallelize(model: SkyworkForCausalLM | PipelineStageModel, mesh: ParallelMesh,
+                a2a_chunks: int = 1, gather_logits: bool = False) -> nn.Module:
+    """Shard ``model`` (a full model, identical on every rank, or with pipeline parallelism
+    this rank's ``PipelineStageModel``) for ``mesh`` in place; ``a2a_chunks > 1`` overlaps the
+    expert all-to-all with expert compute. With ``gather_logits`` (inference) the output
+    logits are gathered to the full vocabulary on every rank; otherwise they stay
+    vocabulary-sharded and the loss is vocabulary-parallel."""
+    layout, config = mesh.layout, model.config
     layout.validate(config=config)
     if layout.world_size == 1:
         return model
-    if layout.pp > 1:
-        raise ConfigError(f"layout {layout.name}: pipeline parallelism (pp > 1) is not "
-                          "available yet; use dp, tp, ep and etp")
+    if layout.pp > 1 and not isinstance(model, PipelineStageModel):
+        raise ConfigError(f"layout {layout.name}: with pipeline parallelism parallelize this "
+                          "rank's PipelineStageModel, not the whole model")
     _shard_tensors(model, parameter_placements(model, mesh))
     tp = mesh.tp
     if tp.active:
-        vocab_start = split_range(config.vocab_size, tp.size, tp.rank)[0]
-        embed = model.model.embed_tokens
-        model.model.embed_tokens = VocabParallelEmbedding(embed.weight, vocab_start, tp)
-        model.lm_head.register_forward_pre_hook(lambda _, args: (copy_to(args[0], tp),))
-        if gather_logits:
-            sizes = split_sizes(config.vocab_size, tp.size)
-            model.lm_head.register_forward_hook(lambda _, __, out: _gather_vocab(out, sizes, tp))
-        else:
-            model.loss_function = VocabParallelLoss(vocab_start, tp)
+        _vocab_parallel(model, config, tp, gather_logits)
         q_heads, kv_heads = attention_heads(config, tp.size, tp.rank)
     token_group = tp if layout.slices_tokens else single(mesh.traffic)
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         if tp.active:
             layer.self_attn.heads, layer.self_attn.kv_heads = len(q_heads), len(kv_heads)
             _column_row_parallel(layer.self_attn, tp)
@@ -98,3 +99,20 @@ def parallelize(model: SkyworkForCausalLM, mesh: ParallelMesh, a2a_chunks: int =
             ffn.experts.parallel = ExpertParallel(ffn.num_experts, mesh.ep, mesh.etp,
                                                   token_group, a2a_chunks)
     return model
+
+
+def _vocab_parallel(model: nn.Module, config: SkyworkMoeConfig, tp: CommGroup, gather_logits: bool) -> None:
+    """Embedding rows and LM-head rows split over TP (where this model or stage has them);
+    the loss becomes vocabulary-parallel unless the logits are gathered."""
+    vocab_start = split_range(config.vocab_size, tp.size, tp.rank)[0]
+    if hasattr(model.model, "embed_tokens"):
+        embed = model.model.embed_tokens
+        model.model.embed_tokens = VocabParallelEmbedding(embed.weight, vocab_start, tp)
+    if not hasattr(model, "lm_head"):
+        return
+    model.lm_head.register_forward_pre_hook(lambda _, args: (copy_to(args[0], tp),))
+    if gather_logits:
+        sizes = split_sizes(config.vocab_size, tp.size)
+        model.lm_head.register_forward_hook(lambda _, __, out: _gather_vocab(out, sizes, tp))
+    else:
+        model.loss_function = VocabParallelLoss(vocab_start, tp)

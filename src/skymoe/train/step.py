@@ -13,9 +13,11 @@ import contextlib
 from typing import Callable
 
 import torch
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 from ..parallel.comm import all_reduce_
 from ..parallel.data_parallel import DataParallel
+from ..parallel.pipeline import PipelineStageModel
 from .metrics import MoEStepStats
 
 
@@ -35,6 +37,36 @@ def accumulate_gradients(model: torch.nn.Module, local_batch: torch.Tensor,
         (loss * share).backward()
         stats.add(out.moe_stats)
         sums += torch.tensor([float(loss.detach()), float(out.loss.detach())]) * share
+    return _reduce_over_replicas(dp, stats, sums)
+
+
+def pipeline_accumulate_gradients(schedule: PipelineScheduleSingle, stage: PipelineStageModel,
+                                  local_batch: torch.Tensor, micro_batches: int,
+                                  moe_layers: list[int], dp: DataParallel, stats: MoEStepStats,
+                                  device: torch.device) -> tuple[float, float]:
+    """The same as ``accumulate_gradients`` for one pipeline stage: the schedule runs the
+    rank's rows as ``micro_batches`` equal micro-batches (the first stage feeds the tokens, the last computes the
+    loss); losses and MoE statistics are then summed over the stages."""
+    stage.reset_step()
+    micro_losses: list[torch.Tensor] = []
+    batch = local_batch.to(device)
+    schedule.step(*((batch,) if stage.is_first else ()),
+                  target=batch if stage.is_last else None,
+                  losses=micro_losses if stage.is_last else None, return_outputs=False)
+    ce = sum(float(loss.detach()) for loss in micro_losses) / micro_batches
+    sums = torch.tensor([ce + float(stage.step_aux) / micro_batches, ce], dtype=torch.float64)
+    pp = dp.mesh.pp
+    all_reduce_(sums, pp)
+    if moe_layers:
+        stats.add(stage.all_layer_stats(moe_layers))
+        stats.apply_(lambda t: all_reduce_(t, pp))
+    return _reduce_over_replicas(dp, stats, sums)
+
+
+def _reduce_over_replicas(dp: DataParallel, stats: MoEStepStats, sums: torch.Tensor
+                          ) -> tuple[float, float]:
+    """Gradients reduced over the replica groups, statistics summed and (loss, CE) averaged
+    over data-parallel ranks."""
     dp.reduce_gradients()
     stats.apply_(lambda t: all_reduce_(t, dp.mesh.dp))
     all_reduce_(sums, dp.mesh.dp).div_(dp.mesh.layout.dp)
