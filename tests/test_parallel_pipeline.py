@@ -75,7 +75,8 @@ def _pipeline_worker(rank: int, world: int, layout: ParallelLayout, stages: Pipe
     config = pipeline_config()
     full = build_model(config, seed=0, dtype=torch.float32)
     full.configure_moe_training(MoETrainingOptions(capacity_factor=1.0))
-    full.set_aux_coefs([0.01] * len(full.moe_blocks()))
+    coefs = [0.01 * (j + 1) for j in range(len(full.moe_blocks()))]
+    full.set_aux_coefs(coefs)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, config.vocab_size, (ROWS, SEQ), generator=gen)
                for _ in range(STEPS)]
@@ -84,7 +85,9 @@ def _pipeline_worker(rank: int, world: int, layout: ParallelLayout, stages: Pipe
     ref_losses, ref_grads, ref_norms, ref_drops = _reference(full, batches, MICRO)
 
     mesh = build_mesh(layout)
+    staged.set_aux_coefs([0.0] * len(coefs))
     stage = PipelineStageModel(staged, stages, mesh.coords.pp).train()
+    stage.set_aux_coefs(coefs)  # each stage picks its layers' coefficients
     placements = parameter_placements(stage, mesh)
     numel = {n: p.numel() for n, p in stage.named_parameters()}
     parallelize(stage, mesh)

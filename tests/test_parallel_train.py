@@ -29,9 +29,10 @@ from test_train import _config
 TOLERANCE = 1e-5
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
+def _losses(run_dir: Path, kind: str = "train") -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+    key = "loss" if kind == "train" else "val_loss"
+    return {r["step"]: r[key] for r in rows if r["kind"] == kind}
 
 
 def _torchrun(config_file: Path, nproc: int, *args: str) -> subprocess.CompletedProcess:
@@ -45,7 +46,7 @@ def _torchrun(config_file: Path, nproc: int, *args: str) -> subprocess.Completed
 
 
 def test_layouts_match_one_process_and_resume_across_layouts(tmp_path):
-    settings = dict(train={"precision": "fp32", "steps": 6, "lr_decay_steps": 6,
+    settings = dict(train={"precision": "fp32", "steps": 8, "lr_decay_steps": 8,
                            "batch_size": 4, "micro_batch_size": 2, "checkpoint_every": 2},
                     tokenizer={"vocab_size": 301})  # odd vocabulary: uneven vocab shards
     reference = Trainer(_config(tmp_path, "single", **settings), quiet=True)
@@ -54,23 +55,34 @@ def test_layouts_match_one_process_and_resume_across_layouts(tmp_path):
     want = _losses(tmp_path / "single")
 
     # One process for 2 steps, then EDP (experts over the TP group) for 2, then DP + EP for
-    # the last 2: each resume reads a whole-model checkpoint written under another layout.
+    # 2, then a 2-stage pipeline (the embedding alone on the first stage, one layer recomputed
+    # on the second) for the last 2:
+    # each resume reads a whole-model checkpoint written under another layout.
     cfg = _config(tmp_path, "sharded", **settings)
     cfg.tokenizer.path = str(tmp_path / "single" / "tokenizer")  # the same token ids
     cfg.train.steps = 2
     first = Trainer(cfg, quiet=True)
     first.run()
     first.close()
-    cfg.train.steps = 6
+    cfg.train.steps = 8
     config_file = tmp_path / "sharded.toml"
     cfg.save(config_file)
     _torchrun(config_file, 2, "--resume", "--steps", "4", "--set", "parallel.tp=2",
               "--set", "parallel.expert=edp")
-    _torchrun(config_file, 2, "--resume", "--set", "parallel.dp=2", "--set", "parallel.ep=2")
+    _torchrun(config_file, 2, "--resume", "--steps", "6", "--set", "parallel.dp=2",
+              "--set", "parallel.ep=2")
+    _torchrun(config_file, 2, "--resume", "--set", "parallel.pp=2",
+              "--set", "parallel.pp_layers=0,2", "--set", "parallel.pp_recompute=0,1")
     got = _losses(tmp_path / "sharded")
-    assert sorted(got) == sorted(want) == list(range(1, 7))
+    assert sorted(got) == sorted(want) == list(range(1, 9))
     for step, loss in want.items():
         assert abs(got[step] - loss) / loss < TOLERANCE, (step, got[step], loss)
+    # Validation under every layout too (the pipeline's forward-only schedule at step 8; each
+    # leg also validates at its last step).
+    want_val, got_val = _losses(tmp_path / "single", "val"), _losses(tmp_path / "sharded", "val")
+    assert sorted(want_val) == [3, 6, 8] and sorted(got_val) == [2, 3, 4, 6, 8]
+    for step, loss in want_val.items():
+        assert abs(got_val[step] - loss) / loss < TOLERANCE, ("val", step, got_val[step], loss)
 
 
 def _failing_rank(rank: int, world: int, port: int, mode: str, result: mp.Queue) -> None:

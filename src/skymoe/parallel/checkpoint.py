@@ -53,19 +53,27 @@ def gather_tensor(local: torch.Tensor, name: str, full_shape: tuple[int, ...],
     return full
 
 
-def _full_shapes(config: SkyworkMoeConfig) -> dict[str, tuple[int, ...]]:
+def full_shapes(config: SkyworkMoeConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter name of the whole model (in model order) and its unsharded shape."""
     with torch.device("meta"):
         template = SkyworkForCausalLM(config)
     return {n: tuple(p.shape) for n, p in template.named_parameters()}
 
 
+def _local_or_absent(params: dict[str, torch.Tensor], name: str) -> tuple[torch.Tensor, bool]:
+    """This rank's piece of ``name``, or an empty placeholder when another pipeline stage
+    holds it."""
+    return (params[name], True) if name in params else (torch.zeros(0), False)
+
+
 @torch.no_grad()
-def gather_model(model: SkyworkForCausalLM, mesh: ParallelMesh) -> SkyworkForCausalLM | None:
-    """The whole fp32 model on rank 0 (None elsewhere)."""
+def gather_model(model: nn.Module, mesh: ParallelMesh) -> SkyworkForCausalLM | None:
+    """The whole fp32 model on rank 0 (None elsewhere) from every rank's shard (a sharded
+    ``SkyworkForCausalLM`` or pipeline stage)."""
     if not mesh.world.active:
         return model
     config = model.config
-    shapes = _full_shapes(config)
+    shapes = full_shapes(config)
     full = None
     if mesh.is_main:
         with torch.device("meta"):
@@ -73,85 +81,78 @@ def gather_model(model: SkyworkForCausalLM, mesh: ParallelMesh) -> SkyworkForCau
         full.to_empty(device="cpu")
         full.tie_weights()
         targets = dict(full.named_parameters())
-    for name, p in model.named_parameters():
-        t = gather_tensor(p, name, shapes[name], config, mesh)
+    params = dict(model.named_parameters())
+    for name, shape in shapes.items():
+        local, held = _local_or_absent(params, name)
+        t = gather_tensor(local, name, shape, config, mesh, valid=held)
         if full is not None:
             targets[name].copy_(t)
     return full
 
 
-def _named_groups(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[list[str]]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
-
-
 @torch.no_grad()
-def gather_optimizer_state(optimizer: torch.optim.Optimizer, model: SkyworkForCausalLM,
-                           dp: DataParallel, mesh: ParallelMesh) -> dict[str, Any] | None:
-    """On rank 0, the ``state_dict()`` an AdamW over the whole model (same parameter groups,
-    in model order) would have; None elsewhere."""
+def gather_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module,
+                           dp: DataParallel, mesh: ParallelMesh, full_groups: list[list[str]]
+                           ) -> dict[str, Any] | None:
+    """On rank 0, the ``state_dict()`` an AdamW over the whole model would have; None
+    elsewhere. ``full_groups``: the whole model's parameter names per optimizer group (this
+    rank's optimizer has the same groups, holding its own parameters)."""
     if not mesh.world.active:
         return optimizer.state_dict()
-    shapes = _full_shapes(model.config)
+    shapes = full_shapes(model.config)
     owned = {it.name: dp.owns(it) for it in dp.items}
     params = dict(model.named_parameters())
     state: dict[int, dict[str, torch.Tensor]] = {}
-    index = 0
-    for names in _named_groups(optimizer, model):
-        for name in names:
-            p = params[name]
-            s = optimizer.state.get(p, {})
-            valid = owned[name] and "exp_avg" in s
-            entry: dict[str, torch.Tensor] = {}
-            for key in ("exp_avg", "exp_avg_sq"):
-                local = s[key] if valid else torch.zeros_like(p)
-                full = gather_tensor(local, name, shapes[name], model.config, mesh, valid)
-                if full is not None:
-                    entry[key] = full
-            step = torch.tensor([float(s["step"]) if valid else -1.0])
-            all_reduce_(step, mesh.world, dist.ReduceOp.MAX)  # the owner's step count
-            if mesh.is_main and step.item() >= 0:
-                state[index] = {"step": torch.tensor(step.item()), **entry}
-            index += 1
+    for index, name in enumerate(n for names in full_groups for n in names):
+        p, held = _local_or_absent(params, name)
+        s = optimizer.state.get(p, {}) if held else {}
+        valid = held and owned[name] and "exp_avg" in s
+        entry: dict[str, torch.Tensor] = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            local = s[key] if valid else torch.zeros_like(p)
+            full = gather_tensor(local, name, shapes[name], model.config, mesh, valid)
+            if full is not None:
+                entry[key] = full
+        step = torch.tensor([float(s["step"]) if valid else -1.0])
+        all_reduce_(step, mesh.world, dist.ReduceOp.MAX)  # the owner's step count
+        if mesh.is_main and step.item() >= 0:
+            state[index] = {"step": torch.tensor(step.item()), **entry}
     if not mesh.is_main:
         return None
     groups, start = [], 0
-    for group in optimizer.param_groups:
-        n = len(group["params"])
+    for group, names in zip(optimizer.param_groups, full_groups):
         groups.append({**{k: v for k, v in group.items() if k != "params"},
-                       "params": list(range(start, start + n))})
-        start += n
+                       "params": list(range(start, start + len(names)))})
+        start += len(names)
     return {"state": state, "param_groups": groups}
 
 
 @torch.no_grad()
 def restore_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any],
-                            model: SkyworkForCausalLM, dp: DataParallel, mesh: ParallelMesh
-                            ) -> None:
-    """Load a whole-model ``saved`` state dict into this rank's (sharded, ZeRO-1) optimizer:
-    each owned parameter gets its piece of the saved moments."""
+                            model: nn.Module, dp: DataParallel, mesh: ParallelMesh,
+                            full_groups: list[list[str]]) -> None:
+    """Load a whole-model ``saved`` state dict (groups as in ``full_groups``) into this rank's
+    (sharded, ZeRO-1, pipeline-stage) optimizer: each owned parameter gets its piece of the
+    saved moments."""
     if not mesh.world.active:
         optimizer.load_state_dict(saved)
         return
     owned = {it.name: dp.owns(it) for it in dp.items}
     params = dict(model.named_parameters())
     places = {it.name: it.placement for it in dp.items}
-    names_in_order = [n for names in _named_groups(optimizer, model) for n in names]
+    names_in_order = [n for names in full_groups for n in names]
     saved_count = sum(len(g["params"]) for g in saved["param_groups"])
     if saved_count != len(names_in_order):
         raise ValueError(f"the saved optimizer has {saved_count} parameters, this model "
                          f"{len(names_in_order)}")
-    index = 0
-    for names in _named_groups(optimizer, model):
-        for name in names:
-            entry = saved["state"].get(index)
-            index += 1
-            if entry is None or not owned[name]:
-                continue
-            p = params[name]
-            optimizer.state[p] = {
-                "step": entry["step"].clone().float().to(p.device),
-                "exp_avg": places[name].take(entry["exp_avg"]).to(p),
-                "exp_avg_sq": places[name].take(entry["exp_avg_sq"]).to(p)}
+    for index, name in enumerate(names_in_order):
+        entry = saved["state"].get(index)
+        if entry is None or name not in params or not owned[name]:
+            continue
+        p = params[name]
+        optimizer.state[p] = {
+            "step": entry["step"].clone().float().to(p.device),
+            "exp_avg": places[name].take(entry["exp_avg"]).to(p),
+            "exp_avg_sq": places[name].take(entry["exp_avg_sq"]).to(p)}
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
         group.update({k: v for k, v in saved_group.items() if k != "params"})

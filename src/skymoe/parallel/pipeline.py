@@ -89,10 +89,23 @@ class PipelineStageModel(nn.Module):
         return {i: layer.block_sparse_moe for i, layer in zip(self.layer_ids, self.layers)
                 if hasattr(layer, "block_sparse_moe")}
 
-    def set_aux_coefs(self, coefs: dict[int, float]) -> None:
-        """Balance-loss coefficients by global layer index (this stage takes its own)."""
+    def set_aux_coefs(self, coefs: list[float]) -> None:
+        """Balance-loss coefficients of every MoE layer of the whole model, in layer order
+        (as ``SkyworkForCausalLM.set_aux_coefs``); this stage takes its own."""
+        moe_layers = [i for i in range(self.config.num_hidden_layers)
+                      if self.config.is_moe_layer(i)]
+        if len(coefs) != len(moe_layers):
+            raise ValueError(f"got {len(coefs)} coefficients for {len(moe_layers)} MoE layers")
+        by_layer = dict(zip(moe_layers, coefs))
         for i, block in self.moe_blocks().items():
-            block.aux_coef = float(coefs[i])
+            block.aux_coef = float(by_layer[i])
+
+    def compile_layers(self, **compile_kwargs) -> "PipelineStageModel":
+        """``torch.compile`` each of the stage's decoder layers in place (see
+        ``SkyworkForCausalLM.compile_layers``)."""
+        for layer in self.layers:
+            layer.compile(**compile_kwargs)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with self.autocast():

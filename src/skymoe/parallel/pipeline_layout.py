@@ -16,7 +16,8 @@ from ..errors import ConfigError
 from .layout import split_sizes
 
 
-def _parse_counts(text: str, what: str) -> tuple[int, ...]:
+def parse_counts(text: str, what: str) -> tuple[int, ...]:
+    """Per-stage counts from ``"5,5,4"``; ``what`` names the setting in errors."""
     try:
         values = tuple(int(v) for v in text.replace(" ", "").split(",") if v != "")
     except ValueError:
@@ -52,8 +53,8 @@ class PipelineLayout:
     @classmethod
     def parse(cls, layers: str, recompute: str = "") -> "PipelineLayout":
         """From ``"5,5,5,5,4"`` and optionally ``"2,1,0,0,0"``."""
-        counts = _parse_counts(layers, "parallel.pp_layers")
-        return cls(counts, _parse_counts(recompute, "parallel.pp_recompute") if recompute else ())
+        counts = parse_counts(layers, "parallel.pp_layers")
+        return cls(counts, parse_counts(recompute, "parallel.pp_recompute") if recompute else ())
 
     @property
     def stages(self) -> int:

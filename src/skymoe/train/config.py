@@ -18,6 +18,8 @@ import tomli_w
 
 from ..errors import ConfigError
 from ..parallel.layout import ParallelLayout, parse_layout
+from ..parallel.pipeline import SCHEDULES
+from ..parallel.pipeline_layout import PipelineLayout, parse_counts
 
 
 @dataclass
@@ -92,6 +94,11 @@ class ParallelSection:
 
     dp: int = 1
     tp: int = 1
+    pp: int = 1                   # pipeline stages (torch.distributed.pipelining)
+    pp_layers: str = ""           # decoder layers per stage, "5,5,5,5,4" (default: even split)
+    pp_recompute: str = ""        # recomputed layers per stage, "2,1,0,0,0" (default: none, or
+    #                               every layer with train.activation_checkpointing)
+    pp_schedule: str = "1f1b"     # "1f1b" or "gpipe"
     ep: int = 1
     etp: int = 1
     expert: str = ""              # preset: "edp" (ep = tp), "etp" (ep = dp, etp = tp), "ep"
@@ -147,6 +154,8 @@ class TrainConfig:
              "parallel.expert must be 'ep', 'etp' or 'edp'"),
             (self.parallel.timeout_s > 0, "parallel.timeout_s must be > 0"),
             (self.parallel.a2a_chunks >= 1, "parallel.a2a_chunks must be >= 1"),
+            (self.parallel.pp_schedule in SCHEDULES,
+             f"parallel.pp_schedule must be one of {', '.join(SCHEDULES)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -155,8 +164,22 @@ class TrainConfig:
     def layout(self) -> ParallelLayout:
         """The ``ParallelLayout`` of the [parallel] section."""
         p = self.parallel
-        return parse_layout({"dp": p.dp, "tp": p.tp, "ep": p.ep, "etp": p.etp,
+        return parse_layout({"dp": p.dp, "tp": p.tp, "pp": p.pp, "ep": p.ep, "etp": p.etp,
                              "expert": p.expert})
+
+    def pipeline_layout(self, num_layers: int) -> PipelineLayout:
+        """Layers and recomputed layers per stage for a model of ``num_layers`` layers:
+        ``parallel.pp_layers`` / ``pp_recompute``, by default an even split recomputing
+        nothing (every layer with ``train.activation_checkpointing``)."""
+        p = self.parallel
+        layers = (parse_counts(p.pp_layers, "parallel.pp_layers") if p.pp_layers
+                  else PipelineLayout.uniform(num_layers, p.pp).layers)
+        if p.pp_recompute:
+            recompute = parse_counts(p.pp_recompute, "parallel.pp_recompute")
+        else:
+            recompute = layers if self.train.activation_checkpointing else ()
+        layout = PipelineLayout(layers, recompute)
+        return layout.validate(num_layers, p.pp)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -17,8 +17,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Sequence
 
 import torch
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from tqdm import tqdm
 
 from ..checkpoint import load_model, load_tokenizer
@@ -36,6 +38,7 @@ from ..parallel.data_parallel import DataParallel
 from ..parallel.health import guard_collectives
 from ..parallel.layout import split_range
 from ..parallel.mesh import build_mesh, init_distributed
+from ..parallel.pipeline import PipelineStageModel, build_schedule
 from ..runtime import keep_freed_memory
 from . import checkpointing, data
 from . import step as step_ops
@@ -110,10 +113,17 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         if resume:
             self._resume_model()
-        # Shard the full model for this rank (a no-op for one process).
+        self.full_groups = _param_groups(
+            parallel_checkpoint.full_shapes(self.model.config).items())
+        self.schedule = None
+        if layout.pp > 1:  # from here on ``model`` is this rank's pipeline stage
+            self.model = self._pipeline_stage()
+        # Shard the model (or stage) for this rank (a no-op for one process).
         placements = parameter_placements(self.model, self.mesh)
         numel = {n: p.numel() for n, p in self.model.named_parameters()}
         parallelize(self.model, self.mesh, cfg.parallel.a2a_chunks)
+        if layout.pp > 1:
+            self.schedule = self._pipeline_schedule()
         self.dp = DataParallel(self.model, self.mesh, placements, numel, cfg.parallel.zero)
         self.optimizer = self._build_optimizer()
         if resume:
@@ -207,14 +217,40 @@ class Trainer:
         model.activation_checkpointing = self.cfg.train.activation_checkpointing
         return model.train()
 
+    def _pipeline_stage(self) -> PipelineStageModel:
+        """This rank's stage of the full model under ``parallel.pp_layers``/``pp_recompute``."""
+        config = self.model.config
+        if config.tie_word_embeddings:
+            raise ConfigError("pipeline parallelism (parallel.pp > 1) does not support tied "
+                              "input/output embeddings (tie_word_embeddings = true): the "
+                              "embedding and the LM head live on different stages")
+        pipe = self.cfg.pipeline_layout(config.num_hidden_layers)
+        rows = self.local_rows[1] - self.local_rows[0]
+        if rows % self.cfg.train.micro_batch_size:
+            raise ConfigError(f"with pipeline parallelism each data-parallel rank's "
+                              f"{rows} rows must split into equal micro-batches of "
+                              f"train.micro_batch_size = {self.cfg.train.micro_batch_size}")
+        self._log(f"pipeline: {pipe.describe()} over {pipe.stages} stages, "
+                  f"{self.cfg.parallel.pp_schedule} schedule")
+        stage = PipelineStageModel(self.model, pipe, self.mesh.coords.pp).train()
+        stage.autocast = self._autocast
+        return stage
+
+    def _pipeline_schedule(self) -> PipelineScheduleSingle:
+        t = self.cfg.train
+        rows = self.local_rows[1] - self.local_rows[0]
+        return build_schedule(
+            self.model, self.mesh, rows // t.micro_batch_size, t.micro_batch_size,
+            self.cfg.data.seq_len, self.cfg.parallel.pp_schedule,
+            torch.bfloat16 if t.precision == "bf16" else torch.float32, self.device)
+
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        # No weight decay on norms (vectors); matrices, experts and embeddings decay.
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        params = dict(self.model.named_parameters())
+        decay, no_decay = _param_groups((n, p.shape) for n, p in params.items())
         t = self.cfg.train
         return torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
+            [{"params": [params[n] for n in decay], "weight_decay": t.weight_decay},
+             {"params": [params[n] for n in no_decay], "weight_decay": 0.0}],
             lr=lr_at(0, self.cfg), betas=(t.beta1, t.beta2),
             fused=self.device.type in ("cpu", "cuda"))  # one kernel: 7x faster on CPU
 
@@ -234,7 +270,7 @@ class Trainer:
         saved = checkpointing.read_optimizer_state(file)
         try:
             parallel_checkpoint.restore_optimizer_state(self.optimizer, saved, self.model,
-                                                        self.dp, self.mesh)
+                                                        self.dp, self.mesh, self.full_groups)
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise TrainingError(f"{file}: does not match this run's optimizer ({exc}); resume "
                                 "with the model and settings the run was saved with") from None
@@ -260,8 +296,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.stats.reset()
         local = batch[self.local_rows[0]:self.local_rows[1]]  # this data-parallel rank's rows
-        return step_ops.accumulate_gradients(self.model, local, self.cfg.train.micro_batch_size,
-                                         self.dp, self.stats, self._autocast, self.device)
+        t = self.cfg.train
+        if self.schedule is not None:
+            return step_ops.pipeline_accumulate_gradients(
+                self.schedule, self.model, local, local.shape[0] // t.micro_batch_size,
+                self.moe_layers, self.dp, self.stats, self.device)
+        return step_ops.accumulate_gradients(self.model, local, t.micro_batch_size, self.dp,
+                                             self.stats, self._autocast, self.device)
 
     def train_step(self, batch: torch.Tensor) -> StepResult:
         """Gradients of one batch, clipping and the AdamW update. A non-finite loss or gradient
@@ -290,22 +331,41 @@ class Trainer:
             return None
         t = self.cfg.train
         dp = self.mesh.dp
+        # A pipeline evaluates a whole schedule step (a data-parallel rank's rows) at a time.
+        rows = (self.local_rows[1] - self.local_rows[0] if self.schedule is not None
+                else t.micro_batch_size)
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64)  # sum of loss * sequences, sequences
         try:
-            for i, start in enumerate(range(0, self.val_seqs.shape[0], t.micro_batch_size)):
-                if i >= t.eval_batches:
-                    break
+            starts = range(0, self.val_seqs.shape[0], rows)
+            for i, start in enumerate(starts[:max(1, t.eval_batches * t.micro_batch_size
+                                                  // rows)]):
                 if i % dp.size != dp.rank:  # data-parallel ranks share the batches
                     continue
-                batch = self.val_seqs[start:start + t.micro_batch_size].to(self.device)
-                with self._autocast():
-                    loss = float(self.model(batch, labels=batch).loss)
-                sums += torch.tensor([loss * batch.shape[0], batch.shape[0]])
+                batch = self.val_seqs[start:start + rows].to(self.device)
+                if self.schedule is None:
+                    with self._autocast():
+                        loss = float(self.model(batch, labels=batch).loss)
+                    sums += torch.tensor([loss * batch.shape[0], batch.shape[0]])
+                elif batch.shape[0] == rows:  # the schedule's shapes are fixed
+                    sums += self._pipeline_eval_sums(batch)
         finally:
             self.model.train()
+        all_reduce_(sums, self.mesh.pp)
         all_reduce_(sums, dp)
-        return float(sums[0] / sums[1])
+        return float(sums[0] / sums[1]) if sums[1] else None
+
+    def _pipeline_eval_sums(self, batch: torch.Tensor) -> torch.Tensor:
+        """(sum of loss * sequences, sequences) of ``batch`` through the pipeline, forward
+        only; zeros except on the last stage."""
+        stage = self.model
+        losses: list[torch.Tensor] = []
+        self.schedule.eval(*((batch,) if stage.is_first else ()),
+                           target=batch if stage.is_last else None,
+                           losses=losses if stage.is_last else None, return_outputs=False)
+        micro = self.cfg.train.micro_batch_size
+        total = sum(float(loss) for loss in losses) * micro
+        return torch.tensor([total, micro * len(losses)], dtype=torch.float64)
 
     def save(self) -> Path:
         """Write a checkpoint of the whole model (gathered from every rank onto rank 0), so
@@ -316,7 +376,7 @@ class Trainer:
                  "layout": self.mesh.layout.name}
         full_model = parallel_checkpoint.gather_model(self.model, self.mesh)
         optimizer_state = parallel_checkpoint.gather_optimizer_state(
-            self.optimizer, self.model, self.dp, self.mesh)
+            self.optimizer, self.model, self.dp, self.mesh, self.full_groups)
         path = (self.run_dir / checkpointing.CHECKPOINTS
                 / checkpointing.step_dir_name(self.step))
         if self.is_main:
@@ -421,6 +481,14 @@ class Trainer:
         finally:
             self.model.train()
         return self.tokenizer.decode(ids[1:] + new[0].tolist())
+
+
+def _param_groups(shapes: Iterable[tuple[str, Sequence[int]]]) -> list[list[str]]:
+    """Parameter names with weight decay (matrices, experts, embeddings) and without (norms
+    and other vectors), in model order."""
+    named = list(shapes)
+    return [[n for n, shape in named if len(shape) >= 2],
+            [n for n, shape in named if len(shape) < 2]]
 
 
 def _first_bytes(docs: list[str], limit: int) -> list[str]:
