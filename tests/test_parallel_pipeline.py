@@ -21,9 +21,10 @@ from skymoe.model.transformer import build_model
 from skymoe.parallel.apply import parallelize, parameter_placements
 from skymoe.parallel.data_parallel import DataParallel
 from skymoe.parallel.layout import ParallelLayout, split_range
-from skymoe.parallel.mesh import build_mesh
+from skymoe.parallel.mesh import build_mesh, local_mesh
 from skymoe.parallel.pipeline import PipelineStageModel, build_schedule
 from skymoe.parallel.pipeline_layout import PipelineLayout
+from skymoe.train import config as train_config
 from skymoe.train.metrics import MoEStepStats
 from skymoe.train.step import pipeline_accumulate_gradients
 
@@ -166,3 +167,34 @@ def test_stage_model_rejects_bad_layouts():
         PipelineStageModel(model, PipelineLayout((3, 0, 2)), 0)
     with pytest.raises(ConfigError, match="recomputes 3 layers but holds 2"):
         PipelineStageModel(model, PipelineLayout((3, 2), (0, 3)), 0)
+
+
+def test_schedule_needs_enough_micro_batches_and_a_known_name():
+    model = build_model(pipeline_config(), seed=0)
+    stage = PipelineStageModel(model, PipelineLayout((3, 2)), 0)
+    mesh = local_mesh()
+    with pytest.raises(ConfigError, match="at least as many micro-batches"):
+        build_schedule(stage, mesh, 1, MICRO, SEQ, "1f1b")
+    with pytest.raises(ConfigError, match="unknown pipeline schedule 'zb'"):
+        build_schedule(stage, mesh, 4, MICRO, SEQ, "zb")
+
+
+def test_training_config_pipeline_layouts():
+    cfg = train_config.load(None, ["parallel.pp=2", "parallel.pp_layers=4,1",
+                                   "parallel.pp_recompute=2,0"])
+    assert cfg.layout().pp == 2
+    assert cfg.pipeline_layout(5) == PipelineLayout((4, 1), (2, 0))
+    cfg = train_config.from_dict({"parallel": {"pp": 2, "pp_layers": [1, 4]}})  # TOML lists
+    assert cfg.pipeline_layout(5) == PipelineLayout((1, 4))
+    # Defaults: the even split, every layer recomputed under activation checkpointing.
+    cfg = train_config.load(None, ["parallel.pp=2", "train.activation_checkpointing=true"])
+    assert cfg.pipeline_layout(5) == PipelineLayout((3, 2), (3, 2))
+    for overrides, message in [
+            (["parallel.pp=3", "parallel.pp_layers=4,1"], "has 2 stages .* parallel.pp = 3"),
+            (["parallel.pp=2", "parallel.pp_layers=4,2"], "places 6 layers .* must sum to 5"),
+            (["parallel.pp=2", "parallel.pp_layers=4;1"], "comma-separated integers"),
+            (["parallel.pp=2", "parallel.pp_recompute=1"], "1 entries for 2 stages")]:
+        with pytest.raises(ConfigError, match=message):
+            train_config.load(None, overrides).pipeline_layout(5)
+    with pytest.raises(ConfigError, match="pp_schedule must be one of"):
+        train_config.load(None, ["parallel.pp_schedule=zb"])

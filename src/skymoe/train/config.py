@@ -193,7 +193,13 @@ class TrainConfig:
 
 
 def _coerce(where: str, default: Any, value: Any) -> Any:
-    """``value`` checked against the type of the setting's default (ints accepted as floats)."""
+    """``value`` checked against the type of the setting's default (ints accepted as floats;
+    an int or a list of ints where text is expected, as for ``parallel.pp_layers = [3, 2]``
+    or ``--set parallel.pp_layers=8``, become ``"3,2"`` / ``"8"``)."""
+    if isinstance(default, str) and _is_int(value):
+        value = str(value)
+    elif isinstance(default, str) and isinstance(value, list) and all(map(_is_int, value)):
+        value = ",".join(map(str, value))
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
@@ -207,6 +213,10 @@ def _coerce(where: str, default: Any, value: Any) -> Any:
         raise ConfigError(f"training config: {where} must be a {type(default).__name__}, "
                           f"got {value!r}")
     return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
