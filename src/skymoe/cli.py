@@ -20,6 +20,8 @@ from .config import SkyworkMoeConfig, format_count, parameter_counts, resolve_co
 from .errors import ConfigError, SkymoeError
 from .checkpoint.fp8 import FP8_MODES
 from .infer.planner import GPU_PRESETS
+from .parallel.pipeline_cost import DEVICE_PRESETS
+from .parallel.pipeline_planner import SCHEDULES as PIPELINE_SCHEDULES
 from .units import parse_size
 
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -439,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench_generate)
 
-    plan = sub.add_parser("plan", help="plan a deployment (serve)",
+    plan = sub.add_parser("plan", help="plan a deployment (pipeline, serve)",
                           description="Planners computed from a model config alone.")
     plan_sub = plan.add_subparsers(dest="what", required=True, metavar="WHAT")
     p = plan_sub.add_parser(
@@ -463,6 +465,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=1024,
                    help="average cached tokens per sequence for the estimate (default 1024)")
     p.set_defaults(func=cmd_plan_serve)
+
+    p = plan_sub.add_parser(
+        "pipeline", help="layers and recomputed layers per pipeline stage for training",
+        description="Choose decoder layers per pipeline stage and how many of them recompute "
+                    "their activations, minimizing the simulated step time of the 1f1b or "
+                    "gpipe schedule while every stage fits in memory (the first stage also "
+                    "runs the embedding and holds the most micro-batches in flight, the last "
+                    "runs the LM head and loss). Costs come from the config (analytical: FLOPs "
+                    "at a GPU preset's sustained rate, saved-tensor byte formulas) or from "
+                    "timing the model's layers on this machine's CPU (measured). With --layout, "
+                    "evaluate that layout instead.")
+    p.add_argument("model", metavar="MODEL",
+                   help="preset name (e.g. skywork-moe-base), config.json or checkpoint dir")
+    p.add_argument("--stages", type=int,
+                   help="pipeline stages (required unless --layout gives them)")
+    p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
+    p.add_argument("--micro-batch-size", type=int, default=1,
+                   help="sequences per micro-batch (default 1)")
+    p.add_argument("--micro-batches", type=int,
+                   help="micro-batches per step on each pipeline (default 4 x stages)")
+    p.add_argument("--schedule", choices=PIPELINE_SCHEDULES, default="1f1b",
+                   help="pipeline schedule (default 1f1b)")
+    p.add_argument("--profile", choices=("analytical", "measured"), default="analytical",
+                   help="costs from FLOP and byte formulas for --device-preset (default), or "
+                        "measured by running the layers on this machine's CPU")
+    p.add_argument("--device-preset", choices=sorted(DEVICE_PRESETS), default="a800",
+                   help="training GPU for the analytical costs and the default memory "
+                        "(default a800)")
+    p.add_argument("--memory",
+                   help="memory per device for weights, gradients, optimizer states and "
+                        "activations, e.g. 80GB (default: the preset's, less 2 GiB for the "
+                        "CUDA context and allocator slack)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (analytical)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (analytical)")
+    p.add_argument("--dp", type=int, default=1,
+                   help="data-parallel size: ZeRO-1 shards the optimizer states over it")
+    p.add_argument("--no-zero", action="store_true",
+                   help="optimizer states replicated over data parallelism (no ZeRO-1)")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="bf16 autocast over fp32 weights (default) or fp32 (measured only)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed runs per measurement, median taken (measured; default 5)")
+    p.add_argument("--layout", help="layers per stage to evaluate instead of planning, "
+                                    "e.g. 5,5,5,5,4")
+    p.add_argument("--recompute", help="recomputed layers per stage for --layout, e.g. 2,1,0,0,0 "
+                                       "(default none)")
+    p.set_defaults(func=cmd_plan_pipeline)
     return parser
 
 
@@ -582,6 +631,59 @@ def cmd_plan_serve(args: argparse.Namespace) -> None:
     plan = plan_serve(resolve_config(args.model), args.gpus, dataclasses.replace(gpu, **changes),
                       args.dtype, args.kv_dtype, args.context)
     print(format_plan(plan))
+
+
+def cmd_plan_pipeline(args: argparse.Namespace) -> None:
+    from .parallel.pipeline_cost import analytical_profile, measure_profile
+    from .parallel.pipeline_layout import PipelineLayout
+    from .parallel.pipeline_planner import evaluate_layout, format_plan, plan_pipeline
+
+    if args.recompute and not args.layout:
+        raise UsageError("--recompute needs --layout (the layers per stage it applies to)")
+    layout = None
+    if args.layout:
+        try:
+            layout = PipelineLayout.parse(args.layout, args.recompute or "")
+        except ConfigError as exc:
+            raise UsageError(f"--layout / --recompute: {exc}") from None
+        if args.stages is not None and args.stages != layout.stages:
+            raise UsageError(f"--layout {args.layout} has {layout.stages} stages but --stages "
+                             f"is {args.stages}")
+    stages = args.stages if args.stages is not None else (layout.stages if layout else None)
+    if stages is None:
+        raise UsageError("--stages is required (or give a --layout)")
+    micro_batches = args.micro_batches if args.micro_batches is not None else 4 * stages
+    for flag, value in (("stages", stages), ("seq-len", args.seq_len),
+                        ("micro-batch-size", args.micro_batch_size),
+                        ("micro-batches", micro_batches), ("tp", args.tp), ("ep", args.ep),
+                        ("dp", args.dp), ("repeats", args.repeats)):
+        if value < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {value}")
+    config = resolve_config(args.model)
+    if layout is not None:
+        layout.validate(config.num_hidden_layers, stages)
+    device = DEVICE_PRESETS[args.device_preset]
+    memory = parse_size(args.memory) if args.memory else device.usable_memory
+    if args.profile == "analytical":
+        if args.precision != "bf16":
+            raise UsageError("the analytical profile models bf16 autocast training; use "
+                             "--profile measured for --precision fp32")
+        profile = analytical_profile(config, args.seq_len, args.micro_batch_size, device,
+                                     tp=args.tp, ep=args.ep, dp=args.dp, zero=not args.no_zero)
+    else:
+        if args.tp > 1 or args.ep > 1:
+            raise UsageError("--tp and --ep apply to the analytical profile; the measured one "
+                             "runs whole layers on this machine")
+        profile = measure_profile(config, args.seq_len, args.micro_batch_size, args.precision,
+                                  repeats=args.repeats, dp=args.dp, zero=not args.no_zero)
+    if layout is not None:
+        plan = evaluate_layout(layout, profile, micro_batches, memory, args.schedule)
+    else:
+        plan = plan_pipeline(profile, stages, micro_batches, memory, args.schedule)
+    print(format_plan(plan))
+    print(f"train config: [parallel] pp = {stages}, pp_layers = "
+          f"\"{','.join(map(str, plan.layout.layers))}\", pp_recompute = "
+          f"\"{','.join(map(str, plan.layout.recompute))}\", pp_schedule = \"{args.schedule}\"")
 
 
 def main(argv: list[str] | None = None) -> int:
