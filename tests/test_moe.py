@@ -161,3 +161,16 @@ def test_grouped_mm_kernel_path_matches_per_group_matmuls():
     for a, b in zip(g_got, g_ref):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=5e-2)
     assert g_got[1][1].abs().max() == 0 and g_got[1][3].abs().max() == 0
+
+
+def test_router_logits_stay_fp32_under_autocast():
+    """The router runs in fp32 even inside bf16 autocast (training's mixed precision)."""
+    torch.manual_seed(0)
+    block = MoEBlock(16, 8, 4, 2, use_logits_norm=False, norm_scale=1.0, two_layer_gate=False,
+                     mul_topk=False)
+    x = torch.randn(5, 16)
+    want = x @ block.gate.weight.T  # fp32 reference
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = block.router_logits(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -274,11 +274,13 @@ class MoEBlock(nn.Module):
         """Gate logits in fp32 (the router never runs in low precision), normalized when the
         block uses gating logit normalization: the values the softmax sees."""
         x = x_TH.float()
-        if isinstance(self.gate, nn.Sequential):
-            logits = F.linear(torch.tanh(F.linear(x, self.gate[0].weight.float())),
-                              self.gate[2].weight.float())
-        else:
-            logits = F.linear(x, self.gate.weight.float())
+        # Autocast would run these matmuls in bf16 whatever their inputs' dtype.
+        with torch.autocast(x.device.type, enabled=False):
+            if isinstance(self.gate, nn.Sequential):
+                logits = F.linear(torch.tanh(F.linear(x, self.gate[0].weight.float())),
+                                  self.gate[2].weight.float())
+            else:
+                logits = F.linear(x, self.gate.weight.float())
         return gating_logit_norm(logits, self.norm_scale) if self.use_logits_norm else logits
 
     def routing(self, x_TH: torch.Tensor) -> Routing:
