@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -507,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast over fp32 weights (default) or fp32 (measured only)")
     p.add_argument("--repeats", type=int, default=5,
                    help="timed runs per measurement, median taken (measured; default 5)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads while measuring (default: this machine's cores / stages, "
+                        "what each stage's process gets when all run here)")
     p.add_argument("--layout", help="layers per stage to evaluate instead of planning, "
                                     "e.g. 5,5,5,5,4")
     p.add_argument("--recompute", help="recomputed layers per stage for --layout, e.g. 2,1,0,0,0 "
@@ -656,7 +660,8 @@ def cmd_plan_pipeline(args: argparse.Namespace) -> None:
     for flag, value in (("stages", stages), ("seq-len", args.seq_len),
                         ("micro-batch-size", args.micro_batch_size),
                         ("micro-batches", micro_batches), ("tp", args.tp), ("ep", args.ep),
-                        ("dp", args.dp), ("repeats", args.repeats)):
+                        ("dp", args.dp), ("repeats", args.repeats),
+                        ("threads", 1 if args.threads is None else args.threads)):
         if value < 1:
             raise UsageError(f"--{flag} must be >= 1, got {value}")
     config = resolve_config(args.model)
@@ -674,6 +679,7 @@ def cmd_plan_pipeline(args: argparse.Namespace) -> None:
         if args.tp > 1 or args.ep > 1:
             raise UsageError("--tp and --ep apply to the analytical profile; the measured one "
                              "runs whole layers on this machine")
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // stages))
         profile = measure_profile(config, args.seq_len, args.micro_batch_size, args.precision,
                                   repeats=args.repeats, dp=args.dp, zero=not args.no_zero)
     if layout is not None:
