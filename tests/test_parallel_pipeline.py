@@ -1,10 +1,14 @@
 """Pipeline parallelism (torch.distributed.pipelining schedules over ``PipelineStageModel``)
 gives the single-process training step: losses, gradient norms, gradients and MoE drop rates
-of three AdamW steps match (fp32, relative error < 1e-5) for uneven layouts over 2 and 4
-stages, with and without recomputation, and with tensor/expert parallelism inside stages.
+of three steps match (fp32, relative error < 1e-5) for uneven layouts over 2 and 4 stages,
+with and without recomputation, with tensor/expert parallelism inside stages, and with two
+stages per rank (interleaved 1F1B, zero-bubble, ZBV).
 
 Each worker computes the single-process reference itself (same seed, the same micro-batches
-accumulated with equal shares), then runs its stage."""
+accumulated with equal shares), then runs its stages. The steps are SGD: AdamW turns the
+last-bit differences of a reordered sum (TP all-reduces) into whole-learning-rate steps on
+elements whose gradient is near zero, which says nothing about the pipeline; the trainer's
+AdamW under a pipeline is checked end to end in test_parallel_train.py."""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from skymoe.parallel.apply import parallelize, parameter_placements
 from skymoe.parallel.data_parallel import DataParallel
 from skymoe.parallel.layout import ParallelLayout, split_range
 from skymoe.parallel.mesh import build_mesh, local_mesh
-from skymoe.parallel.pipeline import PipelineStageModel, build_schedule
+from skymoe.parallel.pipeline import PipelineStageModel, build_schedule, stages_of_rank
 from skymoe.parallel.pipeline_layout import PipelineLayout
 from skymoe.train import config as train_config
 from skymoe.train.metrics import MoEStepStats
@@ -50,7 +54,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _reference(model, batches, micro):
     """Single-process steps: micro-batches of ``micro`` rows, each loss scaled by its share."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     losses, grads, norms, drops = [], [], [], []
     moe_count = len(model.moe_blocks())
     for batch in batches:
@@ -87,13 +91,14 @@ def _pipeline_worker(rank: int, world: int, layout: ParallelLayout, stages: Pipe
 
     mesh = build_mesh(layout)
     staged.set_aux_coefs([0.0] * len(coefs))
-    stage = PipelineStageModel(staged, stages, mesh.coords.pp).train()
+    on_rank = stages_of_rank(schedule, mesh.coords.pp, layout.pp, stages.stages)
+    stage = PipelineStageModel(staged, stages, on_rank).train()
     stage.set_aux_coefs(coefs)  # each stage picks its layers' coefficients
     placements = parameter_placements(stage, mesh)
     numel = {n: p.numel() for n, p in stage.named_parameters()}
     parallelize(stage, mesh)
     dp = DataParallel(stage, mesh, placements, numel)
-    optimizer = torch.optim.AdamW(stage.parameters(), lr=1e-3)
+    optimizer = torch.optim.SGD(stage.parameters(), lr=0.1)
     rows = split_range(ROWS, layout.dp, mesh.coords.dp)
     micro_batches = (rows[1] - rows[0]) // MICRO
     pipe = build_schedule(stage, mesh, micro_batches, MICRO, SEQ, schedule)
@@ -117,7 +122,7 @@ def _pipeline_worker(rank: int, world: int, layout: ParallelLayout, stages: Pipe
         dp.broadcast_parameters()
     # The stage holds exactly its layers (and the embedding / head on the end stages).
     names = {n.split(".")[2] for n, _ in stage.named_parameters() if ".layers." in n}
-    assert names == {str(i) for i in stages.stage_layers(mesh.coords.pp)}
+    assert names == {str(i) for s in on_rank for i in stages.stage_layers(s)}
     held = torch.tensor([float(sum(p.numel() for p in stage.parameters()))])
     dist.all_reduce(held)
     assert held.item() >= sum(p.numel() for p in full.parameters())
@@ -127,6 +132,11 @@ CASES_2 = [
     (ParallelLayout(pp=2), PipelineLayout((3, 2)), "1f1b"),
     (ParallelLayout(pp=2), PipelineLayout((1, 4), (1, 2)), "1f1b"),
     (ParallelLayout(pp=2), PipelineLayout((5, 0), (3, 0)), "gpipe"),
+    # Two stages per rank: rank 0 holds stages 0 and 2, rank 1 stages 1 and 3 ...
+    (ParallelLayout(pp=2), PipelineLayout((1, 2, 1, 1), (0, 1, 0, 0)), "interleaved-1f1b"),
+    (ParallelLayout(pp=2), PipelineLayout((2, 1, 1, 1)), "zero-bubble"),
+    # ... or in a V: rank 0 holds stages 0 and 3, rank 1 stages 1 and 2.
+    (ParallelLayout(pp=2), PipelineLayout((1, 2, 1, 1)), "zbv"),
 ]
 CASES_4 = [
     (ParallelLayout(pp=4), PipelineLayout((0, 2, 2, 1), (0, 1, 0, 1)), "1f1b"),
@@ -169,14 +179,22 @@ def test_stage_model_rejects_bad_layouts():
         PipelineStageModel(model, PipelineLayout((3, 2), (0, 3)), 0)
 
 
-def test_schedule_needs_enough_micro_batches_and_a_known_name():
+def test_schedules_place_stages_on_ranks():
     model = build_model(pipeline_config(), seed=0)
     stage = PipelineStageModel(model, PipelineLayout((3, 2)), 0)
     mesh = local_mesh()
-    with pytest.raises(ConfigError, match="at least as many micro-batches"):
-        build_schedule(stage, mesh, 1, MICRO, SEQ, "1f1b")
     with pytest.raises(ConfigError, match="unknown pipeline schedule 'zb'"):
         build_schedule(stage, mesh, 4, MICRO, SEQ, "zb")
+    with pytest.raises(ConfigError, match=r"runs stages \[0, 1\] on pipeline rank 0, but "
+                                          r"this rank's model holds \[0\]"):
+        build_schedule(stage, mesh, 4, MICRO, SEQ, "zbv")
+    with pytest.raises(ConfigError, match="runs two stages per pipeline rank, but the layout "
+                                          "has 2 stages for 2 ranks"):
+        stages_of_rank("zbv", 0, 2, 2)
+    with pytest.raises(ConfigError, match="runs one stage per pipeline rank"):
+        stages_of_rank("1f1b", 0, 2, 4)
+    assert stages_of_rank("zbv", 1, 4, 8) == [1, 6]
+    assert stages_of_rank("interleaved-1f1b", 1, 4, 12) == [1, 5, 9]
 
 
 def test_training_config_pipeline_layouts():
@@ -186,11 +204,15 @@ def test_training_config_pipeline_layouts():
     assert cfg.pipeline_layout(5) == PipelineLayout((4, 1), (2, 0))
     cfg = train_config.from_dict({"parallel": {"pp": 2, "pp_layers": [1, 4]}})  # TOML lists
     assert cfg.pipeline_layout(5) == PipelineLayout((1, 4))
+    cfg = train_config.load(None, ["parallel.pp=2", "parallel.pp_stages_per_rank=2",
+                                   "parallel.pp_schedule=interleaved-1f1b"])
+    assert cfg.pipeline_layout(5) == PipelineLayout((2, 1, 1, 1))
     # Defaults: the even split, every layer recomputed under activation checkpointing.
     cfg = train_config.load(None, ["parallel.pp=2", "train.activation_checkpointing=true"])
     assert cfg.pipeline_layout(5) == PipelineLayout((3, 2), (3, 2))
     for overrides, message in [
-            (["parallel.pp=3", "parallel.pp_layers=4,1"], "has 2 stages .* parallel.pp = 3"),
+            (["parallel.pp=3", "parallel.pp_layers=4,1"],
+             r"has 2 stages .* parallel.pp \* parallel.pp_stages_per_rank = 3"),
             (["parallel.pp=2", "parallel.pp_layers=4,2"], "places 6 layers .* must sum to 5"),
             (["parallel.pp=2", "parallel.pp_layers=4;1"], "comma-separated integers"),
             (["parallel.pp=2", "parallel.pp_recompute=1"], "1 entries for 2 stages")]:

@@ -1,10 +1,11 @@
 """Pipeline stages of a Skywork-MoE model, run by ``torch.distributed.pipelining``'s schedules.
 
-``PipelineStageModel`` takes this rank's stage out of a full model (a ``PipelineLayout`` says
-which decoder layers; the first stage also holds the embedding, the last the final norm, LM
-head and loss). Parameter names stay those of the full model (``model.layers.12.…``), so
-placements, tensor/expert parallelism (``parallelize``), data parallelism and checkpoints work
-on a stage unchanged.
+``PipelineStageModel`` takes this rank's stages out of a full model (a ``PipelineLayout`` says
+which decoder layers each stage holds; the first stage also holds the embedding, the last the
+final norm, LM head and loss). A rank holds one stage under 1F1B and GPipe and several under
+the interleaved and zero-bubble schedules. Parameter names stay those of the full model
+(``model.layers.12.…``), so placements, tensor/expert parallelism (``parallelize``), data
+parallelism and checkpoints work on a rank's stages unchanged.
 
 The MoE balance losses of a stage's layers never reach the last stage's loss: each is attached
 to the stage's activations by ``AttachAuxLoss`` (identity forward; in backward it hands the aux
@@ -15,12 +16,16 @@ single process does; the schedule divides every gradient by the micro-batch coun
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                          ScheduleInterleaved1F1B,
+                                          ScheduleInterleavedZeroBubble, ScheduleLoopedBFS,
+                                          ScheduleZBVZeroBubble)
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
@@ -29,8 +34,43 @@ from ..model.transformer import SkyworkForCausalLM
 from .mesh import ParallelMesh
 from .pipeline_layout import PipelineLayout
 
-SCHEDULES: dict[str, type[PipelineScheduleSingle]] = {"1f1b": Schedule1F1B,
-                                                      "gpipe": ScheduleGPipe}
+
+@dataclass(frozen=True)
+class ScheduleKind:
+    """A torch.distributed.pipelining schedule and how it places stages on ranks: one stage
+    per rank, several in a loop (rank r holds r, r + P, r + 2P, ...), or two in a V (rank r
+    holds r and 2P - 1 - r)."""
+
+    cls: type
+    placement: str  # "single", "loop" or "v"
+
+
+SCHEDULES: dict[str, ScheduleKind] = {
+    "1f1b": ScheduleKind(Schedule1F1B, "single"),
+    "gpipe": ScheduleKind(ScheduleGPipe, "single"),
+    "interleaved-1f1b": ScheduleKind(ScheduleInterleaved1F1B, "loop"),
+    "looped-bfs": ScheduleKind(ScheduleLoopedBFS, "loop"),
+    "zero-bubble": ScheduleKind(ScheduleInterleavedZeroBubble, "loop"),
+    "zbv": ScheduleKind(ScheduleZBVZeroBubble, "v"),
+}
+
+
+def stages_of_rank(schedule: str, rank: int, ranks: int, stages: int) -> list[int]:
+    """The pipeline stages ``schedule`` runs on pipeline rank ``rank`` of ``ranks`` when the
+    model is cut into ``stages`` stages (raises ``ConfigError`` when they do not fit)."""
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown pipeline schedule {schedule!r}; use one of "
+                          f"{', '.join(SCHEDULES)}")
+    kind = SCHEDULES[schedule].placement
+    per_rank, extra = divmod(stages, ranks)
+    if extra or (kind == "single" and per_rank != 1) or (kind == "v" and per_rank != 2):
+        want = {"single": "one stage", "v": "two stages", "loop": "the same number of stages"}
+        raise ConfigError(f"the {schedule} schedule runs {want[kind]} per pipeline rank, but "
+                          f"the layout has {stages} stages for {ranks} ranks; set "
+                          "parallel.pp_stages_per_rank (and parallel.pp_layers) to match")
+    if kind == "v":
+        return [rank, 2 * ranks - 1 - rank]
+    return [rank + k * ranks for k in range(per_rank)]
 
 
 class AttachAuxLoss(torch.autograd.Function):
@@ -41,7 +81,9 @@ class AttachAuxLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(aux)
-        return hidden
+        # A copy, not ``hidden`` itself: returned inputs become views, which the zero-bubble
+        # schedules' backward cannot detach in place.
+        return hidden.clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,21 +92,27 @@ class AttachAuxLoss(torch.autograd.Function):
 
 
 class PipelineStageModel(nn.Module):
-    """One pipeline stage of a full ``SkyworkForCausalLM`` (whose modules it takes over).
+    """The pipeline stages one rank runs, taken from a full ``SkyworkForCausalLM`` (whose
+    modules it takes over).
 
-    ``forward`` maps token ids (first stage) or hidden states [B, T, H] to hidden states, or to
-    logits on the last stage. In training each MoE layer's aux term is attached to the
-    activations and its statistics summed into ``step_stats`` / ``step_aux`` for the step.
+    ``run_stage(s, x)`` maps token ids (stage 0) or hidden states [B, T, H] to hidden states,
+    or to logits on the last stage; ``chunks()`` gives one module per stage for the schedule.
+    In training each MoE layer's aux term is attached to the activations and its statistics
+    summed into ``step_stats`` / ``step_aux`` for the step.
     """
 
-    def __init__(self, model: SkyworkForCausalLM, layout: PipelineLayout, stage: int) -> None:
+    def __init__(self, model: SkyworkForCausalLM, layout: PipelineLayout,
+                 stages: int | Sequence[int]) -> None:
         super().__init__()
         layout.validate(model.config.num_hidden_layers)
         self.config = model.config
-        self.stage, self.num_stages = stage, layout.stages
-        self.is_first, self.is_last = stage == 0, stage == layout.stages - 1
-        self.layer_ids = list(layout.stage_layers(stage))
-        self.recompute_ids = set(layout.recomputed_layers(stage))
+        self.stage_ids = sorted([stages] if isinstance(stages, int) else stages)
+        self.num_stages = layout.stages
+        # Whether this rank feeds the tokens in / computes the loss.
+        self.is_first, self.is_last = 0 in self.stage_ids, layout.stages - 1 in self.stage_ids
+        self.stage_layers = {s: list(layout.stage_layers(s)) for s in self.stage_ids}
+        self.layer_ids = sorted(i for s in self.stage_ids for i in self.stage_layers[s])
+        self.recompute_ids = {i for s in self.stage_ids for i in layout.recomputed_layers(s)}
         stack = nn.Module()  # keeps the HF prefix ``model.`` of every parameter name
         if self.is_first:
             stack.embed_tokens = model.model.embed_tokens
@@ -75,7 +123,7 @@ class PipelineStageModel(nn.Module):
         self.model = stack
         self.rotary = model.rotary
         self.loss_function = model.loss_function
-        # Entered around the forward (bf16 autocast in training); the schedule calls forward.
+        # Entered around each stage's forward (bf16 autocast in training); the schedule calls it.
         self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.step_aux = torch.zeros((), dtype=torch.float64)
         self.step_stats: dict[int, dict[str, torch.Tensor]] = {}
@@ -85,13 +133,13 @@ class PipelineStageModel(nn.Module):
         return list(self.model.layers.values())
 
     def moe_blocks(self) -> dict[int, MoEBlock]:
-        """This stage's MoE blocks by global layer index."""
+        """This rank's MoE blocks by global layer index."""
         return {i: layer.block_sparse_moe for i, layer in zip(self.layer_ids, self.layers)
                 if hasattr(layer, "block_sparse_moe")}
 
     def set_aux_coefs(self, coefs: list[float]) -> None:
         """Balance-loss coefficients of every MoE layer of the whole model, in layer order
-        (as ``SkyworkForCausalLM.set_aux_coefs``); this stage takes its own."""
+        (as ``SkyworkForCausalLM.set_aux_coefs``); this rank takes its own."""
         moe_layers = [i for i in range(self.config.num_hidden_layers)
                       if self.config.is_moe_layer(i)]
         if len(coefs) != len(moe_layers):
@@ -101,40 +149,51 @@ class PipelineStageModel(nn.Module):
             block.aux_coef = float(by_layer[i])
 
     def compile_layers(self, **compile_kwargs) -> "PipelineStageModel":
-        """``torch.compile`` each of the stage's decoder layers in place (see
+        """``torch.compile`` each of the rank's decoder layers in place (see
         ``SkyworkForCausalLM.compile_layers``)."""
         for layer in self.layers:
             layer.compile(**compile_kwargs)
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def chunks(self) -> list["StageChunk"]:
+        """One module per stage of this rank, in stage order, for ``PipelineStage``."""
+        return [StageChunk(self, s) for s in self.stage_ids]
+
+    def run_stage(self, stage: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage ``stage``'s forward of one micro-batch."""
         with self.autocast():
-            if self.is_first:
+            if stage == 0:
                 x = self.model.embed_tokens(x)
             cos, sin = self.rotary.cos_sin(0, x.shape[1], x.device, x.dtype)
             recompute = self.training and torch.is_grad_enabled()
-            for i, layer in zip(self.layer_ids, self.layers):
+            aux_terms = []
+            for i in self.stage_layers[stage]:
+                layer = self.model.layers[str(i)]
                 if recompute and i in self.recompute_ids:
                     x = checkpoint(layer, x, cos, sin, None, 0, use_reentrant=False)
                 else:
                     x = layer(x, cos, sin, None, 0)
-                x = self._carry_aux(i, layer, x)
-            if self.is_last:
+                aux_terms += self._take_moe_outputs(i, layer)
+            if aux_terms and torch.is_grad_enabled():  # one attachment for the stage's terms
+                x = AttachAuxLoss.apply(x, torch.stack(aux_terms).sum())
+            if stage == self.num_stages - 1:
                 x = self.lm_head(self.model.norm(x))
         return x
 
-    def _carry_aux(self, index: int, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _take_moe_outputs(self, index: int, layer: nn.Module) -> list[torch.Tensor]:
+        """The aux term a training forward of ``layer`` left (empty for dense layers and in
+        evaluation); its statistics are added to the step's sums."""
         block = getattr(layer, "block_sparse_moe", None)
         if block is None or block.last_aux is None:
-            return x
+            return []
         aux, stats = block.last_aux, block.last_stats
         block.last_aux = block.last_stats = None
         self.step_aux += float(aux.detach())
-        # Keys in one fixed order on every stage: the sums are all-reduced key by key.
+        # Keys in one fixed order on every rank: the sums are all-reduced key by key.
         sums = self.step_stats.setdefault(index, zero_moe_stats(self.config.num_experts))
         for k, v in stats.items():
             sums[k] += v.to(sums[k].device)
-        return AttachAuxLoss.apply(x, aux) if torch.is_grad_enabled() else x
+        return [aux]
 
     def reset_step(self) -> None:
         self.step_aux.zero_()
@@ -147,62 +206,79 @@ class PipelineStageModel(nn.Module):
                 for i in moe_layers]
 
 
-def pipeline_layout_for(layout_spec: PipelineLayout | None, num_layers: int,
-                        stages: int) -> PipelineLayout:
-    """The given layout (checked against the model) or the uniform split."""
-    if layout_spec is None:
-        return PipelineLayout.uniform(num_layers, stages)
-    return layout_spec.validate(num_layers, stages)
+class StageChunk(nn.Module):
+    """One stage of a ``PipelineStageModel``: registers only that stage's modules (the
+    schedule scales their gradients) and runs the owner's ``run_stage``."""
+
+    def __init__(self, owner: PipelineStageModel, stage: int) -> None:
+        super().__init__()
+        self.stage = stage
+        self.layers = nn.ModuleList(owner.model.layers[str(i)] for i in owner.stage_layers[stage])
+        if stage == 0:
+            self.embed_tokens = owner.model.embed_tokens
+        if stage == owner.num_stages - 1:
+            self.norm, self.lm_head = owner.model.norm, owner.lm_head
+        # Not a submodule: the owner's parameters include the other stages'.
+        object.__setattr__(self, "owner", owner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.owner.run_stage(self.stage, x)
 
 
-def _example_io(stage_model: PipelineStageModel, micro_batch_size: int, seq_len: int,
+def _example_io(owner: PipelineStageModel, stage: int, micro_batch_size: int, seq_len: int,
                 logits_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Meta tensors with the shapes and dtypes of one micro-batch's stage input and output:
-    token ids into the first stage, hidden states (the weights' dtype: the residual stream
-    stays there under autocast) between stages, logits (this rank's vocabulary shard) out of
-    the last."""
-    hidden_dtype = next(stage_model.parameters()).dtype
+    """Meta tensors with the shapes and dtypes of one micro-batch's input and output of
+    ``stage``: token ids into the first stage, hidden states (the weights' dtype: the residual
+    stream stays there under autocast) between stages, logits (this rank's vocabulary shard)
+    out of the last."""
+    hidden_dtype = next(owner.parameters()).dtype
     # requires_grad tells the stage which gradients travel back between stages.
-    hidden = torch.empty(micro_batch_size, seq_len, stage_model.config.hidden_size,
+    hidden = torch.empty(micro_batch_size, seq_len, owner.config.hidden_size,
                          dtype=hidden_dtype, device="meta", requires_grad=True)
     tokens = torch.empty(micro_batch_size, seq_len, dtype=torch.long, device="meta")
-    if stage_model.is_last:
-        vocab = stage_model.lm_head.weight.shape[0]
+    if stage == owner.num_stages - 1:
+        vocab = owner.lm_head.weight.shape[0]
         out = torch.empty(micro_batch_size, seq_len, vocab, dtype=logits_dtype, device="meta",
                           requires_grad=True)
     else:
         out = hidden
-    return (tokens if stage_model.is_first else hidden), out
+    return (tokens if stage == 0 else hidden), out
 
 
 def build_schedule(stage_model: PipelineStageModel, mesh: ParallelMesh, micro_batches: int,
                    micro_batch_size: int, seq_len: int, schedule: str = "1f1b",
                    logits_dtype: torch.dtype | None = None,
-                   device: torch.device | str = "cpu") -> PipelineScheduleSingle:
+                   device: torch.device | str = "cpu"
+                   ) -> PipelineScheduleSingle | PipelineScheduleMulti:
     """``torch.distributed.pipelining``'s ``schedule`` over this rank's (already
-    parallelized) stage for micro-batches of ``micro_batch_size`` x ``seq_len`` tokens. The
-    loss is the model's (vocabulary-parallel under TP), computed under the stage's autocast;
+    parallelized) stages for micro-batches of ``micro_batch_size`` x ``seq_len`` tokens. The
+    loss is the model's (vocabulary-parallel under TP), computed under the stages' autocast;
     ``logits_dtype`` is what the last stage's forward returns (the autocast dtype in mixed
     precision; default the weights' dtype).
 
     Stage inputs and outputs are declared up front, so no metadata-inference forward runs on
     placeholder data (it would route garbage through the MoE layers and count it)."""
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"unknown pipeline schedule {schedule!r}; use one of "
-                          f"{sorted(SCHEDULES)}")
-    if schedule == "1f1b" and micro_batches < stage_model.num_stages:
-        raise ConfigError(f"the 1f1b schedule needs at least as many micro-batches per step "
-                          f"({micro_batches}) as pipeline stages ({stage_model.num_stages}); "
-                          "lower train.micro_batch_size or raise train.batch_size")
-
+    expected = stages_of_rank(schedule, mesh.coords.pp, mesh.layout.pp, stage_model.num_stages)
+    if stage_model.stage_ids != expected:
+        raise ConfigError(f"the {schedule} schedule runs stages {expected} on pipeline rank "
+                          f"{mesh.coords.pp}, but this rank's model holds {stage_model.stage_ids}")
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with stage_model.autocast():
             return stage_model.loss_function(logits, labels)
 
-    example_in, example_out = _example_io(
-        stage_model, micro_batch_size, seq_len,
-        logits_dtype or next(stage_model.parameters()).dtype)
-    stage = PipelineStage(stage_model, mesh.coords.pp, stage_model.num_stages,
-                          torch.device(device), input_args=example_in, output_args=example_out,
-                          group=mesh.pp.pg)
-    return SCHEDULES[schedule](stage, n_microbatches=micro_batches, loss_fn=loss_fn)
+    logits_dtype = logits_dtype or next(stage_model.parameters()).dtype
+    stages = []
+    for chunk in stage_model.chunks():
+        example_in, example_out = _example_io(stage_model, chunk.stage, micro_batch_size,
+                                              seq_len, logits_dtype)
+        stages.append(PipelineStage(chunk, chunk.stage, stage_model.num_stages,
+                                    torch.device(device), input_args=example_in,
+                                    output_args=example_out, group=mesh.pp.pg))
+    kind = SCHEDULES[schedule]
+    try:  # the schedule checks the micro-batch count against its stages
+        return kind.cls(stages[0] if kind.placement == "single" else stages,
+                        n_microbatches=micro_batches, loss_fn=loss_fn)
+    except ValueError as exc:
+        raise ConfigError(f"the {schedule} schedule with {micro_batches} micro-batches per "
+                          f"step: {' '.join(str(exc).split())} (micro-batches = a data-parallel "
+                          "rank's rows / train.micro_batch_size)") from None

@@ -93,7 +93,8 @@ class PipelineLayout:
         ``num_layers`` decoder layers on ``stages`` stages (when given)."""
         if stages is not None and self.stages != stages:
             raise ConfigError(f"the pipeline layout has {self.stages} stages "
-                              f"({self.describe()}) but parallel.pp = {stages}")
+                              f"({self.describe()}) but parallel.pp * parallel."
+                              f"pp_stages_per_rank = {stages}")
         if len(self.recompute) != self.stages:
             raise ConfigError(f"parallel.pp_recompute has {len(self.recompute)} entries for "
                               f"{self.stages} stages; give one count per stage")

@@ -98,7 +98,8 @@ class ParallelSection:
     pp_layers: str = ""           # decoder layers per stage, "5,5,5,5,4" (default: even split)
     pp_recompute: str = ""        # recomputed layers per stage, "2,1,0,0,0" (default: none, or
     #                               every layer with train.activation_checkpointing)
-    pp_schedule: str = "1f1b"     # "1f1b" or "gpipe"
+    pp_schedule: str = "1f1b"     # 1f1b, gpipe, interleaved-1f1b, looped-bfs, zero-bubble, zbv
+    pp_stages_per_rank: int = 1   # stages on each rank (interleaved / zero-bubble: 2 or more)
     ep: int = 1
     etp: int = 1
     expert: str = ""              # preset: "edp" (ep = tp), "etp" (ep = dp, etp = tp), "ep"
@@ -156,6 +157,7 @@ class TrainConfig:
             (self.parallel.a2a_chunks >= 1, "parallel.a2a_chunks must be >= 1"),
             (self.parallel.pp_schedule in SCHEDULES,
              f"parallel.pp_schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.parallel.pp_stages_per_rank >= 1, "parallel.pp_stages_per_rank must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -168,18 +170,19 @@ class TrainConfig:
                              "expert": p.expert})
 
     def pipeline_layout(self, num_layers: int) -> PipelineLayout:
-        """Layers and recomputed layers per stage for a model of ``num_layers`` layers:
-        ``parallel.pp_layers`` / ``pp_recompute``, by default an even split recomputing
-        nothing (every layer with ``train.activation_checkpointing``)."""
+        """Layers and recomputed layers per stage (``pp * pp_stages_per_rank`` stages) for a
+        model of ``num_layers`` layers: ``parallel.pp_layers`` / ``pp_recompute``, by default
+        an even split recomputing nothing (every layer with ``train.activation_checkpointing``)."""
         p = self.parallel
+        stages = p.pp * p.pp_stages_per_rank
         layers = (parse_counts(p.pp_layers, "parallel.pp_layers") if p.pp_layers
-                  else PipelineLayout.uniform(num_layers, p.pp).layers)
+                  else PipelineLayout.uniform(num_layers, stages).layers)
         if p.pp_recompute:
             recompute = parse_counts(p.pp_recompute, "parallel.pp_recompute")
         else:
             recompute = layers if self.train.activation_checkpointing else ()
         layout = PipelineLayout(layers, recompute)
-        return layout.validate(num_layers, p.pp)
+        return layout.validate(num_layers, stages)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

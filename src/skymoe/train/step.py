@@ -13,7 +13,7 @@ import contextlib
 from typing import Callable
 
 import torch
-from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 
 from ..parallel.comm import all_reduce_
 from ..parallel.data_parallel import DataParallel
@@ -40,13 +40,15 @@ def accumulate_gradients(model: torch.nn.Module, local_batch: torch.Tensor,
     return _reduce_over_replicas(dp, stats, sums)
 
 
-def pipeline_accumulate_gradients(schedule: PipelineScheduleSingle, stage: PipelineStageModel,
-                                  local_batch: torch.Tensor, micro_batches: int,
-                                  moe_layers: list[int], dp: DataParallel, stats: MoEStepStats,
-                                  device: torch.device) -> tuple[float, float]:
-    """The same as ``accumulate_gradients`` for one pipeline stage: the schedule runs the
-    rank's rows as ``micro_batches`` equal micro-batches (the first stage feeds the tokens, the last computes the
-    loss); losses and MoE statistics are then summed over the stages."""
+def pipeline_accumulate_gradients(schedule: PipelineScheduleSingle | PipelineScheduleMulti,
+                                  stage: PipelineStageModel, local_batch: torch.Tensor,
+                                  micro_batches: int, moe_layers: list[int], dp: DataParallel,
+                                  stats: MoEStepStats, device: torch.device
+                                  ) -> tuple[float, float]:
+    """The same as ``accumulate_gradients`` for one pipeline rank: the schedule runs the
+    data-parallel rank's rows as ``micro_batches`` equal micro-batches (the rank holding the
+    first stage feeds the tokens, the one holding the last computes the loss); losses and MoE
+    statistics are then summed over the pipeline ranks."""
     stage.reset_step()
     micro_losses: list[torch.Tensor] = []
     batch = local_batch.to(device)

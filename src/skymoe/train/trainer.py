@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 from tqdm import tqdm
 
 from ..checkpoint import load_model, load_tokenizer
@@ -38,7 +38,7 @@ from ..parallel.data_parallel import DataParallel
 from ..parallel.health import guard_collectives
 from ..parallel.layout import split_range
 from ..parallel.mesh import build_mesh, init_distributed
-from ..parallel.pipeline import PipelineStageModel, build_schedule
+from ..parallel.pipeline import PipelineStageModel, build_schedule, stages_of_rank
 from ..runtime import keep_freed_memory
 from . import checkpointing, data
 from . import step as step_ops
@@ -218,7 +218,7 @@ class Trainer:
         return model.train()
 
     def _pipeline_stage(self) -> PipelineStageModel:
-        """This rank's stage of the full model under ``parallel.pp_layers``/``pp_recompute``."""
+        """This rank's stages of the full model under ``parallel.pp_layers``/``pp_recompute``."""
         config = self.model.config
         if config.tie_word_embeddings:
             raise ConfigError("pipeline parallelism (parallel.pp > 1) does not support tied "
@@ -230,13 +230,15 @@ class Trainer:
             raise ConfigError(f"with pipeline parallelism each data-parallel rank's "
                               f"{rows} rows must split into equal micro-batches of "
                               f"train.micro_batch_size = {self.cfg.train.micro_batch_size}")
-        self._log(f"pipeline: {pipe.describe()} over {pipe.stages} stages, "
-                  f"{self.cfg.parallel.pp_schedule} schedule")
-        stage = PipelineStageModel(self.model, pipe, self.mesh.coords.pp).train()
+        p = self.cfg.parallel
+        stages = stages_of_rank(p.pp_schedule, self.mesh.coords.pp, p.pp, pipe.stages)
+        self._log(f"pipeline: {pipe.describe()} over {pipe.stages} stages on {p.pp} ranks, "
+                  f"{p.pp_schedule} schedule")
+        stage = PipelineStageModel(self.model, pipe, stages).train()
         stage.autocast = self._autocast
         return stage
 
-    def _pipeline_schedule(self) -> PipelineScheduleSingle:
+    def _pipeline_schedule(self) -> PipelineScheduleSingle | PipelineScheduleMulti:
         t = self.cfg.train
         rows = self.local_rows[1] - self.local_rows[0]
         return build_schedule(
