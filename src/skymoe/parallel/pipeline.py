@@ -7,10 +7,10 @@ the interleaved and zero-bubble schedules. Parameter names stay those of the ful
 (``model.layers.12.…``), so placements, tensor/expert parallelism (``parallelize``), data
 parallelism and checkpoints work on a rank's stages unchanged.
 
-The MoE balance losses of a stage's layers never reach the last stage's loss: each is attached
-to the stage's activations by ``AttachAuxLoss`` (identity forward; in backward it hands the aux
-term a gradient of one), so one pipeline backward yields the gradient of CE + aux exactly as a
-single process does; the schedule divides every gradient by the micro-batch count.
+The MoE balance losses of a stage's layers never reach the last stage's loss: their sum is
+attached to the stage's output by ``AttachAuxLoss`` (a copy forward; in backward it hands the
+aux terms a gradient of one), so one pipeline backward yields the gradient of CE + aux exactly
+as a single process does; the schedule divides every gradient by the micro-batch count.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def stages_of_rank(schedule: str, rank: int, ranks: int, stages: int) -> list[in
 
 
 class AttachAuxLoss(torch.autograd.Function):
-    """``hidden`` unchanged; in backward, ``aux`` receives a gradient of one (Megatron's
+    """A copy of ``hidden``; in backward, ``aux`` receives a gradient of one (Megatron's
     auxiliary-loss scaler), so a loss term computed mid-pipeline is differentiated along with
     the activations that carry it."""
 
@@ -97,8 +97,8 @@ class PipelineStageModel(nn.Module):
 
     ``run_stage(s, x)`` maps token ids (stage 0) or hidden states [B, T, H] to hidden states,
     or to logits on the last stage; ``chunks()`` gives one module per stage for the schedule.
-    In training each MoE layer's aux term is attached to the activations and its statistics
-    summed into ``step_stats`` / ``step_aux`` for the step.
+    In training the aux terms of a stage's MoE layers are attached to its output and their
+    statistics summed into ``step_stats`` / ``step_aux`` for the step.
     """
 
     def __init__(self, model: SkyworkForCausalLM, layout: PipelineLayout,
@@ -200,8 +200,8 @@ class PipelineStageModel(nn.Module):
         self.step_stats.clear()
 
     def all_layer_stats(self, moe_layers: list[int]) -> list[dict[str, torch.Tensor]]:
-        """This stage's summed statistics for every MoE layer of the model, zeros for layers
-        on other stages (so summing over the pipeline group gives every layer's)."""
+        """This rank's summed statistics for every MoE layer of the model, zeros for layers
+        on other ranks (so summing over the pipeline group gives every layer's)."""
         return [self.step_stats.get(i) or zero_moe_stats(self.config.num_experts)
                 for i in moe_layers]
 
