@@ -110,7 +110,10 @@ def grouped_linear(x_SH: torch.Tensor, w_EOH: torch.Tensor, counts: list[int]) -
         kernel = _grouped_mm_kernel(x_SH.device)
         return kernel(x_SH.contiguous(), w_EOH.transpose(-2, -1), offs=offsets)
     chunks = x_SH.split(counts)
-    outs = [F.linear(chunk, w_EOH[e]) for e, chunk in enumerate(chunks) if counts[e]]
+    # unbind, not w_EOH[e]: the backward of E index ops writes E full-size zero gradients,
+    # unbind's backward stacks the per-expert gradients once.
+    weights = w_EOH.unbind(0)
+    outs = [F.linear(chunk, weights[e]) for e, chunk in enumerate(chunks) if counts[e]]
     if not outs:
         return x_SH.new_zeros(0, w_EOH.shape[1])
     return torch.cat(outs) if len(outs) > 1 else outs[0]
