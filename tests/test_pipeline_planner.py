@@ -20,7 +20,7 @@ from skymoe.parallel.pipeline_cost import (DEVICE_PRESETS, GIB, CostProfile, ana
                                            measure_profile)
 from skymoe.parallel.pipeline_layout import PipelineLayout
 from skymoe.parallel.pipeline_planner import (BACKWARD, FORWARD, evaluate_layout, format_plan,
-                                              in_flight, plan_pipeline, simulate, stage_order)
+                                              in_flight, plan_pipeline, rank_order, simulate)
 
 
 
@@ -81,14 +81,16 @@ def test_1f1b_two_stages_with_a_link_by_hand():
 
 def test_1f1b_order_is_torch_schedule1f1b():
     # torch's Schedule1F1B._step_microbatches: min(M, P - s) forwards, then backward/forward
-    # pairs, then the remaining backwards.
+    # pairs, then the remaining backwards. One stage per rank: rank s runs stage s.
     f, b = FORWARD, BACKWARD
-    assert stage_order(3, 5, "1f1b") == (
-        ((f, 0), (f, 1), (f, 2), (b, 0), (f, 3), (b, 1), (f, 4), (b, 2), (b, 3), (b, 4)),
-        ((f, 0), (f, 1), (b, 0), (f, 2), (b, 1), (f, 3), (b, 2), (f, 4), (b, 3), (b, 4)),
-        ((f, 0), (b, 0), (f, 1), (b, 1), (f, 2), (b, 2), (f, 3), (b, 3), (f, 4), (b, 4)),
-    )
-    assert stage_order(2, 2, "gpipe")[1] == ((f, 0), (f, 1), (b, 0), (b, 1))
+    orders = [[(kind, m) for kind, _, m in ops] for ops in rank_order(3, 5, "1f1b")]
+    assert orders == [
+        [(f, 0), (f, 1), (f, 2), (b, 0), (f, 3), (b, 1), (f, 4), (b, 2), (b, 3), (b, 4)],
+        [(f, 0), (f, 1), (b, 0), (f, 2), (b, 1), (f, 3), (b, 2), (f, 4), (b, 3), (b, 4)],
+        [(f, 0), (b, 0), (f, 1), (b, 1), (f, 2), (b, 2), (f, 3), (b, 3), (f, 4), (b, 4)],
+    ]
+    assert all(s == r for r, ops in enumerate(rank_order(3, 5, "1f1b")) for _, s, _ in ops)
+    assert rank_order(2, 2, "gpipe")[1] == ((f, 1, 0), (f, 1, 1), (b, 1, 0), (b, 1, 1))
 
 
 def test_micro_batches_in_flight():
@@ -116,6 +118,83 @@ def test_recompute_trades_backward_time_for_memory():
     # of them recomputes, its 90 bytes come back once.
     assert plain.peak_bytes == [3 * 400]
     assert sim.peak_bytes == [3 * (2 * 10 + 2 * 100) + 90]
+
+
+# ----------------------------------------------------------------------- interleaved 1F1B
+# P = 2 ranks x V = 2 stages, M = 4: rank 0 runs stages 0 and 2, rank 1 stages 1 and 3. The
+# order of rank 0 as torch's ScheduleInterleaved1F1B computes it (F/B, stage, micro-batch).
+F, B = FORWARD, BACKWARD
+RANK0 = ((F, 0, 0), (F, 0, 1), (F, 2, 0), (F, 2, 1), (F, 0, 2), (B, 2, 0), (F, 0, 3), (B, 2, 1),
+         (F, 2, 2), (B, 0, 0), (F, 2, 3), (B, 0, 1), (B, 2, 2), (B, 2, 3), (B, 0, 2), (B, 0, 3))
+
+
+def test_interleaved_order_comes_from_torch():
+    orders = rank_order(2, 4, "interleaved-1f1b", 2)
+    assert orders[0] == RANK0
+    assert sorted(orders[1]) == sorted((k, s, m) for k in (F, B) for s in (1, 3)
+                                       for m in range(4))
+    assert in_flight(2, 4, "interleaved-1f1b", 2) == [4, 3, 2, 1]
+
+
+@pytest.mark.parametrize("ranks,per_rank,micro_batches", [(2, 2, 4), (4, 2, 10), (3, 3, 3)])
+def test_interleaved_order_matches_the_schedule_object(ranks, per_rank, micro_batches):
+    # The real ScheduleInterleaved1F1B, built on stand-in stages (it only reads where they
+    # sit), computes the same per-rank order as the planner's call of its method.
+    from types import SimpleNamespace
+
+    from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B, _ComputationType
+    total = ranks * per_rank
+    for rank in range(ranks):
+        stages = [SimpleNamespace(group_size=ranks, group_rank=rank, stage_index=s,
+                                  num_stages=total, is_first=s == 0, is_last=s == total - 1)
+                  for s in range(rank, total, ranks)]
+        schedule = ScheduleInterleaved1F1B(stages, micro_batches)
+        actions = [a for a in schedule.pipeline_order[rank] if a is not None]
+        kinds = {_ComputationType.FORWARD: FORWARD, _ComputationType.FULL_BACKWARD: BACKWARD}
+        assert rank_order(ranks, micro_batches, "interleaved-1f1b", per_rank)[rank] == tuple(
+            (kinds[a.computation_type], a.stage_index, a.microbatch_index) for a in actions)
+
+
+def test_interleaved_two_ranks_by_hand():
+    # Every stage: one layer, f = 1, b = 2, no link time. Tracing both ranks' orders (rank 1:
+    # 1F0 1F1 3F0 3B0 3F1 3B1 1F2 1B0 1F3 1B1 3F2 3B2 3F3 3B3 1B2 1B3), an operation starting
+    # when its rank is free and its input has arrived:
+    #   rank 0: 0F0 [0,1] 0F1 [1,2] 2F0 [2,3] 2F1 [3,4] 0F2 [4,5] 2B0 [6,8] 0F3 [8,9]
+    #           2B1 [9,11] 2F2 [11,12] 0B0 [12,14] 2F3 [14,15] 0B1 [15,17] 2B2 [18,20]
+    #           2B3 [21,23] 0B2 [23,25] 0B3 [25,27]
+    #   rank 1: 1F0 [1,2] 1F1 [2,3] 3F0 [3,4] 3B0 [4,6] 3F1 [6,7] 3B1 [7,9] 1F2 [9,10]
+    #           1B0 [10,12] 1F3 [12,13] 1B1 [13,15] 3F2 [15,16] 3B2 [16,18] 3F3 [18,19]
+    #           3B3 [19,21] 1B2 [21,23] 1B3 [23,25]
+    # Step 27; each rank computes 2 stages x 4 x 3 = 24, bubble 3/27. The same 4 layers as
+    # 1F1B on 2 ranks (f = 2, b = 4 per stage) take (M + P - 1) x 6 = 30.
+    sim = simulate(PipelineLayout((1, 1, 1, 1)), profile(4), 4, "interleaved-1f1b", 2)
+    assert sim.step_time == pytest.approx(27.0)
+    assert sim.bubble_fraction == pytest.approx(3 / 27)
+    assert sim.in_flight == (4, 3, 2, 1) and sim.rank_stages(1) == [1, 3]
+    assert simulate(PipelineLayout((2, 2)), profile(4), 4, "1f1b").step_time == 30.0
+
+
+def test_interleaved_rank_memory_is_its_stages_at_their_joint_peak():
+    # Layers 1,1,2,0: kept per micro-batch 105, 105, 205 (100 per layer + the 5-byte output
+    # sent on), 0 (the last stage, no layers); 7 static bytes per layer. Rank 0 (stages 0, 2)
+    # holds at most (3, 2) or (4, 1) micro-batches of them at once (RANK0 after 0F2 / 0F3):
+    # max(3 x 105 + 2 x 205, 4 x 105 + 205) = 725, below 4 x 105 + 2 x 205 = 830 were both at
+    # their own most. Rank 1 (stages 1, 3): 3 x 105 (after 1F2, stage 3 holds none then).
+    sim = simulate(PipelineLayout((1, 1, 2, 0)), profile(4, act=100, static=7, output_bytes=5),
+                   4, "interleaved-1f1b", 2)
+    assert sim.peak_bytes == [21 + 725, 7 + 315]
+    assert [c.activation for c in sim.stages] == [4 * 105, 3 * 105, 2 * 205, 0]
+
+
+@pytest.mark.parametrize("stages_per_rank,micro_batches,match", [
+    (1, 4, "stages per rank must be >= 2"), (2, 5, "divisible by"),
+])
+def test_interleaved_shape_errors(stages_per_rank, micro_batches, match):
+    layout = PipelineLayout.uniform(4, 2 * stages_per_rank)
+    with pytest.raises(ConfigError, match=match):
+        simulate(layout, profile(4), micro_batches, "interleaved-1f1b", stages_per_rank)
+    with pytest.raises(ConfigError, match="one stage per pipeline rank"):
+        simulate(PipelineLayout.uniform(4, 4), profile(4), 4, "1f1b", 2)
 
 
 # ---------------------------------------------------------------------------------- planning
@@ -159,6 +238,26 @@ def test_given_layout_that_does_not_fit_names_stage_and_bytes():
     assert not plan.planned and plan.gain == pytest.approx(0.0)
     with pytest.raises(ConfigError, match="must sum to 4"):
         evaluate_layout(PipelineLayout((2, 1)), prof, 4, 2399)
+
+
+def test_interleaved_plan_fits_each_rank_and_beats_uniform():
+    # 8 layers (100 static bytes, 100 kept or 10 recomputed), an expensive head, 2 ranks x 2
+    # stages, 1600 bytes per device: the split is planned with 800 per stage, then recompute
+    # is given back while the rank's exact peak fits.
+    prof = profile(8, act=100, ckpt=10, static=100, head_f=2.0, head_b=4.0, output_bytes=5)
+    plan = plan_pipeline(prof, 2, 4, 1600, "interleaved-1f1b", 2)
+    sim = plan.simulation
+    assert sim.ranks == 2 and len(sim.stages) == 4
+    assert all(peak <= 1600 for peak in sim.peak_bytes)
+    assert plan.uniform_layout.layers == (2, 2, 2, 2)
+    assert sim.step_time < plan.uniform.step_time
+    # The exact rank peak let it keep more than memory / V per stage would.
+    assert any(sum(sim.stages[s].peak for s in sim.rank_stages(r)) > 1600 for r in range(2))
+    # A given layout is checked against the exact rank peak, naming the rank and its stages.
+    with pytest.raises(ConfigError, match=r"rank 0 \(stages 0, 2\) of layers 2,3,3,0 needs"):
+        evaluate_layout(PipelineLayout((2, 3, 3, 0)), prof, 4, 1600, "interleaved-1f1b", 2)
+    again = evaluate_layout(plan.layout, prof, 4, 1600, "interleaved-1f1b", 2)
+    assert again.simulation.step_time == sim.step_time
 
 
 # ----------------------------------------------------------------------------- Skywork-MoE
@@ -239,8 +338,8 @@ def test_cli_prints_a_measured_plan_for_tiny():
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == "plan: 4 layers over 2 stages, 1f1b, 4 micro-batches per step"
-    assert lines[2].split()[:3] == ["stage", "layers", "n"]
-    assert len([line for line in lines if line.split()[0] in ("0", "1")]) == 2
+    assert lines[2].split()[:4] == ["stage", "rank", "layers", "n"]
+    assert len([line for line in lines if line.split()[:2] in (["0", "0"], ["1", "1"])]) == 2
     assert lines[-1].startswith('train config: [parallel] pp = 2, pp_layers = "')
 
 
@@ -256,3 +355,23 @@ def test_cli_bad_layout_is_a_one_line_error(capsys):
     assert main(["plan", "pipeline", "tiny", "--stages", "2", "--micro-batches", "8",
                  "--memory", "1GiB"]) == 0
     assert "predicted gain over uniform" in capsys.readouterr().out
+
+
+def test_cli_interleaved_needs_stages_per_rank_and_p_times_v_counts(capsys):
+    assert main(["plan", "pipeline", "tiny", "--stages", "2", "--schedule",
+                 "interleaved-1f1b"]) == 2
+    assert "--stages-per-rank 2 or more" in capsys.readouterr().err
+    assert main(["plan", "pipeline", "tiny", "--stages", "2", "--stages-per-rank", "2",
+                 "--schedule", "interleaved-1f1b", "--layout", "2,2"]) == 2
+    assert "needs --stages 2 x --stages-per-rank 2 counts" in capsys.readouterr().err
+    assert main(["plan", "pipeline", "tiny", "--stages-per-rank", "2", "--layout", "1,1,1,1"]) == 2
+    assert "--stages-per-rank > 1 needs --schedule interleaved-1f1b" in capsys.readouterr().err
+    assert main(["plan", "pipeline", "tiny", "--stages-per-rank", "2", "--schedule",
+                 "interleaved-1f1b", "--layout", "1,1,1,1", "--micro-batches", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("layout: 4 layers over 2 ranks x 2 stages, interleaved-1f1b, "
+                        "4 micro-batches per step")
+    assert [line.split()[:2] for line in lines[3:7]] == [["0", "0"], ["1", "1"], ["2", "0"],
+                                                         ["3", "1"]]
+    assert lines[-1].startswith("train config: [parallel] pp = 2, pp_stages_per_rank = 2, "
+                                'pp_layers = "1,1,1,1"')

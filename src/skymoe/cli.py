@@ -470,9 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = plan_sub.add_parser(
         "pipeline", help="layers and recomputed layers per pipeline stage for training",
         description="Choose decoder layers per pipeline stage and how many of them recompute "
-                    "their activations, minimizing the simulated step time of the 1f1b or "
-                    "gpipe schedule while every stage fits in memory (the first stage also "
-                    "runs the embedding and holds the most micro-batches in flight, the last "
+                    "their activations, minimizing the simulated step time of the 1f1b, "
+                    "gpipe or interleaved-1f1b schedule while every rank fits in memory (the "
+                    "first stage also runs the embedding and holds the most micro-batches in "
+                    "flight, the last "
                     "runs the LM head and loss). Costs come from the config (analytical: FLOPs "
                     "at a GPU preset's sustained rate, saved-tensor byte formulas) or from "
                     "timing the model's layers on this machine's CPU (measured). With --layout, "
@@ -480,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL",
                    help="preset name (e.g. skywork-moe-base), config.json or checkpoint dir")
     p.add_argument("--stages", type=int,
-                   help="pipeline stages (required unless --layout gives them)")
+                   help="pipeline ranks P, one stage each unless --stages-per-rank (required "
+                        "unless --layout gives them)")
     p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
     p.add_argument("--micro-batch-size", type=int, default=1,
                    help="sequences per micro-batch (default 1)")
@@ -488,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="micro-batches per step on each pipeline (default 4 x stages)")
     p.add_argument("--schedule", choices=PIPELINE_SCHEDULES, default="1f1b",
                    help="pipeline schedule (default 1f1b)")
+    p.add_argument("--stages-per-rank", type=int, default=1,
+                   help="stages V on each pipeline rank: the layout has P x V stages, rank r "
+                        "holding r, r + P, ... (default 1; interleaved-1f1b needs >= 2)")
     p.add_argument("--profile", choices=("analytical", "measured"), default="analytical",
                    help="costs from FLOP and byte formulas for --device-preset (default), or "
                         "measured by running the layers on this machine's CPU")
@@ -511,8 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int,
                    help="CPU threads while measuring (default: this machine's cores / stages, "
                         "what each stage's process gets when all run here)")
-    p.add_argument("--layout", help="layers per stage to evaluate instead of planning, "
-                                    "e.g. 5,5,5,5,4")
+    p.add_argument("--layout", help="layers per stage (P x V counts) to evaluate instead of "
+                                    "planning, e.g. 5,5,5,5,4")
     p.add_argument("--recompute", help="recomputed layers per stage for --layout, e.g. 2,1,0,0,0 "
                                        "(default none)")
     p.set_defaults(func=cmd_plan_pipeline)
@@ -650,10 +655,23 @@ def cmd_plan_pipeline(args: argparse.Namespace) -> None:
             layout = PipelineLayout.parse(args.layout, args.recompute or "")
         except ConfigError as exc:
             raise UsageError(f"--layout / --recompute: {exc}") from None
-        if args.stages is not None and args.stages != layout.stages:
-            raise UsageError(f"--layout {args.layout} has {layout.stages} stages but --stages "
-                             f"is {args.stages}")
-    stages = args.stages if args.stages is not None else (layout.stages if layout else None)
+    per_rank = args.stages_per_rank
+    if per_rank < 1:
+        raise UsageError(f"--stages-per-rank must be >= 1, got {per_rank}")
+    if args.schedule == "interleaved-1f1b" and per_rank < 2:
+        raise UsageError("--schedule interleaved-1f1b runs several stages per pipeline rank; "
+                         "give --stages-per-rank 2 or more (or use --schedule 1f1b)")
+    if args.schedule != "interleaved-1f1b" and per_rank != 1:
+        raise UsageError(f"--schedule {args.schedule} runs one stage per pipeline rank; "
+                         "--stages-per-rank > 1 needs --schedule interleaved-1f1b")
+    if layout is not None:
+        if layout.stages % per_rank or (args.stages is not None
+                                        and args.stages * per_rank != layout.stages):
+            ranks = f"--stages {args.stages}" if args.stages is not None else "P"
+            raise UsageError(f"--layout {args.layout} has {layout.stages} stages but needs "
+                             f"{ranks} x --stages-per-rank {per_rank} counts (one per stage)")
+    stages = (args.stages if args.stages is not None
+              else (layout.stages // per_rank if layout else None))
     if stages is None:
         raise UsageError("--stages is required (or give a --layout)")
     micro_batches = args.micro_batches if args.micro_batches is not None else 4 * stages
@@ -666,7 +684,7 @@ def cmd_plan_pipeline(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag} must be >= 1, got {value}")
     config = resolve_config(args.model)
     if layout is not None:
-        layout.validate(config.num_hidden_layers, stages)
+        layout.validate(config.num_hidden_layers, stages * per_rank)
     device = DEVICE_PRESETS[args.device_preset]
     memory = parse_size(args.memory) if args.memory else device.usable_memory
     if args.profile == "analytical":
@@ -683,12 +701,13 @@ def cmd_plan_pipeline(args: argparse.Namespace) -> None:
         profile = measure_profile(config, args.seq_len, args.micro_batch_size, args.precision,
                                   repeats=args.repeats, dp=args.dp, zero=not args.no_zero)
     if layout is not None:
-        plan = evaluate_layout(layout, profile, micro_batches, memory, args.schedule)
+        plan = evaluate_layout(layout, profile, micro_batches, memory, args.schedule, per_rank)
     else:
-        plan = plan_pipeline(profile, stages, micro_batches, memory, args.schedule)
+        plan = plan_pipeline(profile, stages, micro_batches, memory, args.schedule, per_rank)
     print(format_plan(plan))
-    print(f"train config: [parallel] pp = {stages}, pp_layers = "
-          f"\"{','.join(map(str, plan.layout.layers))}\", pp_recompute = "
+    print(f"train config: [parallel] pp = {stages}, "
+          + (f"pp_stages_per_rank = {per_rank}, " if per_rank > 1 else "")
+          + f"pp_layers = \"{','.join(map(str, plan.layout.layers))}\", pp_recompute = "
           f"\"{','.join(map(str, plan.layout.recompute))}\", pp_schedule = \"{args.schedule}\"")
 
 

@@ -2,150 +2,245 @@
 their activations, chosen to minimize the simulated step time within each device's memory
 (SYSTEM.md section 4, non-uniform pipeline split and recomputation).
 
-``simulate`` replays a schedule event by event with the per-stage operation order of
-``torch.distributed.pipelining`` (the runtime, ``skymoe.parallel.pipeline``):
+``simulate`` replays a schedule event by event with the per-rank operation order of
+``torch.distributed.pipelining`` (the runtime, ``skymoe.parallel.pipeline``). P pipeline ranks
+run P * V stages, rank r holding stages r, r + P, ... (``stages_of_rank``):
 
-- ``1f1b`` (``Schedule1F1B``): stage s runs min(P - s, M) forwards, then alternates one
-  backward and one forward until the forwards run out, then the remaining backwards; it holds
-  up to min(P - s, M) micro-batches of activations;
-- ``gpipe`` (``ScheduleGPipe``): all M forwards, then all M backwards; it holds M.
+- ``1f1b`` (``Schedule1F1B``, V = 1): stage s runs min(P - s, M) forwards, then alternates
+  one backward and one forward until the forwards run out, then the remaining backwards; it
+  holds up to min(P - s, M) micro-batches of activations;
+- ``gpipe`` (``ScheduleGPipe``, V = 1): all M forwards, then all M backwards; it holds M;
+- ``interleaved-1f1b`` (``ScheduleInterleaved1F1B``, V >= 2): the order torch computes for
+  each rank (``_calculate_single_rank_operations``), taken from torch itself.
 
-A forward of micro-batch m on stage s starts when the stage is free and stage s - 1's forward
-of m has arrived (its end + the point-to-point time); a backward when stage s + 1's backward
-of m has arrived. Sends do not occupy the stage (they overlap with its compute).
+A rank runs its operations one at a time in that order. A forward of micro-batch m on stage s
+starts when its rank is free and stage s - 1's forward of m has arrived (its end, + the
+point-to-point time when stage s - 1 sits on another rank); a backward when stage s + 1's
+backward of m has arrived (the last stage's: its own forward). Sends do not occupy the rank
+(they overlap with its compute).
 
-Memory of a stage: static bytes (weights, gradients, optimizer states) + for each micro-batch
-in flight the bytes kept for its backward (recomputed layers keep only their input) + while a
+Memory of a rank: the static bytes (weights, gradients, optimizer states) of its stages + the
+most activations its order holds at once (for each of its stages, the micro-batches in flight
+times the bytes kept for their backward; recomputed layers keep only their input) + while a
 recomputed layer re-runs its forward, that layer's full activations once more.
 
 ``plan_pipeline`` searches: a dynamic program over contiguous splits minimizes the slowest
-stage's forward + backward time (each stage with the least recompute that fits its memory),
-then a local search moves single layers between stages while the simulated step time drops.
+stage's forward + backward time (each stage with the least recompute that fits its memory
+budget), then a local search moves single layers between stages while the simulated step time
+drops. With V stages per rank each stage's budget is the device memory / V: the sum of the
+stages' own peaks bounds the rank's peak, so every such split fits; the recompute this
+over-provisions is then given back while the rank's exact peak still fits.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from types import SimpleNamespace
 from typing import NamedTuple
 
 from ..errors import ConfigError
 from .pipeline_cost import GIB, CostProfile
 from .pipeline_layout import PipelineLayout
 
-SCHEDULES = ("1f1b", "gpipe")
+SCHEDULES = ("1f1b", "gpipe", "interleaved-1f1b")
+MULTI_STAGE_SCHEDULES = ("interleaved-1f1b",)  # several stages per rank (V >= 2)
 FORWARD, BACKWARD = 0, 1
 
 
 # ---------------------------------------------------------------------------- schedule order
-def _check_run(stages: int, micro_batches: int, schedule: str) -> None:
+def _check_run(ranks: int, micro_batches: int, schedule: str, stages_per_rank: int) -> None:
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown pipeline schedule {schedule!r}; use one of {SCHEDULES}")
-    if stages < 1:
-        raise ConfigError(f"the number of pipeline stages must be >= 1, got {stages}")
+    if ranks < 1:
+        raise ConfigError(f"the number of pipeline ranks must be >= 1, got {ranks}")
     if micro_batches < 1:
         raise ConfigError(f"the number of micro-batches must be >= 1, got {micro_batches}")
-    if schedule == "1f1b" and micro_batches < stages:
+    if schedule in MULTI_STAGE_SCHEDULES:
+        if stages_per_rank < 2:
+            raise ConfigError(f"the {schedule} schedule runs several stages per pipeline rank; "
+                              f"stages per rank must be >= 2, got {stages_per_rank} (use 1f1b "
+                              "for one stage per rank)")
+        rounds = max(1, micro_batches // ranks)
+        if micro_batches % rounds:
+            raise ConfigError(f"the {schedule} schedule with {ranks} pipeline ranks needs a "
+                              f"number of micro-batches divisible by max(1, micro-batches // "
+                              f"ranks) = {rounds}, got {micro_batches} (torch's "
+                              f"ScheduleInterleaved1F1B); use a multiple of {ranks}")
+        return
+    if stages_per_rank != 1:
+        raise ConfigError(f"the {schedule} schedule runs one stage per pipeline rank, got "
+                          f"{stages_per_rank} stages per rank; use 1 or the interleaved-1f1b "
+                          "schedule")
+    if schedule == "1f1b" and micro_batches < ranks:
         raise ConfigError(f"the 1f1b schedule needs at least as many micro-batches per step "
-                          f"({micro_batches}) as pipeline stages ({stages}) (torch's "
+                          f"({micro_batches}) as pipeline stages ({ranks}) (torch's "
                           "Schedule1F1B); use more micro-batches or the gpipe schedule")
 
 
+def _one_stage_order(stage: int, stages: int, micro_batches: int,
+                     schedule: str) -> tuple[tuple[int, int, int], ...]:
+    """Schedule1F1B's or ScheduleGPipe's order of one stage (it is its rank's order)."""
+    forwards = [(FORWARD, stage, m) for m in range(micro_batches)]
+    backwards = [(BACKWARD, stage, m) for m in range(micro_batches)]
+    if schedule == "gpipe":
+        return tuple(forwards + backwards)
+    warmup = min(micro_batches, stages - stage)
+    ops = forwards[:warmup]
+    for m in range(micro_batches - warmup):  # steady state: one backward, one forward
+        ops += [backwards[m], forwards[warmup + m]]
+    return tuple(ops + backwards[micro_batches - warmup:])
+
+
+def _interleaved_order(ranks: int, stages_per_rank: int, micro_batches: int) -> tuple[
+        tuple[tuple[int, int, int], ...], ...]:
+    """ScheduleInterleaved1F1B's order of every rank, computed by torch's own (private)
+    method on the few attributes it reads, so the simulation follows the runtime exactly."""
+    try:
+        from torch.distributed.pipelining.schedules import (ScheduleInterleaved1F1B,
+                                                            _ComputationType)
+        kinds = {_ComputationType.FORWARD: FORWARD, _ComputationType.FULL_BACKWARD: BACKWARD}
+        rounds = max(1, micro_batches // ranks)
+        state = SimpleNamespace(n_local_stages=stages_per_rank, pp_group_size=ranks,
+                                microbatches_per_round=micro_batches // rounds,
+                                _n_microbatches=micro_batches)
+        actions = [[a for a in ScheduleInterleaved1F1B._calculate_single_rank_operations(
+            state, r) if a is not None] for r in range(ranks)]
+        orders = tuple(tuple((kinds[a.computation_type], a.stage_index, a.microbatch_index)
+                             for a in rank_actions) for rank_actions in actions)
+    except (ImportError, AttributeError, TypeError, KeyError) as exc:
+        raise ConfigError(
+            "cannot simulate the interleaved-1f1b schedule: this torch's "
+            "ScheduleInterleaved1F1B._calculate_single_rank_operations (a private API the "
+            f"planner reads the order from) is missing or changed ({exc!r}); plan with torch "
+            "2.13 or use the 1f1b or gpipe schedule") from None
+    return orders
+
+
 @lru_cache(maxsize=64)
-def stage_order(stages: int, micro_batches: int, schedule: str) -> tuple[
-        tuple[tuple[int, int], ...], ...]:
-    """Per stage, its operations in execution order: ``(FORWARD or BACKWARD, micro-batch)``."""
-    _check_run(stages, micro_batches, schedule)
-    orders = []
-    for s in range(stages):
-        forwards = [(FORWARD, m) for m in range(micro_batches)]
-        backwards = [(BACKWARD, m) for m in range(micro_batches)]
-        if schedule == "gpipe":
-            orders.append(tuple(forwards + backwards))
-            continue
-        warmup = min(micro_batches, stages - s)
-        ops = forwards[:warmup]
-        for m in range(micro_batches - warmup):  # steady state: one backward, one forward
-            ops += [backwards[m], forwards[warmup + m]]
-        ops += backwards[micro_batches - warmup:]
-        orders.append(tuple(ops))
-    return tuple(orders)
+def rank_order(ranks: int, micro_batches: int, schedule: str, stages_per_rank: int = 1) -> tuple[
+        tuple[tuple[int, int, int], ...], ...]:
+    """Per pipeline rank, its operations in execution order: ``(FORWARD or BACKWARD, stage,
+    micro-batch)``, stages numbered over the whole pipeline (rank r holds r, r + P, ...)."""
+    _check_run(ranks, micro_batches, schedule, stages_per_rank)
+    if schedule in MULTI_STAGE_SCHEDULES:
+        return _interleaved_order(ranks, stages_per_rank, micro_batches)
+    return tuple(_one_stage_order(s, ranks, micro_batches, schedule) for s in range(ranks))
 
 
-def in_flight(stages: int, micro_batches: int, schedule: str) -> list[int]:
+def in_flight(ranks: int, micro_batches: int, schedule: str,
+              stages_per_rank: int = 1) -> list[int]:
     """Per stage, the most micro-batches whose forward has run and backward has not."""
-    counts = []
-    for ops in stage_order(stages, micro_batches, schedule):
-        held = peak = 0
-        for kind, _ in ops:
-            held += 1 if kind == FORWARD else -1
-            peak = max(peak, held)
-        counts.append(peak)
-    return counts
+    held = [0] * (ranks * stages_per_rank)
+    peak = [0] * len(held)
+    for ops in rank_order(ranks, micro_batches, schedule, stages_per_rank):
+        for kind, s, _ in ops:
+            held[s] += 1 if kind == FORWARD else -1
+            peak[s] = max(peak[s], held[s])
+    return peak
 
 
 @lru_cache(maxsize=64)
-def _event_order(stages: int, micro_batches: int, schedule: str) -> tuple[
-        tuple[int, int, int, bool, bool], ...]:
-    """All operations in an order that respects every dependency, each as (stage, its slot,
-    the slot of the operation it waits for or -1, whether that input crosses a link, is a
-    forward). A slot indexes the end times: (kind * stages + stage) * micro_batches + m."""
-    orders = stage_order(stages, micro_batches, schedule)
+def _holdings(ranks: int, micro_batches: int, schedule: str, stages_per_rank: int) -> tuple[
+        tuple[tuple[int, ...], ...], ...]:
+    """Per rank, the micro-batches in flight on each of its stages (r, r + P, ...) at every
+    moment that may be its memory peak: after each forward, keeping only the vectors no other
+    one covers (the peak over any kept bytes per stage is reached at one of them)."""
+    out = []
+    for r, ops in enumerate(rank_order(ranks, micro_batches, schedule, stages_per_rank)):
+        held, seen = [0] * stages_per_rank, set()
+        for kind, s, _ in ops:
+            held[s // ranks] += 1 if kind == FORWARD else -1
+            if kind == FORWARD:
+                seen.add(tuple(held))
+        out.append(tuple(v for v in seen if not any(
+            w != v and all(a >= b for a, b in zip(w, v)) for w in seen)))
+    return tuple(out)
+
+
+@lru_cache(maxsize=64)
+def _event_order(ranks: int, micro_batches: int, schedule: str, stages_per_rank: int) -> tuple[
+        tuple[int, int, int, int, bool, bool], ...]:
+    """All operations in an order that respects every dependency, each as (rank, stage, its
+    slot, the slot of the operation it waits for or -1, whether that input crosses a link
+    between ranks, is a forward). A slot indexes the end times:
+    (kind * stages + stage) * micro_batches + m."""
+    orders = rank_order(ranks, micro_batches, schedule, stages_per_rank)
+    stages = ranks * stages_per_rank
 
     def slot(kind: int, stage: int, m: int) -> int:
         return (kind * stages + stage) * micro_batches + m
 
-    events, done, pos = [], set(), [0] * stages
+    events, done, pos = [], set(), [0] * ranks
     while len(events) < stages * 2 * micro_batches:
         progressed = False
-        for s, ops in enumerate(orders):
-            while pos[s] < len(ops):
-                kind, m = ops[pos[s]]
+        for r, ops in enumerate(orders):
+            while pos[r] < len(ops):
+                kind, s, m = ops[pos[r]]
                 if kind == FORWARD:
-                    hop = s > 0
-                    dep = slot(FORWARD, s - 1, m) if hop else -1
+                    source = s - 1 if s > 0 else -1
+                    dep = slot(FORWARD, source, m) if source >= 0 else -1
                 else:  # the last stage's backward follows its own forward (loss included)
-                    hop = s < stages - 1
-                    dep = slot(BACKWARD, s + 1, m) if hop else slot(FORWARD, s, m)
+                    source = s + 1 if s < stages - 1 else -1
+                    dep = slot(BACKWARD, source, m) if source >= 0 else slot(FORWARD, s, m)
                 if dep >= 0 and dep not in done:
                     break
-                events.append((s, slot(kind, s, m), dep, hop, kind == FORWARD))
-                done.add(events[-1][1])
-                pos[s] += 1
+                events.append((r, s, slot(kind, s, m), dep, source >= 0 and source % ranks != r,
+                               kind == FORWARD))
+                done.add(events[-1][2])
+                pos[r] += 1
                 progressed = True
         if not progressed:
             raise RuntimeError(f"the {schedule} order deadlocked in simulation")
     return tuple(events)
 
 
-def _replay(forward: list[float], backward: list[float], p2p: float, micro_batches: int,
-            schedule: str) -> float:
-    """Step time of the event simulation: every operation starts when its stage is free and
-    its input (the neighbour's forward or backward of the same micro-batch) has arrived."""
-    stages = len(forward)
-    end = [0.0] * (2 * stages * micro_batches)
-    free = [0.0] * stages
-    for s, own, dep, hop, is_forward in _event_order(stages, micro_batches, schedule):
+def _replay(forward: list[float], backward: list[float], p2p: float, ranks: int,
+            micro_batches: int, schedule: str) -> float:
+    """Step time of the event simulation: every operation starts when its rank is free and
+    its input (the neighbouring stage's forward or backward of the same micro-batch) has
+    arrived."""
+    end = [0.0] * (2 * len(forward) * micro_batches)
+    free = [0.0] * ranks
+    for r, s, own, dep, hop, is_forward in _event_order(ranks, micro_batches, schedule,
+                                                        len(forward) // ranks):
         ready = (end[dep] + p2p if hop else end[dep]) if dep >= 0 else 0.0
-        free[s] = (free[s] if free[s] > ready else ready) + (forward[s] if is_forward
+        free[r] = (free[r] if free[r] > ready else ready) + (forward[s] if is_forward
                                                              else backward[s])
-        end[own] = free[s]
+        end[own] = free[r]
     return max(free)
 
 
 # ------------------------------------------------------------------------------ stage costs
 class StageCost(NamedTuple):
-    """One stage under a layout: seconds per micro-batch and peak bytes."""
+    """One stage under a layout: seconds per micro-batch, static bytes, the bytes kept per
+    micro-batch in flight, the recompute transient, and the most micro-batches it holds."""
 
     forward: float
     backward: float
     static: int
-    activation: int   # micro-batches in flight x kept bytes + the recompute transient
+    kept: int        # bytes kept for the backward of one micro-batch
+    transient: int   # the largest recomputed layer's activations, back while it re-runs
+    held: int        # micro-batches in flight at most
+
+    @property
+    def activation(self) -> int:
+        """Micro-batches in flight x kept bytes + the recompute transient."""
+        return self.held * self.kept + self.transient
 
     @property
     def peak(self) -> int:
-        """Static + activation bytes."""
+        """Static + activation bytes: the stage's peak were it alone on its rank."""
         return self.static + self.activation
+
+
+def _rank_peak(costs: list[StageCost], holdings: tuple[tuple[int, ...], ...], rank: int,
+               ranks: int) -> int:
+    """Peak bytes of ``rank``: its stages' static bytes + the most activations its order
+    holds at once + the largest recompute transient among its stages."""
+    own = costs[rank::ranks]
+    held = max(sum(n * c.kept for n, c in zip(v, own)) for v in holdings[rank])
+    return sum(c.static for c in own) + held + max(c.transient for c in own)
 
 
 class _Costs:
@@ -212,7 +307,7 @@ class _Costs:
                 freed = p.layer_activation[j] - p.layer_checkpoint[j]
                 kept -= freed
                 transient = max(transient, freed)
-            out.append((r, StageCost(forward, backward, static, held * kept + transient)))
+            out.append((r, StageCost(forward, backward, static, kept, transient, held)))
             if memory is not None and out[-1][1].peak <= memory:
                 break
         return out
@@ -222,19 +317,32 @@ class _Costs:
 @dataclass(frozen=True)
 class Simulation:
     """A layout's simulated step: per stage the forward and backward seconds of one
-    micro-batch, its busy time over the step, micro-batches in flight and peak bytes."""
+    micro-batch and micro-batches in flight, per pipeline rank (``stages_per_rank`` stages
+    each: rank r holds r, r + P, ...) its peak bytes, and the step time."""
 
     layout: PipelineLayout
     schedule: str
     micro_batches: int
     stages: tuple[StageCost, ...]
     in_flight: tuple[int, ...]
+    rank_peaks: tuple[int, ...]
     step_time: float
+    stages_per_rank: int = 1
+
+    @property
+    def ranks(self) -> int:
+        """Pipeline ranks (devices of one pipeline)."""
+        return len(self.rank_peaks)
+
+    def rank_stages(self, rank: int) -> list[int]:
+        """The stages ``rank`` runs."""
+        return list(range(rank, len(self.stages), self.ranks))
 
     @property
     def busy(self) -> list[float]:
-        """Seconds each stage computes during the step."""
-        return [self.micro_batches * (c.forward + c.backward) for c in self.stages]
+        """Seconds each rank computes during the step."""
+        return [sum(self.micro_batches * (c.forward + c.backward)
+                    for c in self.stages[r::self.ranks]) for r in range(self.ranks)]
 
     @property
     def bubble_fraction(self) -> float:
@@ -243,27 +351,43 @@ class Simulation:
 
     @property
     def peak_bytes(self) -> list[int]:
-        """Each stage's peak memory: static + activations in flight."""
-        return [c.peak for c in self.stages]
+        """Each rank's peak memory (one per stage when a rank runs one stage)."""
+        return list(self.rank_peaks)
 
 
 def _simulation(layout: PipelineLayout, costs: list[StageCost], held: list[int],
-                profile: CostProfile, micro_batches: int, schedule: str) -> Simulation:
+                profile: CostProfile, micro_batches: int, schedule: str,
+                stages_per_rank: int) -> Simulation:
+    ranks = len(costs) // stages_per_rank
+    holdings = _holdings(ranks, micro_batches, schedule, stages_per_rank)
+    peaks = tuple(_rank_peak(costs, holdings, r, ranks) for r in range(ranks))
     step = _replay([c.forward for c in costs], [c.backward for c in costs], profile.p2p_time,
-                   micro_batches, schedule)
-    return Simulation(layout, schedule, micro_batches, tuple(costs), tuple(held), step)
+                   ranks, micro_batches, schedule)
+    return Simulation(layout, schedule, micro_batches, tuple(costs), tuple(held), peaks, step,
+                      stages_per_rank)
+
+
+def _ranks_of(layout: PipelineLayout, stages_per_rank: int) -> int:
+    if stages_per_rank < 1 or layout.stages % stages_per_rank:
+        raise ConfigError(f"a layout of {layout.stages} stages cannot run {stages_per_rank} "
+                          "stages on each pipeline rank; give pipeline ranks x stages per "
+                          "rank layer counts")
+    return layout.stages // stages_per_rank
 
 
 def simulate(layout: PipelineLayout, profile: CostProfile, micro_batches: int,
-             schedule: str = "1f1b") -> Simulation:
-    """Replay one training step of ``layout`` under ``schedule`` with ``profile``'s costs."""
-    _check_run(layout.stages, micro_batches, schedule)
+             schedule: str = "1f1b", stages_per_rank: int = 1) -> Simulation:
+    """Replay one training step of ``layout`` (``layout.stages / stages_per_rank`` pipeline
+    ranks) under ``schedule`` with ``profile``'s costs."""
+    ranks = _ranks_of(layout, stages_per_rank)
+    _check_run(ranks, micro_batches, schedule, stages_per_rank)
     layout.validate(profile.num_layers)
-    held = in_flight(layout.stages, micro_batches, schedule)
+    held = in_flight(ranks, micro_batches, schedule, stages_per_rank)
     costs = _Costs(profile, layout.stages, held)
     stage_costs = [costs.cost(s, layout.stage_layers(s).start, layout.stage_layers(s).stop,
                               layout.recompute[s]) for s in range(layout.stages)]
-    return _simulation(layout, stage_costs, held, profile, micro_batches, schedule)
+    return _simulation(layout, stage_costs, held, profile, micro_batches, schedule,
+                       stages_per_rank)
 
 
 # ------------------------------------------------------------------------------------ plans
@@ -298,26 +422,63 @@ def format_bytes(n: float) -> str:
 
 
 class _Search:
-    """Layouts as layer counts per stage, each stage with its least fitting recompute."""
+    """Layouts as layer counts per stage, each stage with its least recompute that fits its
+    budget (the device memory / stages per rank), then, with several stages per rank, the
+    recompute the rank's exact peak does not need given back."""
 
-    def __init__(self, profile: CostProfile, stages: int, micro_batches: int,
-                 memory_bytes: int, schedule: str) -> None:
-        self.profile, self.stages, self.memory = profile, stages, memory_bytes
+    def __init__(self, profile: CostProfile, ranks: int, micro_batches: int,
+                 memory_bytes: int, schedule: str, stages_per_rank: int) -> None:
+        self.profile, self.ranks, self.memory = profile, ranks, memory_bytes
+        self.stages, self.per_rank = ranks * stages_per_rank, stages_per_rank
+        self.budget = memory_bytes // stages_per_rank
         self.micro_batches, self.schedule = micro_batches, schedule
-        self.held = in_flight(stages, micro_batches, schedule)
-        self.costs = _Costs(profile, stages, self.held)
+        self.held = in_flight(ranks, micro_batches, schedule, stages_per_rank)
+        self.holdings = _holdings(ranks, micro_batches, schedule, stages_per_rank)
+        self.costs = _Costs(profile, self.stages, self.held)
+        self._options: dict[tuple[int, ...], list[tuple[int, StageCost]] | None] = {}
 
     def stage_options(self, counts: list[int]) -> list[tuple[int, StageCost]] | None:
+        """Per stage (recompute, cost), or None when some stage cannot fit (memoized: the
+        local search asks for a layout once to bound it and once to simulate it)."""
+        key = tuple(counts)
+        if key not in self._options:
+            self._options[key] = self._stage_options(counts)
+        return self._options[key]
+
+    def _stage_options(self, counts: list[int]) -> list[tuple[int, StageCost]] | None:
         options, first = [], 0
         for s, n in enumerate(counts):
             if n == 0 and 0 < s < self.stages - 1:
                 return None
-            option = self.costs.least_recompute(s, first, first + n, self.memory)
+            option = self.costs.least_recompute(s, first, first + n, self.budget)
             if option is None:
                 return None
             options.append(option)
             first += n
+        if self.per_rank > 1:  # with one stage per rank the budget is already exact
+            self.give_back(counts, options)
         return options
+
+    def give_back(self, counts: list[int], options: list[tuple[int, StageCost]]) -> None:
+        """Lower recompute (in place) while each rank's exact peak still fits: the per-stage
+        budgets assume all of a rank's stages peak at once, which its order rarely does. One
+        layer at a time, on the slowest of the rank's stages that can (it is likeliest on the
+        critical path)."""
+        firsts = [sum(counts[:s]) for s in range(len(counts))]
+        costs = [c for _, c in options]
+        for rank in range(self.ranks):
+            while True:
+                own = sorted((s for s in range(rank, self.stages, self.ranks) if options[s][0]),
+                             key=lambda s: costs[s].forward + costs[s].backward, reverse=True)
+                for s in own:
+                    recompute, cost = options[s]
+                    costs[s] = self.costs.cost(s, firsts[s], firsts[s] + counts[s], recompute - 1)
+                    if _rank_peak(costs, self.holdings, rank, self.ranks) <= self.memory:
+                        options[s] = (recompute - 1, costs[s])
+                        break
+                    costs[s] = cost
+                else:
+                    break
 
     def simulation(self, counts: list[int]) -> Simulation | None:
         options = self.stage_options(counts)
@@ -325,7 +486,7 @@ class _Search:
             return None
         layout = PipelineLayout(tuple(counts), tuple(r for r, _ in options))
         return _simulation(layout, [c for _, c in options], self.held, self.profile,
-                           self.micro_batches, self.schedule)
+                           self.micro_batches, self.schedule, self.per_rank)
 
     def bottleneck_split(self) -> list[int] | None:
         """Contiguous split minimizing (slowest stage's forward + backward, total of them)."""
@@ -342,7 +503,7 @@ class _Search:
                         continue
                     if first == end and 0 < s < stages - 1:
                         continue
-                    option = self.costs.least_recompute(s, first, end, self.memory)
+                    option = self.costs.least_recompute(s, first, end, self.budget)
                     if option is None:
                         continue
                     t = option[1].forward + option[1].backward
@@ -385,17 +546,22 @@ class _Search:
     def lower_bound(self, costs: list[StageCost]) -> float:
         """A step time no schedule beats: stage s cannot start before the first micro-batch
         has come through the stages before it, is then busy for M (forward + backward), and
-        its last backward still has to go back through them."""
+        its last backward still has to go back through them; and a rank is busy for all of
+        its stages' work."""
         bound, before = 0.0, 0.0
-        for cost in costs:
+        for s, cost in enumerate(costs):
             busy = self.micro_batches * (cost.forward + cost.backward)
             bound = max(bound, before + busy)
-            before += cost.forward + cost.backward + 2 * self.profile.p2p_time
+            hop = 2 * self.profile.p2p_time if (s + 1) % self.ranks != s % self.ranks else 0.0
+            before += cost.forward + cost.backward + hop
+        for r in range(self.ranks):
+            bound = max(bound, sum(self.micro_batches * (c.forward + c.backward)
+                                   for c in costs[r::self.ranks]))
         return bound
 
     def smallest_peak(self) -> tuple[int, int]:
         """(stage, bytes) of the fullest stage under the split that minimizes it, every
-        layer recomputed: the least memory any layout needs."""
+        layer recomputed: the least budget any layout needs."""
         n_layers, stages = self.profile.num_layers, self.stages
         best: list[list[tuple[int, int, int] | None]] = [
             [None] * (n_layers + 1) for _ in range(stages)]
@@ -414,11 +580,12 @@ class _Search:
         return worst[1], worst[0]
 
 
-def _check_shape(profile: CostProfile, stages: int, micro_batches: int, memory_bytes: int,
-                 schedule: str) -> None:
-    _check_run(stages, micro_batches, schedule)
+def _check_shape(profile: CostProfile, ranks: int, micro_batches: int, memory_bytes: int,
+                 schedule: str, stages_per_rank: int) -> None:
+    _check_run(ranks, micro_batches, schedule, stages_per_rank)
     if memory_bytes <= 0:
         raise ConfigError(f"the memory per device must be positive, got {memory_bytes} bytes")
+    stages = ranks * stages_per_rank
     if profile.num_layers < stages - 2:
         raise ConfigError(f"{stages} pipeline stages need at least {stages - 2} decoder layers "
                           f"(every stage but the first and last runs one), the model has "
@@ -430,20 +597,23 @@ def _uniform(search: _Search) -> Simulation | None:
     return search.simulation(list(counts))
 
 
-def plan_pipeline(profile: CostProfile, stages: int, micro_batches: int, memory_bytes: int,
-                  schedule: str = "1f1b") -> Plan:
+def plan_pipeline(profile: CostProfile, ranks: int, micro_batches: int, memory_bytes: int,
+                  schedule: str = "1f1b", stages_per_rank: int = 1) -> Plan:
     """The layout (layers and recomputed layers per stage) of ``profile``'s model over
-    ``stages`` stages with the least simulated step time among those whose every stage fits
-    ``memory_bytes``. Raises ``ConfigError`` saying what to change when none fits."""
-    _check_shape(profile, stages, micro_batches, memory_bytes, schedule)
-    search = _Search(profile, stages, micro_batches, memory_bytes, schedule)
+    ``ranks`` pipeline ranks of ``stages_per_rank`` stages each with the least simulated step
+    time among those whose every rank fits ``memory_bytes``. Raises ``ConfigError`` saying
+    what to change when none fits."""
+    _check_shape(profile, ranks, micro_batches, memory_bytes, schedule, stages_per_rank)
+    search = _Search(profile, ranks, micro_batches, memory_bytes, schedule, stages_per_rank)
     split = search.bottleneck_split()
     if split is None:
         stage, peak = search.smallest_peak()
         held = search.held[stage]
+        shared = (f" ({stages_per_rank} stages per rank: each is planned within "
+                  f"{format_bytes(search.budget)})" if stages_per_rank > 1 else "")
         raise ConfigError(
-            f"no split of {profile.num_layers} layers over {stages} stages fits in "
-            f"{format_bytes(memory_bytes)} per device ({schedule}, {micro_batches} "
+            f"no split of {profile.num_layers} layers over {search.stages} stages fits in "
+            f"{format_bytes(memory_bytes)} per device{shared} ({schedule}, {micro_batches} "
             f"micro-batches): even recomputing every layer, the best split needs "
             f"{format_bytes(peak)} on stage {stage} ({held} micro-batch"
             f"{'es' if held > 1 else ''} in flight); use more pipeline stages, a smaller "
@@ -460,23 +630,35 @@ def plan_pipeline(profile: CostProfile, stages: int, micro_batches: int, memory_
 
 
 def evaluate_layout(layout: PipelineLayout, profile: CostProfile, micro_batches: int,
-                    memory_bytes: int, schedule: str = "1f1b") -> Plan:
-    """Simulate a given layout and compare it with the uniform split; raises ``ConfigError``
-    naming the stage and its bytes when a stage does not fit ``memory_bytes``."""
-    _check_shape(profile, layout.stages, micro_batches, memory_bytes, schedule)
-    sim = simulate(layout, profile, micro_batches, schedule)
-    search = _Search(profile, layout.stages, micro_batches, memory_bytes, schedule)
-    for s, cost in enumerate(sim.stages):
-        if cost.peak <= memory_bytes:
+                    memory_bytes: int, schedule: str = "1f1b", stages_per_rank: int = 1) -> Plan:
+    """Simulate a given layout (``layout.stages / stages_per_rank`` pipeline ranks) and
+    compare it with the uniform split; raises ``ConfigError`` naming the rank (its stages)
+    and its bytes when a rank does not fit ``memory_bytes``."""
+    ranks = _ranks_of(layout, stages_per_rank)
+    _check_shape(profile, ranks, micro_batches, memory_bytes, schedule, stages_per_rank)
+    sim = simulate(layout, profile, micro_batches, schedule, stages_per_rank)
+    search = _Search(profile, ranks, micro_batches, memory_bytes, schedule, stages_per_rank)
+    for r, peak in enumerate(sim.rank_peaks):
+        if peak <= memory_bytes:
             continue
-        layers = layout.stage_layers(s)
-        option = search.costs.least_recompute(s, layers.start, layers.stop, memory_bytes)
+        own = sim.rank_stages(r)
+        static = sum(sim.stages[s].static for s in own)
+        if stages_per_rank > 1:
+            raise ConfigError(
+                f"rank {r} (stages {', '.join(map(str, own))}) of {layout.describe()} needs "
+                f"{format_bytes(peak)} ({format_bytes(static)} static + "
+                f"{format_bytes(peak - static)} activations, in flight "
+                f"{', '.join(str(sim.in_flight[s]) for s in own)}) but a device has "
+                f"{format_bytes(memory_bytes)}; recompute more layers of these stages or move "
+                "layers off them, or use a smaller micro-batch or more memory")
+        layers = layout.stage_layers(r)
+        option = search.costs.least_recompute(r, layers.start, layers.stop, memory_bytes)
         hint = (f"recompute {option[0]} of its layers" if option is not None
                 else "move layers off it (recomputing all of them is not enough)")
         raise ConfigError(
-            f"stage {s} of {layout.describe()} needs {format_bytes(cost.peak)} "
-            f"({format_bytes(cost.static)} static + {format_bytes(cost.activation)} "
-            f"activations for {sim.in_flight[s]} micro-batch(es) in flight) but a device has "
+            f"stage {r} of {layout.describe()} needs {format_bytes(peak)} "
+            f"({format_bytes(static)} static + {format_bytes(peak - static)} "
+            f"activations for {sim.in_flight[r]} micro-batch(es) in flight) but a device has "
             f"{format_bytes(memory_bytes)}; {hint}, or use a smaller micro-batch or more memory")
     uniform = _uniform(search)
     return Plan(layout, sim, memory_bytes, uniform.layout if uniform else None, uniform,
@@ -492,28 +674,35 @@ def _layer_range(layers: range) -> str:
 
 def format_plan(plan: Plan) -> str:
     """A per-stage table of ``plan`` with its step time, bubble and gain over uniform (what
-    ``skymoe plan pipeline`` prints)."""
+    ``skymoe plan pipeline`` prints). The peak column is the stage's rank's peak (with one
+    stage per rank, the stage's own)."""
     sim, layout = plan.simulation, plan.layout
     unit, scale = ("GiB", GIB) if plan.memory_bytes >= GIB else ("MiB", 2**20)
+    over = (f"{sim.ranks} ranks x {sim.stages_per_rank} stages" if sim.stages_per_rank > 1
+            else f"{layout.stages} stages")
     lines = [
-        f"{'plan' if plan.planned else 'layout'}: {layout.num_layers} layers over "
-        f"{layout.stages} stages, {sim.schedule}, {sim.micro_batches} micro-batches per step",
+        f"{'plan' if plan.planned else 'layout'}: {layout.num_layers} layers over {over}, "
+        f"{sim.schedule}, {sim.micro_batches} micro-batches per step",
         f"costs: {plan.source}",
-        f"{'stage':>5} {'layers':>8} {'n':>3} {'recompute':>9} {'fwd+bwd ms':>11} "
+        f"{'stage':>5} {'rank':>4} {'layers':>8} {'n':>3} {'recompute':>9} {'fwd+bwd ms':>11} "
         f"{'in flight':>9} {'static ' + unit:>10} {'act ' + unit:>8} {'peak ' + unit:>8} "
         f"{'limit ' + unit:>9}",
     ]
     for s, cost in enumerate(sim.stages):
+        rank = s % sim.ranks
         lines.append(
-            f"{s:>5} {_layer_range(layout.stage_layers(s)):>8} {layout.layers[s]:>3} "
+            f"{s:>5} {rank:>4} {_layer_range(layout.stage_layers(s)):>8} {layout.layers[s]:>3} "
             f"{layout.recompute[s]:>9} {(cost.forward + cost.backward) * 1e3:>11.2f} "
             f"{sim.in_flight[s]:>9} {cost.static / scale:>10.2f} {cost.activation / scale:>8.2f} "
-            f"{cost.peak / scale:>8.2f} {plan.memory_bytes / scale:>9.2f}")
+            f"{sim.rank_peaks[rank] / scale:>8.2f} {plan.memory_bytes / scale:>9.2f}")
+    if sim.stages_per_rank > 1:
+        lines.append("peak: its rank's (static + the most activations held at once); act: "
+                     "the stage's own")
     lines.append(f"{layout.describe()}: step {sim.step_time * 1e3:.1f} ms, bubble "
                  f"{100 * sim.bubble_fraction:.1f}%")
     if plan.uniform is None:
         counts = PipelineLayout.uniform(layout.num_layers, layout.stages).layers
-        lines.append(f"uniform split {','.join(map(str, counts))}: does not fit (some stage "
+        lines.append(f"uniform split {','.join(map(str, counts))}: does not fit (some rank "
                      "exceeds the limit even with every layer recomputed)")
     else:
         u = plan.uniform
