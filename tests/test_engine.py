@@ -101,3 +101,32 @@ def test_bench_generate_cli():
     assert out.returncode == 0, out.stderr
     assert "3 requests x (5 prompt + 4 output tokens)" in out.stdout
     assert "output tokens/s" in out.stdout and "total (prompt + output) tokens/s" in out.stdout
+
+
+@torch.no_grad()
+def test_logprobs_of_generated_and_prompt_tokens(model):
+    prompt = _prompts(1)[0]
+    params = SamplingParams(temperature=0.8, seed=3)
+    engine = Engine(model, max_batch=2, max_len=64)
+    seen = []
+    engine.submit(Request(prompt, 6, params, logprobs=3, prompt_logprobs=2,
+                          on_token=lambda r, t, d: seen.append(r.token_logprobs[-1].token_id)))
+    engine.submit(Request(prompt, 6, params))  # the same request without logprobs
+    with_lp, without = engine.run()
+    assert with_lp.token_ids == without.token_ids == seen  # recorded before on_token
+    assert without.logprobs is None and without.prompt_logprobs is None
+    # Reference: log-softmax of a full forward over prompt + output (no cache).
+    ids = torch.tensor([prompt + with_lp.token_ids])
+    ref = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    n = len(prompt)
+    assert [lp.token_id for lp in with_lp.logprobs] == with_lp.token_ids
+    for i, lp in enumerate(with_lp.logprobs):
+        row = ref[n - 1 + i]
+        assert lp.logprob == pytest.approx(float(row[lp.token_id]), abs=1e-4)
+        top = row.topk(3)
+        assert [t for t, _ in lp.top] == top.indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert with_lp.prompt_logprobs[0] is None and len(with_lp.prompt_logprobs) == n
+    for i, lp in enumerate(with_lp.prompt_logprobs[1:], start=1):
+        assert lp.token_id == prompt[i] and len(lp.top) == 2
+        assert lp.logprob == pytest.approx(float(ref[i - 1, prompt[i]]), abs=1e-4)

@@ -5,6 +5,11 @@ slots (one prefill each, which also samples their first token), then runs one de
 every running request together, samples each row with its own settings and random stream,
 streams the new tokens to the requests' callbacks, and retires the requests that finished
 (stop token, stop string, ``max_tokens``, cancelled), freeing their slots for the next step.
+
+Requests may ask for log-probabilities (``logprobs``, ``prompt_logprobs``): those of the model's
+own distribution (log-softmax of the raw logits, before temperature and top-k/top-p), with the
+k most likely alternatives. The engine is not thread-safe: call it from one thread (the server
+runs it on a dedicated thread and sends it commands).
 """
 
 from __future__ import annotations
@@ -25,9 +30,25 @@ class QueueFullError(SkymoeError):
 
 
 @dataclass
+class TokenLogprobs:
+    """One token's log-probability under the model (log-softmax of the raw logits) and the
+    ``top`` most likely (token id, log-probability) pairs at that position, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class Request:
     """One generation request. ``on_token(request, token_id, text_delta)`` is called for every
-    generated token (``text_delta`` is None without a tokenizer)."""
+    generated token (``text_delta`` is None without a tokenizer).
+
+    ``logprobs`` (k >= 0) records every generated token's ``TokenLogprobs`` with its k most
+    likely alternatives in ``token_logprobs``, filled before ``on_token`` sees the token;
+    ``prompt_logprobs`` (k >= 0) does the same for the prompt in ``prompt_token_logprobs`` (None
+    for the first prompt token, which nothing predicts), filled at admission. Both None: off.
+    """
 
     prompt_ids: list[int]
     max_tokens: int
@@ -36,6 +57,10 @@ class Request:
     stop: tuple[str, ...] = ()
     on_token: Callable[["Request", int, str | None], None] | None = None
     request_id: str = ""
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    token_logprobs: list[TokenLogprobs] = field(default_factory=list, repr=False)
+    prompt_token_logprobs: list[TokenLogprobs | None] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -45,6 +70,8 @@ class Completion:
     token_ids: list[int]
     text: str | None
     finish_reason: str  # "stop", "length" or "cancelled"
+    logprobs: list[TokenLogprobs] | None = None  # with Request.logprobs
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # with Request.prompt_logprobs
 
 
 @dataclass
@@ -81,6 +108,9 @@ class Engine:
             raise ValueError("the prompt has no tokens")
         if request.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(request, name) is not None and getattr(request, name) < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {getattr(request, name)}")
         if len(request.prompt_ids) + request.max_tokens > self.max_len:
             raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens "
                              f"({request.max_tokens}) exceeds the engine's {self.max_len} "
@@ -97,8 +127,11 @@ class Engine:
         for request in self.waiting:
             if request.request_id == request_id:
                 self.waiting.remove(request)
-                self.finished.append(Completion(request_id, len(request.prompt_ids), [], "",
-                                                "cancelled"))
+                self.finished.append(Completion(
+                    request_id, len(request.prompt_ids), [], "", "cancelled",
+                    [] if request.logprobs is not None else None,
+                    request.prompt_token_logprobs if request.prompt_logprobs is not None
+                    else None))
                 return True
         for slot, run in list(self.running.items()):
             if run.request.request_id == request_id:
@@ -146,9 +179,14 @@ class Engine:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed)
             self.running[slot] = _Running(request, slot, gen)
             prompt = torch.tensor([request.prompt_ids], device=self.device)
+            # Prompt logprobs need every position's logits; otherwise only the last is computed.
+            want_prompt = request.prompt_logprobs is not None
             logits = self.model(prompt, cache=self.cache, slots=torch.tensor([slot],
-                                device=self.device), last_only=True).logits[0, -1]
-            self._accept(slot, logits)
+                                device=self.device), last_only=not want_prompt).logits[0]
+            if want_prompt:
+                request.prompt_token_logprobs = [None] + compute_logprobs(
+                    logits[:-1], prompt[0, 1:], request.prompt_logprobs)
+            self._accept(slot, logits[-1])
 
     def _accept(self, slot: int, logits_V: torch.Tensor) -> None:
         """Sample this slot's next token, stream it, and retire the request if it is done."""
@@ -156,6 +194,9 @@ class Engine:
         request = run.request
         token = int(sample_next(logits_V[None], request.sampling, run.generator)[0])
         run.tokens.append(token)
+        if request.logprobs is not None:
+            request.token_logprobs += compute_logprobs(logits_V[None], torch.tensor([token]),
+                                                       request.logprobs)
         delta = None
         if self.tokenizer is not None:
             text = self.tokenizer.decode(run.tokens)
@@ -174,6 +215,24 @@ class Engine:
     def _retire(self, slot: int, reason: str) -> None:
         run = self.running.pop(slot)
         self.cache.release(slot)
-        self.finished.append(Completion(run.request.request_id, len(run.request.prompt_ids),
-                                        run.tokens, run.text if self.tokenizer else None,
-                                        reason))
+        request = run.request
+        self.finished.append(Completion(
+            request.request_id, len(request.prompt_ids), run.tokens,
+            run.text if self.tokenizer else None, reason,
+            request.token_logprobs if request.logprobs is not None else None,
+            request.prompt_token_logprobs if request.prompt_logprobs is not None else None))
+
+
+def compute_logprobs(logits_TV: torch.Tensor, token_ids_T: torch.Tensor,
+                     top: int) -> list[TokenLogprobs]:
+    """Log-probabilities of ``token_ids_T`` [T] under ``logits_TV`` [T, V] (fp32 log-softmax)
+    and each row's ``top`` most likely tokens."""
+    logp = torch.log_softmax(logits_TV.float(), dim=-1)
+    chosen = logp.gather(-1, token_ids_T.to(logp.device)[:, None])[:, 0].tolist()
+    ids = token_ids_T.tolist()
+    if top > 0:
+        values, indices = logp.topk(min(top, logp.shape[-1]), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in ids]
+    return [TokenLogprobs(t, lp, tp) for t, lp, tp in zip(ids, chosen, tops)]
