@@ -187,6 +187,76 @@ def _tensor_parallel(model, params, tp: int):
     return model, params, mesh.is_main
 
 
+# ------------------------------------------------------------------------------------ serve
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model, load_tokenizer
+    from .infer import SamplingParams
+    from .infer.cpu_kernels import pack_for_cpu_inference
+    from .infer.engine import Engine
+    from .serve.engine_thread import Lockstep, run_worker
+    from .serve.server import serve
+
+    api_key = args.api_key if args.api_key is not None else os.environ.get("SKYMOE_API_KEY")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
+    for flag in ("max_batch", "max_queue", "tp"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
+    if not Path(args.model).is_dir():
+        raise UsageError(f"{args.model}: not a checkpoint directory")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=_DTYPES[args.dtype], fp8=args.fp8)
+    limit = model.config.max_position_embeddings
+    max_model_len = args.max_model_len or limit
+    if not 2 <= max_model_len <= limit:
+        raise UsageError(f"--max-model-len must be between 2 and the model's context of "
+                         f"{limit} tokens, got {max_model_len}")
+    lockstep = None
+    if args.tp > 1:
+        model, _, is_main = _tensor_parallel(model, SamplingParams(), args.tp)
+        lockstep = Lockstep()
+        if not is_main:  # the other ranks step with rank 0's engine until it shuts down
+            import signal
+
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: rank 0 stops them all
+            run_worker(Engine(model, tokenizer, max_batch=args.max_batch, max_len=max_model_len,
+                              max_queue=args.max_queue), lockstep)
+            torch.distributed.destroy_process_group()
+            return 0
+    else:
+        model = pack_for_cpu_inference(model)
+    try:
+        return serve(model, tokenizer, args.model, model_name=args.served_model_name or args.model,
+                     host=args.host, port=args.port, api_key=api_key or None,
+                     max_batch=args.max_batch, max_model_len=max_model_len,
+                     max_queue=args.max_queue, log_level=args.log_level, lockstep=lockstep)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .serve.bench import BenchError, format_result, run_bench
+
+    for flag in ("concurrency", "num_prompts", "input_len", "output_len"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("SKYMOE_API_KEY")
+    try:
+        result = asyncio.run(run_bench(
+            args.url, concurrency=args.concurrency, num_prompts=args.num_prompts,
+            input_len=args.input_len, output_len=args.output_len, model=args.model,
+            api_key=api_key or None, seed=args.seed, vocab_size=args.vocab_size))
+    except BenchError as exc:
+        raise UsageError(str(exc)) from None
+    print(result.to_json() if args.json else format_result(result))
+    return 1 if result.failed else 0
+
+
 # ------------------------------------------------------------------------------------ train
 def cmd_train(args: argparse.Namespace) -> int:
     import signal
@@ -325,6 +395,40 @@ def build_parser() -> argparse.ArgumentParser:
                         "heads split unevenly, experts along the intermediate size")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (completions, chat, streaming)",
+        description="Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/models, "
+                    "/v1/completions, /v1/chat/completions, /health, /metrics) on the "
+                    "continuous-batching engine; see docs/serving.md. Tensor parallel: "
+                    "torchrun --nproc-per-node N -m skymoe serve MODEL --tp N (rank 0 serves "
+                    "HTTP, every rank steps the engine).")
+    p.add_argument("model", metavar="MODEL",
+                   help="checkpoint directory (with tokenizer.json or tokenizer.model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint "
+                                     "but /health (default: $SKYMOE_API_KEY, else none)")
+    p.add_argument("--served-model-name",
+                   help="the model id clients send and /v1/models lists (default: MODEL as "
+                        "given)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="sequences generating at once (KV-cache slots; default 16)")
+    p.add_argument("--max-model-len", type=int,
+                   help="positions per sequence, prompt + output (default: the model's "
+                        "max_position_embeddings)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="sequences waiting for a slot before requests get 429 (default 256)")
+    p.add_argument("--dtype", choices=list(_DTYPES), default="auto",
+                   help="compute dtype (default: the checkpoint's torch_dtype)")
+    p.add_argument("--fp8", choices=FP8_MODES, default="auto", help=FP8_HELP)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel processes (run under torchrun --nproc-per-node TP)")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"],
+                   help="server log level; info logs every request (default info)")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("train", help="train a Skywork-MoE model (default: a small one on the "
                                      "Python standard library's source)",
                        description="Train with Skywork-MoE's techniques: gating logit "
@@ -423,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8", choices=FP8_MODES, default="auto", help=FP8_HELP)
     p.set_defaults(func=cmd_eval)
 
-    bench = sub.add_parser("bench", help="benchmarks (generate)",
+    bench = sub.add_parser("bench", help="benchmarks (generate, serve)",
                            description="Throughput benchmarks of skymoe itself.")
     bench_sub = bench.add_subparsers(dest="what", required=True, metavar="WHAT")
     p = bench_sub.add_parser(
@@ -441,6 +545,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8", choices=FP8_MODES, default="auto", help=FP8_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_bench_generate)
+
+    p = bench_sub.add_parser(
+        "serve", help="load-test an OpenAI-compatible server (TTFT, TPOT, ITL, tok/s)",
+        description="Send --num-prompts streaming /v1/completions requests with random "
+                    "prompts of exactly --input-len token ids, each generating exactly "
+                    "--output-len tokens (ignore_eos), at most --concurrency in flight; report "
+                    "TTFT, TPOT, ITL and end-to-end latency (mean, median, p99), requests/s, "
+                    "output and total tokens/s with vLLM benchmark_serving's definitions "
+                    "(docs/serving.md).")
+    p.add_argument("--url", default="http://127.0.0.1:8000",
+                   help="server base URL (default http://127.0.0.1:8000)")
+    p.add_argument("--model", help="model id (default: the first one /v1/models lists)")
+    p.add_argument("--concurrency", type=int, default=1, help="requests in flight (default 1)")
+    p.add_argument("--num-prompts", type=int, default=32, help="requests (default 32)")
+    p.add_argument("--input-len", type=int, default=64, help="prompt tokens (default 64)")
+    p.add_argument("--output-len", type=int, default=32, help="output tokens (default 32)")
+    p.add_argument("--api-key", help="API key (default: $SKYMOE_API_KEY)")
+    p.add_argument("--vocab-size", type=int,
+                   help="token ids for random prompts are below this (default: the server's "
+                        "vocab_size from /v1/models)")
+    p.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_bench_serve)
 
     plan = sub.add_parser("plan", help="plan a deployment (pipeline, serve)",
                           description="Planners computed from a model config alone.")
