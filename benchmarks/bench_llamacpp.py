@@ -1,0 +1,160 @@
+"""skymoe vs llama.cpp (through llama-cpp-python) on the shared "bench" config, same weights.
+
+The bench model (random weights, seed 0) is saved as an HF Mixtral checkpoint with a
+sentencepiece ``tokenizer.model`` (vocabulary 32000, trained on the Python standard library,
+what a fresh machine has), converted to GGUF bf16 with llama.cpp's own
+``convert_hf_to_gguf.py`` (shipped in the llama-cpp-python sdist), and both sides run the same
+64-token prompt on the same threads:
+
+- prefill: the prompt through the model into an empty KV cache (tokens/s);
+- decode at batch 1: 32 greedy tokens one at a time after the prompt (new tokens/s).
+
+Rounds alternate between the two sides; medians reported.
+
+Set-up (llama-cpp-python builds llama.cpp from source, a few minutes):
+    pip download llama-cpp-python --no-deps --no-binary :all: -d /tmp/llcpp
+    pip install /tmp/llcpp/llama_cpp_python-*.tar.gz
+    tar xzf /tmp/llcpp/llama_cpp_python-*.tar.gz -C /tmp
+Usage: python benchmarks/bench_llamacpp.py --llama-cpp-src /tmp/llama_cpp_python-X.Y.Z
+           [--work DIR] [--threads 2] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROMPT_LEN, NEW_TOKENS = 64, 32
+
+
+def build_checkpoint(directory: Path) -> None:
+    """The bench model and a sentencepiece tokenizer in ``directory`` (kept between runs)."""
+    import sentencepiece as spm
+
+    from skymoe.checkpoint import save_model
+    from skymoe.config import resolve_config
+    from skymoe.model.transformer import build_model
+    from skymoe.train.data import default_corpus_sources, read_documents
+
+    if (directory / "tokenizer.model").is_file() and (directory / "config.json").is_file():
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    model = build_model(resolve_config("bench"), seed=0, dtype=torch.bfloat16)
+    save_model(model, directory)
+    corpus = directory / "corpus.txt"
+    corpus.write_text("\n".join(read_documents(default_corpus_sources(), ["*.py"], "text")))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=32000,
+        model_type="bpe", byte_fallback=True, input_sentence_size=300000,
+        shuffle_input_sentence=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        max_sentence_length=8192, num_threads=os.cpu_count() or 1)
+    corpus.unlink()
+
+
+def convert(checkpoint: Path, llama_src: Path, gguf: Path) -> None:
+    """GGUF bf16 of ``checkpoint`` with llama.cpp's converter (kept between runs)."""
+    if gguf.is_file():
+        return
+    root = llama_src / "vendor" / "llama.cpp"
+    env = {**os.environ, "PYTHONPATH": str(root / "gguf-py")}
+    subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(checkpoint),
+                    "--outfile", str(gguf), "--outtype", "bf16"], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+
+
+class LlamaCpp:
+    def __init__(self, gguf: Path, threads: int) -> None:
+        from llama_cpp import Llama
+
+        self.llm = Llama(model_path=str(gguf), n_ctx=PROMPT_LEN + NEW_TOKENS + 8,
+                         n_batch=PROMPT_LEN, n_threads=threads, n_threads_batch=threads,
+                         verbose=False)
+
+    def run(self, prompt: list[int]) -> tuple[float, float]:
+        llm = self.llm
+        llm.reset()
+        began = time.perf_counter()
+        llm.eval(prompt)
+        prefill = time.perf_counter() - began
+        began = time.perf_counter()
+        for _ in range(NEW_TOKENS):
+            llm.eval([int(np.argmax(self._last_logits()))])
+        return prefill, time.perf_counter() - began
+
+    def _last_logits(self) -> np.ndarray:
+        # The logits of the last evaluated token (llama-cpp-python keeps no copy of them
+        # without logits_all, which would run the LM head on every prompt position).
+        import llama_cpp
+
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.llm.ctx),
+                                     shape=(self.llm.n_vocab(),))
+
+
+class Skymoe:
+    def __init__(self, checkpoint: Path) -> None:
+        from skymoe.checkpoint import load_model
+        from skymoe.infer.cpu_kernels import pack_for_cpu_inference
+
+        self.model = pack_for_cpu_inference(load_model(checkpoint, dtype=torch.bfloat16).eval())
+
+    @torch.inference_mode()
+    def run(self, prompt: list[int]) -> tuple[float, float]:
+        model = self.model
+        cache = model.new_kv_cache(1, PROMPT_LEN + NEW_TOKENS)
+        ids = torch.tensor([prompt])
+        began = time.perf_counter()
+        logits = model(ids, cache=cache, last_only=True).logits
+        prefill = time.perf_counter() - began
+        began = time.perf_counter()
+        for _ in range(NEW_TOKENS):
+            logits = model(logits[:, -1].argmax(-1, keepdim=True), cache=cache,
+                           last_only=True).logits
+        return prefill, time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llama-cpp-src", type=Path, required=True,
+                        help="the unpacked llama-cpp-python sdist (has vendor/llama.cpp)")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-llamacpp"),
+                        help="checkpoint and GGUF, kept between runs")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    checkpoint, gguf = args.work / "bench", args.work / "bench-bf16.gguf"
+    build_checkpoint(checkpoint)
+    convert(checkpoint, args.llama_cpp_src, gguf)
+    import llama_cpp
+
+    sides = {"skymoe": Skymoe(checkpoint), "llama.cpp": LlamaCpp(gguf, args.threads)}
+    prompt = torch.randint(3, 32000, (PROMPT_LEN,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
+    for side in sides.values():  # warm-up
+        side.run(prompt)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
+    for _ in range(args.rounds):
+        for name, side in sides.items():
+            times[name].append(side.run(prompt))
+    rates = {name: (PROMPT_LEN / statistics.median(t[0] for t in runs),
+                    NEW_TOKENS / statistics.median(t[1] for t in runs))
+             for name, runs in times.items()}
+    print(f"bench config, bf16, {PROMPT_LEN}-token prompt, {NEW_TOKENS} greedy tokens, "
+          f"{args.threads} threads; torch {torch.__version__}, llama-cpp-python "
+          f"{llama_cpp.__version__}; medians of {args.rounds} alternating rounds")
+    print(f"{'measurement':28} {'skymoe':>10} {'llama.cpp':>10} {'ratio':>7}")
+    for i, what in enumerate(("prefill (tokens/s)", "decode batch 1 (tokens/s)")):
+        ours, theirs = rates["skymoe"][i], rates["llama.cpp"][i]
+        print(f"{what:28} {ours:10.1f} {theirs:10.1f} {ours / theirs:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()
