@@ -39,9 +39,10 @@ TOLERANCE = 1e-5
 ROWS, MICRO, SEQ = 8, 2, 16  # the global batch and the micro-batch size, tokens per row
 
 
-def pipeline_config() -> SkyworkMoeConfig:
+def pipeline_config(tied: bool = False) -> SkyworkMoeConfig:
     # 5 layers, MoE at 1 and 3 and dense elsewhere; odd sizes for uneven TP splits.
     return SkyworkMoeConfig(vocab_size=61, hidden_size=48, intermediate_size=22,
+                            tie_word_embeddings=tied,
                             num_hidden_layers=5, num_attention_heads=6, num_key_value_heads=6,
                             num_experts=4, num_experts_per_tok=2, moe_expert_interval=2,
                             moe_use_logits_norm=True, moe_gate_norm_std=1.0,
@@ -76,8 +77,8 @@ def _reference(model, batches, micro):
 
 
 def _pipeline_worker(rank: int, world: int, layout: ParallelLayout, stages: PipelineLayout,
-                     schedule: str) -> None:
-    config = pipeline_config()
+                     schedule: str, tied: bool = False) -> None:
+    config = pipeline_config(tied)
     full = build_model(config, seed=0, dtype=torch.float32)
     full.configure_moe_training(MoETrainingOptions(capacity_factor=1.0))
     coefs = [0.01 * (j + 1) for j in range(len(full.moe_blocks()))]
@@ -97,7 +98,7 @@ def _pipeline_worker(rank: int, world: int, layout: ParallelLayout, stages: Pipe
     placements = parameter_placements(stage, mesh)
     numel = {n: p.numel() for n, p in stage.named_parameters()}
     parallelize(stage, mesh)
-    dp = DataParallel(stage, mesh, placements, numel)
+    dp = DataParallel(stage, mesh, placements, numel, counted_elsewhere=stage.tied_copies)
     optimizer = torch.optim.SGD(stage.parameters(), lr=0.1)
     rows = split_range(ROWS, layout.dp, mesh.coords.dp)
     micro_batches = (rows[1] - rows[0]) // MICRO
@@ -116,7 +117,9 @@ def _pipeline_worker(rank: int, world: int, layout: ParallelLayout, stages: Pipe
         for name, p in stage.named_parameters():
             if p.grad is None:  # ZeRO-1: another rank of the replica group owns it
                 continue
-            err = rel_err(p.grad, placements[name].take(ref_grads[step][name]))
+            # A tied LM head on the last stage is the embedding of the single model.
+            want = ref_grads[step].get(name, ref_grads[step].get("model.embed_tokens.weight"))
+            err = rel_err(p.grad, placements[name].take(want))
             assert err < TOLERANCE, (stages, step, name, err)
         optimizer.step()
         dp.broadcast_parameters()
@@ -153,6 +156,14 @@ def _case_id(case) -> str:
 @pytest.mark.parametrize("case", CASES_2, ids=_case_id)
 def test_pipeline_parity_two_stages(case):
     spawn(_pipeline_worker, 2, *case)
+
+
+@pytest.mark.parametrize("case", [
+    (ParallelLayout(pp=2), PipelineLayout((3, 2)), "1f1b"),     # the two copies on two ranks
+    (ParallelLayout(pp=2), PipelineLayout((1, 2, 1, 1)), "zbv"),  # both ends on rank 0
+], ids=_case_id)
+def test_pipeline_parity_tied_embeddings(case):
+    spawn(_pipeline_worker, 2, *case, True)
 
 
 @pytest.mark.parametrize("case", CASES_4, ids=_case_id)

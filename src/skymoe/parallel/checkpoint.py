@@ -145,11 +145,13 @@ def restore_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, A
     if saved_count != len(names_in_order):
         raise ValueError(f"the saved optimizer has {saved_count} parameters, this model "
                          f"{len(names_in_order)}")
-    for index, name in enumerate(names_in_order):
-        entry = saved["state"].get(index)
-        if entry is None or name not in params or not owned[name]:
+    index_of = {n: i for i, n in enumerate(names_in_order)}
+    if model.config.tie_word_embeddings:  # a pipeline's last stage holds the tied copy
+        index_of["lm_head.weight"] = index_of["model.embed_tokens.weight"]
+    for name, p in params.items():
+        entry = saved["state"].get(index_of[name])
+        if entry is None or not owned[name]:
             continue
-        p = params[name]
         optimizer.state[p] = {
             "step": entry["step"].clone().float().to(p.device),
             "exp_avg": places[name].take(entry["exp_avg"]).to(p),

@@ -68,12 +68,17 @@ class DataParallel:
 
     ``placements`` maps parameter names to this rank's placements (``parameter_placements``
     computed on the full model). ``full_numel`` gives each name's unsharded size, which decides
-    ownership identically on every rank.
+    ownership identically on every rank. ``counted_elsewhere``: parameters whose gradient
+    another rank's copy already counts in the norm.
     """
 
     def __init__(self, model: nn.Module, mesh: ParallelMesh, placements: dict[str, Placement],
-                 full_numel: dict[str, int], zero: bool = True) -> None:
+                 full_numel: dict[str, int], zero: bool = True,
+                 counted_elsewhere: frozenset[str] = frozenset()) -> None:
         self.mesh, self.zero, self.dp_size = mesh, zero, mesh.layout.dp
+        # Copies of a weight another rank also holds (a tied LM head on the last pipeline
+        # stage): updated here, left out of the gradient norm.
+        self.counted_elsewhere = counted_elsewhere
         self.items: list[ReplicatedParam] = []
         for name, p in model.named_parameters():
             part = placements[name]
@@ -126,6 +131,8 @@ class DataParallel:
             if g is None or it.group.rank != it.owner:  # one replica counts (the owner)
                 continue
             if it.placement.tp_replicated and self.mesh.coords.tp != 0:
+                continue
+            if it.name in self.counted_elsewhere:
                 continue
             total += g.double().pow(2).sum().cpu()
         return all_reduce_(total, self.mesh.world).sqrt()

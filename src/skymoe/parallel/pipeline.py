@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
                                           ScheduleInterleaved1F1B,
@@ -31,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import ConfigError
 from ..model.moe import MoEBlock, zero_moe_stats
 from ..model.transformer import SkyworkForCausalLM
+from .comm import CommGroup, all_reduce_
 from .mesh import ParallelMesh
 from .pipeline_layout import PipelineLayout
 
@@ -120,6 +122,11 @@ class PipelineStageModel(nn.Module):
         if self.is_last:
             stack.norm = model.model.norm
             self.lm_head = model.lm_head
+            if self.tied_copies and self.is_first:
+                # Both ends in different chunks of this rank: the schedule handles each
+                # chunk's parameters on its own (scaling, zero-bubble weight gradients), so the
+                # head gets its own copy, kept equal by summing the two gradients.
+                self.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
         self.model = stack
         self.rotary = model.rotary
         self.loss_function = model.loss_function
@@ -127,6 +134,35 @@ class PipelineStageModel(nn.Module):
         self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.step_aux = torch.zeros((), dtype=torch.float64)
         self.step_stats: dict[int, dict[str, torch.Tensor]] = {}
+        # With tied embeddings on different ranks: the group of the two copies (set by
+        # ``build_schedule``), over which their gradients are summed.
+        self.tied_group: CommGroup | None = None
+
+    @property
+    def tied_copies(self) -> frozenset[str]:
+        """Names of weights that copy another one: the LM head tied to the embedding, held
+        apart because the first and the last stage are different stages (on another rank, or
+        another chunk of this one)."""
+        apart = not self.is_first or len(self.stage_ids) > 1
+        tied = self.config.tie_word_embeddings and self.is_last and apart
+        return frozenset({"lm_head.weight"}) if tied else frozenset()
+
+    def sync_tied_gradients(self) -> None:
+        """Sum the tied embedding / LM head gradient over its copies (the single-process
+        gradient of the shared weight is the sum of both uses)."""
+        if self.is_first and self.is_last:
+            if self.tied_copies:  # both copies on this rank
+                copies = (self.model.embed_tokens.weight, self.lm_head.weight)
+                total = sum(w.grad if w.grad is not None else torch.zeros_like(w)
+                            for w in copies)
+                for w in copies:
+                    w.grad = total.clone()
+            return
+        if self.tied_group is not None:
+            weight = self.model.embed_tokens.weight if self.is_first else self.lm_head.weight
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            all_reduce_(weight.grad, self.tied_group)
 
     @property
     def layers(self) -> list[nn.Module]:
@@ -245,6 +281,27 @@ def _example_io(owner: PipelineStageModel, stage: int, micro_batch_size: int, se
     return (tokens if stage == 0 else hidden), out
 
 
+def _tied_embedding_group(stage_model: PipelineStageModel, mesh: ParallelMesh,
+                          schedule: str) -> CommGroup | None:
+    """The group of this rank's tied embedding / LM head copies: for each (DP, TP) position,
+    the pipeline rank holding stage 0 and the one holding the last stage. Every rank creates
+    every group (``new_group`` is collective); None when both ends are on one rank."""
+    layout = mesh.layout
+    last = next(r for r in range(layout.pp)
+                if stage_model.num_stages - 1 in stages_of_rank(schedule, r, layout.pp,
+                                                                stage_model.num_stages))
+    if last == 0:
+        return None
+    mine = None
+    for dp in range(layout.dp):
+        for tp in range(layout.tp):
+            ranks = [(pp * layout.dp + dp) * layout.tp + tp for pp in (0, last)]
+            group = dist.new_group(ranks)
+            if mesh.rank in ranks:
+                mine = CommGroup(group, 2, ranks.index(mesh.rank), mesh.traffic, "tied")
+    return mine
+
+
 def build_schedule(stage_model: PipelineStageModel, mesh: ParallelMesh, micro_batches: int,
                    micro_batch_size: int, seq_len: int, schedule: str = "1f1b",
                    logits_dtype: torch.dtype | None = None,
@@ -262,6 +319,9 @@ def build_schedule(stage_model: PipelineStageModel, mesh: ParallelMesh, micro_ba
     if stage_model.stage_ids != expected:
         raise ConfigError(f"the {schedule} schedule runs stages {expected} on pipeline rank "
                           f"{mesh.coords.pp}, but this rank's model holds {stage_model.stage_ids}")
+    if stage_model.config.tie_word_embeddings and mesh.world.active:
+        stage_model.tied_group = _tied_embedding_group(stage_model, mesh, schedule)
+
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with stage_model.autocast():
             return stage_model.loss_function(logits, labels)

@@ -55,6 +55,7 @@ def pipeline_accumulate_gradients(schedule: PipelineScheduleSingle | PipelineSch
     schedule.step(*((batch,) if stage.is_first else ()),
                   target=batch if stage.is_last else None,
                   losses=micro_losses if stage.is_last else None, return_outputs=False)
+    stage.sync_tied_gradients()
     ce = sum(float(loss.detach()) for loss in micro_losses) / micro_batches
     sums = torch.tensor([ce + float(stage.step_aux) / micro_batches, ce], dtype=torch.float64)
     pp = dp.mesh.pp

@@ -124,7 +124,8 @@ class Trainer:
         parallelize(self.model, self.mesh, cfg.parallel.a2a_chunks)
         if layout.pp > 1:
             self.schedule = self._pipeline_schedule()
-        self.dp = DataParallel(self.model, self.mesh, placements, numel, cfg.parallel.zero)
+        self.dp = DataParallel(self.model, self.mesh, placements, numel, cfg.parallel.zero,
+                               self.model.tied_copies if layout.pp > 1 else frozenset())
         self.optimizer = self._build_optimizer()
         if resume:
             self._resume_optimizer()
@@ -220,10 +221,6 @@ class Trainer:
     def _pipeline_stage(self) -> PipelineStageModel:
         """This rank's stages of the full model under ``parallel.pp_layers``/``pp_recompute``."""
         config = self.model.config
-        if config.tie_word_embeddings:
-            raise ConfigError("pipeline parallelism (parallel.pp > 1) does not support tied "
-                              "input/output embeddings (tie_word_embeddings = true): the "
-                              "embedding and the LM head live on different stages")
         pipe = self.cfg.pipeline_layout(config.num_hidden_layers)
         rows = self.local_rows[1] - self.local_rows[0]
         if rows % self.cfg.train.micro_batch_size:
