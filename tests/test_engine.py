@@ -73,9 +73,12 @@ def test_stop_strings_cut_the_text(model, tmp_path):
     full = engine.run()[0]
     stop = full.text[4:6]
     assert stop and full.text.index(stop) == 4
-    engine.submit(Request(prompt, 12, stop=(stop,)))
+    deltas: list[str] = []
+    engine.submit(Request(prompt, 12, stop=(stop,), on_token=lambda r, t, d: deltas.append(d)))
     cut = engine.run()[0]
     assert cut.finish_reason == "stop" and cut.text == full.text[:4]
+    # The streamed pieces add up to the text: the stop string is never streamed.
+    assert "".join(deltas) == cut.text
 
 
 def test_queue_bound_and_bad_requests(model):

@@ -14,7 +14,7 @@ import torch
 
 import skymoe
 from skymoe import SkyworkMoeConfig, build_model, load_tokenizer
-from skymoe.checkpoint import StreamDecoder, save_byte_tokenizer
+from skymoe.checkpoint import TextStream, save_byte_tokenizer
 from skymoe.infer import SamplingParams, generate, sample_next
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,13 +295,13 @@ def test_byte_tokenizer_matches_hf_auto_tokenizer(tmp_path):
     assert hf.bos_token_id == 1 and hf.eos_token_id == 2
 
 
-def test_stream_decoder_emits_whole_characters(tmp_path):
+def test_text_stream_emits_whole_characters(tmp_path):
     save_byte_tokenizer(tmp_path)
     tok = load_tokenizer(tmp_path)
     text = "ab 🙂 中文 é!"
-    stream = StreamDecoder(tok)
-    pieces = [stream.push(i) for i in tok.encode(text)]
-    assert "".join(pieces) == text
+    stream = TextStream(tok, [])
+    pieces = [stream.push(i) for i in tok.encode(text, add_bos=False)]
+    assert "".join(pieces) + stream.finish() == text == stream.text
     assert all("\ufffd" not in p for p in pieces)
 
 

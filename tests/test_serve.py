@@ -25,7 +25,7 @@ from skymoe.infer.cpu_kernels import pack_for_cpu_inference
 from skymoe.infer.generate import SamplingParams, generate
 from skymoe.model.transformer import build_model
 from skymoe.serve.chat import DEFAULT_TEMPLATE, ChatTemplate
-from skymoe.serve.output import TextStream
+from skymoe.checkpoint.tokenizer import TextStream
 
 KEY = "test-key-123"
 MAX_LEN = 128

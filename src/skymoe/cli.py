@@ -112,7 +112,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------------- generate
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .checkpoint import StreamDecoder, load_model, load_tokenizer
+    from .checkpoint import load_model, load_tokenizer
     from .infer import SamplingParams
     from .infer.cpu_kernels import pack_for_cpu_inference
     from .infer.engine import Engine, Request
@@ -139,15 +139,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UsageError(f"prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} "
                          f"exceeds the model's context of {limit} positions")
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else model.config.eos_token_ids
-    stream = StreamDecoder(tokenizer)
     if is_main:
         print(args.prompt, end="", flush=True)
 
-    def on_token(_, token: int, __) -> None:
-        if token not in eos and is_main:
-            print(stream.push(token), end="", flush=True)
+    def on_token(_, __: int, text: str) -> None:
+        if is_main:
+            print(text, end="", flush=True)
 
-    engine = Engine(model, max_batch=1, max_len=len(ids) + args.max_new_tokens)
+    engine = Engine(model, tokenizer, max_batch=1, max_len=len(ids) + args.max_new_tokens)
     engine.submit(Request(ids, args.max_new_tokens, params, stop_token_ids=tuple(eos),
                           on_token=on_token))
     t0 = time.perf_counter()

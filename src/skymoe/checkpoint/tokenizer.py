@@ -38,19 +38,56 @@ class Tokenizer:
         return self._decode(ids)
 
 
-class StreamDecoder:
-    """Incremental detokenization: feed ids one by one, get the newly completed text."""
+_CONTEXT = 5  # prompt tokens decoded along with the first output tokens (word-boundary spaces)
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+
+class TextStream:
+    """Incremental detokenization of one generated sequence: ``push(token)`` returns the text
+    that may be shown now, ``finish()`` the rest; ``text`` is the whole text, cut before the
+    first stop string.
+
+    Only the last few tokens are decoded per token (with a few prompt tokens for context, so
+    word-boundary spaces come out right), an unfinished multi-byte character waits for its next
+    byte, and text that could be the start of a stop string is held back, so a stop string is
+    never shown and the streamed pieces add up to ``text``."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int],
+                 stop: tuple[str, ...] = ()) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self._ids = list(prompt_ids[-_CONTEXT:])
+        self._prefix, self._read = 0, len(self._ids)
+        self._hold = max((len(s) for s in stop), default=1) - 1
+        self.text, self.sent, self.stopped = "", 0, False
 
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""  # an incomplete multi-byte character: wait for the next token
-        new, self.emitted = text[len(self.emitted):], text
-        return new
+        if self.stopped:
+            return ""
+        self._ids.append(token_id)
+        before = self.tokenizer.decode(self._ids[self._prefix:self._read])
+        after = self.tokenizer.decode(self._ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self._ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        if not self.stopped and self._read < len(self._ids):  # bytes of an unfinished char
+            before = self.tokenizer.decode(self._ids[self._prefix:self._read])
+            self.text += self.tokenizer.decode(self._ids[self._prefix:])[len(before):]
+            self._read = len(self._ids)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+            end = len(self.text)
+        elif final:
+            end = len(self.text)
+        else:
+            end = max(self.sent, len(self.text) - self._hold)
+        out, self.sent = self.text[self.sent:end], end
+        return out
 
 
 def _special(config: dict[str, Any], key: str) -> str | None:

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from ..errors import SkymoeError
+from ..checkpoint.tokenizer import TextStream
 from .generate import SamplingParams, sample_next
 
 
@@ -42,7 +43,8 @@ class TokenLogprobs:
 @dataclass
 class Request:
     """One generation request. ``on_token(request, token_id, text_delta)`` is called for every
-    generated token (``text_delta`` is None without a tokenizer).
+    generated token (``text_delta`` is None without a tokenizer; text that could start a stop
+    string, or an unfinished multi-byte character, comes with a later token).
 
     ``logprobs`` (k >= 0) records every generated token's ``TokenLogprobs`` with its k most
     likely alternatives in ``token_logprobs``, filled before ``on_token`` sees the token;
@@ -79,8 +81,8 @@ class _Running:
     request: Request
     slot: int
     generator: torch.Generator | None
+    text: TextStream | None  # None without a tokenizer
     tokens: list[int] = field(default_factory=list)
-    text: str = ""
 
 
 class Engine:
@@ -177,7 +179,9 @@ class Engine:
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed)
-            self.running[slot] = _Running(request, slot, gen)
+            text = (TextStream(self.tokenizer, request.prompt_ids, request.stop)
+                    if self.tokenizer is not None else None)
+            self.running[slot] = _Running(request, slot, gen, text)
             prompt = torch.tensor([request.prompt_ids], device=self.device)
             # Prompt logprobs need every position's logits; otherwise only the last is computed.
             want_prompt = request.prompt_logprobs is not None
@@ -197,20 +201,19 @@ class Engine:
         if request.logprobs is not None:
             request.token_logprobs += compute_logprobs(logits_V[None], torch.tensor([token]),
                                                        request.logprobs)
+        reason = ("stop" if token in request.stop_token_ids
+                  else "length" if len(run.tokens) >= request.max_tokens else None)
         delta = None
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(run.tokens)
-            delta, run.text = text[len(run.text):], text
+        if run.text is not None:
+            delta = run.text.push(token)
+            if run.text.stopped:  # a stop string
+                reason = "stop"
+            if reason is not None:
+                delta += run.text.finish()
         if request.on_token is not None:
             request.on_token(request, token, delta)
-        if token in request.stop_token_ids:
-            self._retire(slot, "stop")
-        elif request.stop and any(s in run.text for s in request.stop):
-            cut = min(run.text.index(s) for s in request.stop if s in run.text)
-            run.text = run.text[:cut]
-            self._retire(slot, "stop")
-        elif len(run.tokens) >= request.max_tokens:
-            self._retire(slot, "length")
+        if reason is not None:
+            self._retire(slot, reason)
 
     def _retire(self, slot: int, reason: str) -> None:
         run = self.running.pop(slot)
@@ -218,7 +221,7 @@ class Engine:
         request = run.request
         self.finished.append(Completion(
             request.request_id, len(request.prompt_ids), run.tokens,
-            run.text if self.tokenizer else None, reason,
+            run.text.text if run.text is not None else None, reason,
             request.token_logprobs if request.logprobs is not None else None,
             request.prompt_token_logprobs if request.prompt_logprobs is not None else None))
 

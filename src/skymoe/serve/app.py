@@ -21,13 +21,13 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..checkpoint.tokenizer import Tokenizer
+from ..checkpoint.tokenizer import TextStream, Tokenizer
 from ..infer.engine import QueueFullError, Request
 from ..infer.generate import SamplingParams
 from .chat import ChatTemplate
 from .engine_thread import EngineLoop, EngineUnavailable, Event
 from .metrics import Metrics
-from .output import LogprobFormatter, TextStream
+from .output import LogprobFormatter
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, bad_request,
                        check_chat, check_completion, message_text, parse, stop_strings)
 

@@ -1,10 +1,5 @@
-"""Turning generated tokens into response text and logprobs.
-
-``TextStream`` detokenizes one sequence incrementally (only the last few tokens are decoded
-per token, and an unfinished multi-byte character waits for its next byte) and holds back the
-text that could be the start of a stop string, so a streamed stop string never reaches the
-client and the streamed text equals the non-streamed text.
-"""
+"""OpenAI logprob objects from generated tokens (the text itself streams through
+``skymoe.checkpoint.tokenizer.TextStream``)."""
 
 from __future__ import annotations
 
@@ -14,52 +9,7 @@ from typing import Any
 from ..checkpoint.tokenizer import Tokenizer
 from ..infer.engine import TokenLogprobs
 
-_CONTEXT = 5  # prompt tokens decoded along with the first output tokens (word-boundary spaces)
 _FLOOR = -9999.0  # JSON has no -inf; what the client sees for an impossible token
-
-
-class TextStream:
-    """The text of one sequence as its tokens arrive: ``push(token)`` returns the text that
-    may be sent now, ``finish()`` the rest; ``text`` is the whole text (cut before the first
-    stop string)."""
-
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int],
-                 stop: tuple[str, ...] = ()) -> None:
-        self.tokenizer, self.stop = tokenizer, stop
-        self._ids = list(prompt_ids[-_CONTEXT:])
-        self._prefix, self._read = 0, len(self._ids)
-        self._hold = max((len(s) for s in stop), default=1) - 1
-        self.text, self.sent, self.stopped = "", 0, False
-
-    def push(self, token_id: int) -> str:
-        if self.stopped:
-            return ""
-        self._ids.append(token_id)
-        before = self.tokenizer.decode(self._ids[self._prefix:self._read])
-        after = self.tokenizer.decode(self._ids[self._prefix:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
-            self._prefix, self._read = self._read, len(self._ids)
-        return self._release(final=False)
-
-    def finish(self) -> str:
-        if not self.stopped and self._read < len(self._ids):  # bytes of an unfinished char
-            before = self.tokenizer.decode(self._ids[self._prefix:self._read])
-            self.text += self.tokenizer.decode(self._ids[self._prefix:])[len(before):]
-            self._read = len(self._ids)
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self.text, self.stopped = self.text[:min(hits)], True
-            end = len(self.text)
-        elif final:
-            end = len(self.text)
-        else:
-            end = max(self.sent, len(self.text) - self._hold)
-        out, self.sent = self.text[self.sent:end], end
-        return out
 
 
 def _num(x: float) -> float:
