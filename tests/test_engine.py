@@ -92,6 +92,8 @@ def test_queue_bound_and_bad_requests(model):
     with pytest.raises(ValueError, match="no tokens"):
         engine.submit(Request([], 3))
     assert len(engine.run()) == 2
+    with pytest.raises(ValueError, match="max_queue >= 1"):  # a queue of 0 would take nothing
+        Engine(model, max_batch=1, max_len=16, max_queue=0)
 
 
 def test_bench_generate_cli():

@@ -91,8 +91,9 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, max_batch: int = 16,
                  max_len: int = 2048, max_queue: int = 256) -> None:
-        if max_batch < 1 or max_len < 2 or max_queue < 0:
-            raise ValueError("need max_batch >= 1, max_len >= 2 and max_queue >= 0")
+        if max_batch < 1 or max_len < 2 or max_queue < 1:
+            raise ValueError("need max_batch >= 1, max_len >= 2 and max_queue >= 1 (every "
+                             "request waits in the queue before it gets a slot)")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
         self.cache = model.new_slot_cache(max_batch, max_len)
