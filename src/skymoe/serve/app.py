@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..checkpoint.tokenizer import TextStream, Tokenizer
+from ..checkpoint.tokenizer import Tokenizer
 from ..infer.engine import QueueFullError, Request
 from ..infer.generate import SamplingParams
 from .chat import ChatTemplate
@@ -177,7 +177,7 @@ class _Seq:
     """One engine sequence of an HTTP request (a choice)."""
 
     request: Request
-    text: TextStream
+    text: str = ""  # released so far (the engine's incremental, stop-aware text)
     echo: str = ""
     tokens: int = 0
     finish_reason: str | None = None
@@ -229,12 +229,9 @@ class _Generation:
             while self.open:
                 event = await self.next()
                 seq = self.seqs[event.index]
-                if event.token_id is not None:
-                    seq.text.push(event.token_id)
-                    if event.logprobs is not None:
-                        seq.logprobs.append(event.logprobs)
-                if event.completion is not None:
-                    seq.text.finish()
+                seq.text += event.text
+                if event.token_id is not None and event.logprobs is not None:
+                    seq.logprobs.append(event.logprobs)
 
         consumer = asyncio.ensure_future(consume())
         watcher = asyncio.ensure_future(_disconnected(http.receive))
@@ -307,8 +304,7 @@ def _sampling(state: ServerState, req: CompletionRequest | ChatCompletionRequest
                               seed), stop_token_ids=stop_ids, stop=stop,
                               request_id=f"seq-{uuid.uuid4().hex}", logprobs=logprobs,
                               prompt_logprobs=prompt_logprobs)
-            seqs.append(_Seq(request, TextStream(state.tokenizer, ids, stop),
-                             state.tokenizer.decode(ids) if echo else ""))
+            seqs.append(_Seq(request, echo=state.tokenizer.decode(ids) if echo else ""))
     return seqs
 
 
@@ -393,7 +389,7 @@ async def _completion(state: ServerState, http: HTTPRequest, req: CompletionRequ
     await gen.run_to_end(http)
     choices = []
     for i, seq in enumerate(seqs):
-        choices.append({"index": i, "text": seq.echo + seq.text.text,
+        choices.append({"index": i, "text": seq.echo + seq.text,
                         "logprobs": logprobs_of(seq, seq.logprobs, 0, req.echo),
                         "finish_reason": seq.finish_reason})
     return JSONResponse({**head, "choices": choices, "usage": gen.usage(prompts)})
@@ -417,10 +413,8 @@ def _stream(gen: "_Generation", seqs: list[_Seq], head: dict,
                 seq = seqs[event.index]
                 if event.token_id is None:
                     continue  # finished without a token (cancelled): nothing to send
-                text = seq.text.push(event.token_id)
-                if event.completion is not None:
-                    text += seq.text.finish()
-                yield _sse({**head, "choices": [choice(event, seq, text)], **extra})
+                seq.text += event.text
+                yield _sse({**head, "choices": [choice(event, seq, event.text)], **extra})
             if include_usage:
                 yield _sse({**head, "choices": [], "usage": gen.usage(prompts)})
             yield "data: [DONE]\n\n"
@@ -470,7 +464,7 @@ async def _chat(state: ServerState, http: HTTPRequest, req: ChatCompletionReques
                        choice, roles)
 
     await gen.run_to_end(http)
-    choices = [{"index": i, "message": {"role": "assistant", "content": seq.text.text},
+    choices = [{"index": i, "message": {"role": "assistant", "content": seq.text},
                 "logprobs": fmt.chat(seq.logprobs) if req.logprobs else None,
                 "finish_reason": seq.finish_reason} for i, seq in enumerate(seqs)]
     return JSONResponse({**head, "object": "chat.completion", "choices": choices,

@@ -41,8 +41,10 @@ class EngineUnavailable(Exception):
 @dataclass
 class Event:
     """What a sequence did in one step: a new token (``token_id``, sampled at ``time``, a
-    ``time.perf_counter()`` value), and on its last event the ``completion``; ``token_id`` is
-    None when it finished without a new token (cancelled) or failed (``error``)."""
+    ``time.perf_counter()`` value) and the text it releases (the engine's incremental text:
+    nothing of a stop string, the held-back rest on the last token), and on its last event the
+    ``completion``; ``token_id`` is None when it finished without a new token (cancelled) or
+    failed (``error``)."""
 
     index: int
     token_id: int | None
@@ -50,6 +52,7 @@ class Event:
     logprobs: TokenLogprobs | None = None
     completion: Completion | None = None
     error: str | None = None
+    text: str = ""
 
 
 @dataclass
@@ -248,7 +251,7 @@ class EngineLoop:
         done.set_result(None)
         return [("submit", _wire(r)) for r in accepted]
 
-    def _on_token(self, request: Request, token_id: int, _delta: str | None) -> None:
+    def _on_token(self, request: Request, token_id: int, delta: str | None) -> None:
         now = time.perf_counter()
         route = self._routes.get(request.request_id)
         if route is None:
@@ -261,7 +264,8 @@ class EngineLoop:
                 self.metrics.itl.observe(now - route.last)
         route.last = now
         lp = request.token_logprobs[-1] if request.logprobs is not None else None
-        self._pending.append((request.request_id, Event(route.index, token_id, now, lp)))
+        self._pending.append((request.request_id,
+                              Event(route.index, token_id, now, lp, text=delta or "")))
 
     def _step(self) -> None:
         try:

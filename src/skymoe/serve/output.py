@@ -1,5 +1,5 @@
 """OpenAI logprob objects from generated tokens (the text itself streams through
-``skymoe.checkpoint.tokenizer.TextStream``)."""
+``skymoe.checkpoint.tokenizer.TextStream`` in the engine)."""
 
 from __future__ import annotations
 
