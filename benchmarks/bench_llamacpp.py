@@ -32,6 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from skymoe.infer.generate import SamplingParams, sample_next
+
+GREEDY = SamplingParams()
+
 PROMPT_LEN, NEW_TOKENS = 64, 32
 
 
@@ -99,11 +103,13 @@ class LlamaCpp:
 
 
 class Skymoe:
+    """What ``skymoe generate`` runs: the fastest CPU path available (native decode kernels)."""
+
     def __init__(self, checkpoint: Path) -> None:
         from skymoe.checkpoint import load_model
-        from skymoe.infer.cpu_kernels import pack_for_cpu_inference
+        from skymoe.infer.cpu_kernels import prepare_for_cpu_inference
 
-        self.model = pack_for_cpu_inference(load_model(checkpoint, dtype=torch.bfloat16).eval())
+        self.model = prepare_for_cpu_inference(load_model(checkpoint, dtype=torch.bfloat16))
 
     @torch.inference_mode()
     def run(self, prompt: list[int]) -> tuple[float, float]:
@@ -115,8 +121,8 @@ class Skymoe:
         prefill = time.perf_counter() - began
         began = time.perf_counter()
         for _ in range(NEW_TOKENS):
-            logits = model(logits[:, -1].argmax(-1, keepdim=True), cache=cache,
-                           last_only=True).logits
+            greedy = sample_next(logits[:, -1], GREEDY)
+            logits = model(greedy[:, None], cache=cache, last_only=True).logits
         return prefill, time.perf_counter() - began
 
 

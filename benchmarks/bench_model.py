@@ -3,13 +3,15 @@
 Measures, with identical weights and inputs:
 - forward+backward training throughput (tokens/s) on batch 8 x 512 tokens, skymoe with its
   decoder layers compiled (``compile_layers``, what ``skymoe train`` does) and eager;
-- greedy decode throughput (new tokens/s) for 64-token prompts and 32 new tokens, batch 1 and 16;
+- greedy decode throughput (new tokens/s) for 64-token prompts and 32 new tokens, batch 1 and 16:
+  with the prefill in the time, and of the decode steps alone (generate 32 minus generate 1);
 - skymoe's forward+backward FLOP/s as a fraction of a plain bf16 matmul's FLOP/s.
 
 HF runs its default experts implementation; if that cannot run backward on this device, the
 fastest of its implementations that can is used for training, and the table names it.
 
 Usage: python benchmarks/bench_model.py [--steps 5] [--dtype bfloat16] [--json out.json]
+       [--decode-only]
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 import skymoe
 from skymoe.config import SkyworkMoeConfig
 from skymoe.infer import generate
-from skymoe.infer.cpu_kernels import pack_for_cpu_inference
+from skymoe.infer.cpu_kernels import prepare_for_cpu_inference
 from skymoe.model.transformer import flops_per_token
 
 BENCH_CONFIG = Path(skymoe.__file__).parent / "configs" / "bench.json"
@@ -109,6 +111,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    parser.add_argument("--decode-only", action="store_true", help="skip the training measurement")
     args = parser.parse_args()
 
     from transformers import MixtralForCausalLM
@@ -127,34 +130,42 @@ def main() -> None:
     results: dict[str, dict[str, float | str]] = {}
 
     hf_default = theirs.config._experts_implementation
-    impl = hf_train_impl(theirs, ids)
-    compiled = copy.deepcopy(ours).compile_layers()
-    t_eager, t_ours, t_hf = timed_alternating(
-        [train_step(ours, ids, False), train_step(compiled, ids, False),
-         train_step(theirs, ids, True)], args.steps)
     tokens = ids.numel()
-    for name, t in (("train (compiled layers)", t_ours), ("train (eager)", t_eager)):
-        results[name] = {"skymoe": tokens / t, "hf": tokens / t_hf, "unit": "tokens/s",
-                         "hf_impl": impl}
-    del compiled
+    if not args.decode_only:
+        impl = hf_train_impl(theirs, ids)
+        compiled = copy.deepcopy(ours).compile_layers()
+        t_eager, t_ours, t_hf = timed_alternating(
+            [train_step(ours, ids, False), train_step(compiled, ids, False),
+             train_step(theirs, ids, True)], args.steps)
+        for name, t in (("train (compiled layers)", t_ours), ("train (eager)", t_eager)):
+            results[name] = {"skymoe": tokens / t, "hf": tokens / t_hf, "unit": "tokens/s",
+                             "hf_impl": impl}
+        del compiled
 
-    # Inference uses skymoe's inference path: oneDNN-packed weights on CPU (a no-op elsewhere).
-    ours = pack_for_cpu_inference(ours.eval())
+    # Inference uses skymoe's inference path: native decode kernels on CPU (a no-op elsewhere).
+    ours = prepare_for_cpu_inference(ours)
     theirs.eval()
     theirs.set_experts_implementation(hf_default)
+    new = 32
     for batch in (1, 16):
         prompts = torch.randint(3, config.vocab_size, (batch, 64))
-        new = 32
         with torch.inference_mode():
-            t_o, t_h = timed_alternating([decode_skymoe(ours, prompts, new),
-                                          decode_hf(theirs, prompts, new)], args.steps)
+            t_o, t_h, t_o1, t_h1 = timed_alternating(
+                [decode_skymoe(ours, prompts, new), decode_hf(theirs, prompts, new),
+                 decode_skymoe(ours, prompts, 1), decode_hf(theirs, prompts, 1)], args.steps)
         results[f"decode batch {batch}"] = {"skymoe": batch * new / t_o, "hf": batch * new / t_h,
-                                            "unit": "new tokens/s", "hf_impl": hf_default}
+                                            "unit": "new tokens/s, prefill included",
+                                            "hf_impl": hf_default}
+        # The 31 steps after the first token: generate(32) minus generate(1) (prefill + 1).
+        results[f"decode-only batch {batch}"] = {
+            "skymoe": batch * (new - 1) / (t_o - t_o1), "hf": batch * (new - 1) / (t_h - t_h1),
+            "unit": "new tokens/s, decode steps only", "hf_impl": hf_default}
 
-    peak = matmul_flops(dtype)
-    achieved = 3 * flops_per_token(config, args.seq) * tokens / t_ours
-    results["fwd+bwd FLOP/s"] = {"skymoe": achieved, "matmul": peak,
-                                 "fraction": achieved / peak, "unit": "FLOP/s"}
+    if not args.decode_only:
+        peak = matmul_flops(dtype)
+        achieved = 3 * flops_per_token(config, args.seq) * tokens / t_ours
+        results["fwd+bwd FLOP/s"] = {"skymoe": achieved, "matmul": peak,
+                                     "fraction": achieved / peak, "unit": "FLOP/s"}
 
     print(f"machine: {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.dtype}")
@@ -164,9 +175,10 @@ def main() -> None:
             continue
         print(f"{name:<24} {r['skymoe']:>12.1f} {r['hf']:>13.1f} "
               f"{r['skymoe'] / r['hf']:>6.2f}x  {r['unit']} ({r['hf_impl']})")
-    r = results["fwd+bwd FLOP/s"]
-    print(f"skymoe fwd+bwd {r['skymoe'] / 1e9:.1f} GFLOP/s = {r['fraction']:.1%} of a "
-          f"{args.dtype} 2048^3 matmul ({r['matmul'] / 1e9:.1f} GFLOP/s)")
+    r = results.get("fwd+bwd FLOP/s")
+    if r:
+        print(f"skymoe fwd+bwd {r['skymoe'] / 1e9:.1f} GFLOP/s = {r['fraction']:.1%} of a "
+              f"{args.dtype} 2048^3 matmul ({r['matmul'] / 1e9:.1f} GFLOP/s)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -114,7 +114,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from .checkpoint import load_model, load_tokenizer
     from .infer import SamplingParams
-    from .infer.cpu_kernels import pack_for_cpu_inference
+    from .infer.cpu_kernels import prepare_for_cpu_inference
     from .infer.engine import Engine, Request
 
     try:
@@ -130,7 +130,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.tp > 1:
         model, params, is_main = _tensor_parallel(model, params, args.tp)
     else:
-        model, is_main = pack_for_cpu_inference(model), True
+        model, is_main = prepare_for_cpu_inference(model), True
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise UsageError("the prompt encodes to no tokens; give a non-empty --prompt")
@@ -190,7 +190,7 @@ def _tensor_parallel(model, params, tp: int):
 def cmd_serve(args: argparse.Namespace) -> int:
     from .checkpoint import load_model, load_tokenizer
     from .infer import SamplingParams
-    from .infer.cpu_kernels import pack_for_cpu_inference
+    from .infer.cpu_kernels import prepare_for_cpu_inference
     from .infer.engine import Engine
     from .serve.engine_thread import Lockstep, run_worker
     from .serve.server import serve
@@ -225,7 +225,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             torch.distributed.destroy_process_group()
             return 0
     else:
-        model = pack_for_cpu_inference(model)
+        model = prepare_for_cpu_inference(model)
     try:
         return serve(model, tokenizer, args.model, model_name=args.served_model_name or args.model,
                      host=args.host, port=args.port, api_key=api_key or None,
@@ -711,7 +711,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from .checkpoint import load_model
-    from .infer.cpu_kernels import pack_for_cpu_inference
+    from .infer.cpu_kernels import prepare_for_cpu_inference
     from .infer.engine import Engine, Request
     from .model.transformer import build_model
 
@@ -724,7 +724,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> None:
     else:
         model = build_model(resolve_config(args.model), dtype=dtype or torch.bfloat16,
                             seed=args.seed)
-    model = pack_for_cpu_inference(model.eval())
+    model = prepare_for_cpu_inference(model.eval())
     gen = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(model.config.vocab_size, (args.num_prompts, args.input_len),
                             generator=gen).tolist()

@@ -101,6 +101,24 @@ def pack_for_cpu_inference(model: SkyworkForCausalLM) -> SkyworkForCausalLM:
     return model
 
 
+def prepare_for_cpu_inference(model: SkyworkForCausalLM) -> SkyworkForCausalLM:
+    """The fastest CPU inference path available here, applied in place.
+
+    Native decode kernels (``skymoe.infer.native``) where they build, for fp32 and bf16 models;
+    otherwise oneDNN packing (``pack_for_cpu_inference``). Models on other devices are returned
+    unchanged. The result is for inference only (no gradients; save before preparing).
+    """
+    from .native import native_kernels
+    from .native_modules import apply_native_kernels
+
+    if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
+        return model
+    kernels = native_kernels()
+    if kernels is None:
+        return pack_for_cpu_inference(model)
+    return apply_native_kernels(model, kernels)
+
+
 def _is_gate_part(module: nn.Module) -> bool:
     # The 2-layer router is an nn.Sequential named "gate"; its linears stay fp32-routed.
     return isinstance(module, nn.Sequential)

@@ -31,8 +31,8 @@ class SamplingParams:
 def sample_next(logits_BV: torch.Tensor, params: SamplingParams,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids [B] from last-position logits [B, V]."""
-    if params.temperature == 0:
-        return logits_BV.argmax(dim=-1)
+    if params.temperature == 0:  # (fp32 first: CPU's bf16 argmax is several times slower)
+        return logits_BV.float().argmax(dim=-1)
     logits = logits_BV.float() / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]

@@ -138,6 +138,12 @@ class SlotKVCache:
         return (self.keys[layer][rows, :end].transpose(1, 2),
                 self.values[layer][rows, :end].transpose(1, 2))
 
+    def current(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of the forward in progress: (cache slots [B], positions [B, t])."""
+        if self._rows is None:
+            raise RuntimeError("no SlotKVCache forward in progress (call begin first)")
+        return self._rows, self._positions
+
     def mask(self, window: int | None = None) -> torch.Tensor:
         """[B, 1, t, L] boolean: a query sees the keys at or before its own position (and
         within the last ``window`` positions)."""

@@ -1,0 +1,476 @@
+// Native CPU kernels for decoding: few tokens per step, where PyTorch's per-op overhead and
+// its GEMM kernels (tuned for large matrices) leave most of the memory bandwidth unused.
+//
+// Every matmul here is "few rows of x times a big weight": each weight row is read from memory
+// once and multiplied with all rows of x while it sits in L1. Accumulation is fp32 throughout;
+// results are rounded to the model dtype where the PyTorch path rounds, so outputs match it up
+// to summation order. Built at first use with the machine's own instruction set (-march=native;
+// AVX512-BF16 dot products where the CPU has them).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define SKYMOE_AVX512_BF16 1
+#endif
+
+namespace {
+
+constexpr int kRowBlock = 8;  // rows of x multiplied per pass over a weight row
+
+inline float to_f(float v) { return v; }
+inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
+
+// Round to the storage dtype and back: where the PyTorch path stores an intermediate in T.
+template <typename T>
+inline float round_to(float v) { return to_f(static_cast<T>(v)); }
+
+// out[i] = dot(w[0:K], x[i*ldx : i*ldx+K]) for i < MB. Portable: 16 independent lanes, which the
+// compiler vectorizes without reassociating a single sum.
+template <typename T, int MB>
+struct DotRows {
+  static void run(const T* w, const T* x, int64_t ldx, int64_t K, float* out) {
+    constexpr int L = 16;
+    float acc[MB][L] = {};
+    int64_t k = 0;
+    for (; k + L <= K; k += L) {
+      float wf[L];
+      for (int j = 0; j < L; ++j) wf[j] = to_f(w[k + j]);
+      for (int i = 0; i < MB; ++i)
+        for (int j = 0; j < L; ++j) acc[i][j] += to_f(x[i * ldx + k + j]) * wf[j];
+    }
+    for (int i = 0; i < MB; ++i) {
+      float s = 0.f;
+      for (int j = 0; j < L; ++j) s += acc[i][j];
+      for (int64_t r = k; r < K; ++r) s += to_f(x[i * ldx + r]) * to_f(w[r]);
+      out[i] = s;
+    }
+  }
+};
+
+#ifdef SKYMOE_AVX512_BF16
+// out[i] = sum of the 16 lanes of acc[i], for MB vectors: pairs are folded together before the
+// last lanes are summed, so 8 sums cost about a third of 8 separate horizontal reductions.
+template <int MB>
+inline void reduce_store(const __m512* acc, float* out) {
+  if constexpr (MB < 4) {
+    for (int i = 0; i < MB; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+  } else {
+    __m256 half[MB];  // 16 lanes -> 8
+    for (int i = 0; i < MB; ++i)
+      half[i] = _mm256_add_ps(_mm512_castps512_ps256(acc[i]),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i]), 1)));
+    for (int i = 0; i + 4 <= MB; i += 4) {  // four vectors -> one with 2 partial sums each
+      const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(half[i], half[i + 1]),
+                                      _mm256_hadd_ps(half[i + 2], half[i + 3]));
+      _mm_storeu_ps(out + i, _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1)));
+    }
+    for (int i = MB / 4 * 4; i < MB; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+  }
+}
+
+// bf16 with AVX512-BF16: one instruction multiplies 32 bf16 pairs exactly and adds them in fp32.
+template <int MB>
+struct DotRows<c10::BFloat16, MB> {
+  static void run(const c10::BFloat16* w, const c10::BFloat16* x, int64_t ldx, int64_t K,
+                  float* out) {
+    __m512 acc[MB];
+    for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k);
+      for (int i = 0; i < MB; ++i)
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(x + i * ldx + k), wv);
+    }
+    if (k < K) {
+      const __mmask32 mask = __mmask32((1u << (K - k)) - 1);
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + k);
+      for (int i = 0; i < MB; ++i)
+        acc[i] = _mm512_dpbf16_ps(
+            acc[i], (__m512bh)_mm512_maskz_loadu_epi16(mask, x + i * ldx + k), wv);
+    }
+    reduce_store<MB>(acc, out);
+  }
+};
+
+// One row (batch-1 decode, memory bound): four accumulators keep four dot products in flight.
+template <>
+struct DotRows<c10::BFloat16, 1> {
+  static void run(const c10::BFloat16* w, const c10::BFloat16* x, int64_t, int64_t K,
+                  float* out) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};
+    int64_t k = 0;
+    for (; k + 128 <= K; k += 128)
+      for (int u = 0; u < 4; ++u)
+        acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_loadu_si512(x + k + 32 * u),
+                                  (__m512bh)_mm512_loadu_si512(w + k + 32 * u));
+    for (; k < K; k += 32) {
+      const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : __mmask32((1u << (K - k)) - 1);
+      acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_maskz_loadu_epi16(mask, x + k),
+                                (__m512bh)_mm512_maskz_loadu_epi16(mask, w + k));
+    }
+    out[0] = _mm512_reduce_add_ps(
+        _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+  }
+};
+#endif
+
+template <typename T>
+void dot_rows(const T* w, const T* x, int64_t ldx, int64_t rows, int64_t K, float* out) {
+  for (int64_t m = 0; m < rows; m += kRowBlock) {
+    const T* xm = x + m * ldx;
+    switch (std::min<int64_t>(kRowBlock, rows - m)) {
+      case 1: DotRows<T, 1>::run(w, xm, ldx, K, out + m); break;
+      case 2: DotRows<T, 2>::run(w, xm, ldx, K, out + m); break;
+      case 3: DotRows<T, 3>::run(w, xm, ldx, K, out + m); break;
+      case 4: DotRows<T, 4>::run(w, xm, ldx, K, out + m); break;
+      case 5: DotRows<T, 5>::run(w, xm, ldx, K, out + m); break;
+      case 6: DotRows<T, 6>::run(w, xm, ldx, K, out + m); break;
+      case 7: DotRows<T, 7>::run(w, xm, ldx, K, out + m); break;
+      default: DotRows<T, 8>::run(w, xm, ldx, K, out + m); break;
+    }
+  }
+}
+
+// y[M, N] (fp32) = x[M, K] @ w[N, K]^T, threads splitting the weight rows.
+template <typename T>
+void linear_f32(const T* x, int64_t M, int64_t K, const T* w, int64_t N, float* y) {
+  const int64_t grain = std::max<int64_t>(16, (1 << 15) / std::max<int64_t>(K, 1));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    std::vector<float> col(M);
+    for (int64_t n = n0; n < n1; ++n) {
+      dot_rows(w + n * K, x, K, M, K, col.data());
+      for (int64_t m = 0; m < M; ++m) y[m * N + n] = col[m];
+    }
+  });
+}
+
+void check_cpu_contiguous(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+torch::Tensor linear(torch::Tensor x, torch::Tensor w) {
+  check_cpu_contiguous(x, "x");
+  check_cpu_contiguous(w, "weight");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
+              "linear: x [M, K] and weight [N, K] expected");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "linear: x and weight dtypes differ");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y32 = torch::empty({M, N}, x.options().dtype(torch::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "linear", [&] {
+    linear_f32(x.data_ptr<scalar_t>(), M, K, w.data_ptr<scalar_t>(), N, y32.data_ptr<float>());
+  });
+  return y32.to(x.scalar_type());
+}
+
+// HF Llama/Mixtral RMSNorm: normalize in fp32, round to the dtype, then scale by the weight.
+template <typename T>
+void rms_norm_rows(const T* x, const T* w, int64_t M, int64_t H, double eps, T* y) {
+  for (int64_t m = 0; m < M; ++m) {
+    const T* xr = x + m * H;
+    float ss = 0.f;
+    for (int64_t h = 0; h < H; ++h) ss += to_f(xr[h]) * to_f(xr[h]);
+    const float r = 1.f / std::sqrt(ss / H + static_cast<float>(eps));
+    for (int64_t h = 0; h < H; ++h)
+      y[m * H + h] = static_cast<T>(to_f(w[h]) * round_to<T>(to_f(xr[h]) * r));
+  }
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  check_cpu_contiguous(x, "x");
+  check_cpu_contiguous(w, "weight");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "rms_norm: x and weight dtypes differ");
+  const int64_t H = x.size(-1);
+  TORCH_CHECK(w.numel() == H, "rms_norm: weight size ", w.numel(), " != hidden size ", H);
+  auto y = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "rms_norm", [&] {
+    rms_norm_rows(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), x.numel() / H, H, eps,
+                  y.data_ptr<scalar_t>());
+  });
+  return y;
+}
+
+// Rotate-half RoPE of one head vector in place, with the tables' signed sin (see
+// RotaryEmbedding): v*cos + roll(v, D/2)*sin, each product and the sum rounded to T as the
+// PyTorch path does with tables in T.
+template <typename T>
+void rope(float* v, const float* cos, const float* sin, int64_t D, float* tmp) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < D; ++i) {
+    const float rolled = v[i < half ? i + half : i - half];
+    tmp[i] = round_to<T>(round_to<T>(v[i] * round_to<T>(cos[i])) +
+                         round_to<T>(rolled * round_to<T>(sin[i])));
+  }
+  std::copy(tmp, tmp + D, v);
+}
+
+// One decode step of attention for B sequences, one new token each: q/k/v projections, RoPE,
+// the new k/v written into the cache, attention over positions [lo, pos] and the output
+// projection. Cache tensors are [slots, kv_heads, L, D] (pos_dim 2) or [slots, L, kv_heads, D]
+// (pos_dim 1); row b is cache slot rows[b] at position positions[b], with rotary cos and
+// signed sin [B, D] at that position (or [D] shared by all rows).
+template <typename T>
+void attention_step(const T* h, int64_t B, int64_t H, const T* wqkv, const T* wo,
+                    const float* cos_BD, const float* sin_BD, bool shared_rotary,
+                    torch::Tensor& kc,
+                    torch::Tensor& vc, const int64_t* rows, const int64_t* positions,
+                    int64_t pos_dim, int64_t heads, int64_t kv_heads, int64_t D, int64_t window,
+                    float* out /* [B, H] fp32 */) {
+  const int64_t nq = heads * D, nkv = kv_heads * D, nqkv = nq + 2 * nkv;
+  std::vector<float> qkv(B * nqkv);
+  linear_f32(h, B, H, wqkv, nqkv, qkv.data());
+  T* kp = kc.data_ptr<T>();
+  T* vp = vc.data_ptr<T>();
+  const int64_t s_slot = kc.stride(0), s_pos = kc.stride(pos_dim), s_head = kc.stride(3 - pos_dim);
+  std::vector<float> tmp(D);
+  for (int64_t b = 0; b < B; ++b) {  // round to T, RoPE on q and k, store k/v
+    float* r = qkv.data() + b * nqkv;
+    for (int64_t i = 0; i < nqkv; ++i) r[i] = round_to<T>(r[i]);
+    const float* c = cos_BD + (shared_rotary ? 0 : b * D);
+    const float* s = sin_BD + (shared_rotary ? 0 : b * D);
+    for (int64_t hd = 0; hd < heads + kv_heads; ++hd) rope<T>(r + hd * D, c, s, D, tmp.data());
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      const int64_t off = rows[b] * s_slot + positions[b] * s_pos + g * s_head;
+      for (int64_t d = 0; d < D; ++d) {
+        kp[off + d] = static_cast<T>(r[nq + g * D + d]);
+        vp[off + d] = static_cast<T>(r[nq + nkv + g * D + d]);
+      }
+    }
+  }
+  std::vector<T> attn(B * nq);
+  const int64_t group = heads / kv_heads;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, B * kv_heads, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> q(group * D);
+    std::vector<float> scores, acc(D), dots(group);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / kv_heads, g = t % kv_heads, pos = positions[b];
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0, n = pos - lo + 1;
+      const int64_t base = rows[b] * s_slot + g * s_head;
+      // The group's query heads (already rounded to T) against each key at once.
+      const float* qf = qkv.data() + b * nqkv + g * group * D;
+      for (int64_t i = 0; i < group * D; ++i) q[i] = static_cast<T>(qf[i]);
+      scores.resize(group * n);
+      for (int64_t p = lo; p <= pos; ++p) {
+        dot_rows(kp + base + p * s_pos, q.data(), D, group, D, dots.data());
+        for (int64_t j = 0; j < group; ++j) scores[j * n + p - lo] = dots[j] * scale;
+      }
+      for (int64_t j = 0; j < group; ++j) {
+        float* sc = scores.data() + j * n;
+        const float mx = *std::max_element(sc, sc + n);
+        float total = 0.f;
+        for (int64_t i = 0; i < n; ++i) total += (sc[i] = std::exp(sc[i] - mx));
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t p = lo; p <= pos; ++p) {
+          const T* v = vp + base + p * s_pos;
+          const float wgt = sc[p - lo] / total;
+          for (int64_t d = 0; d < D; ++d) acc[d] += wgt * to_f(v[d]);
+        }
+        T* o = attn.data() + b * nq + (g * group + j) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d]);
+      }
+    }
+  });
+  linear_f32(attn.data(), B, nq, wo, H, out);
+}
+
+// Arguments: the step (input, rotary, caches, where each row goes), then the layer's weights.
+torch::Tensor attention_decode(torch::Tensor h, torch::Tensor cos, torch::Tensor sin,
+                               torch::Tensor kc, torch::Tensor vc, torch::Tensor rows,
+                               torch::Tensor positions, int64_t start, int64_t pos_dim,
+                               torch::Tensor wqkv, torch::Tensor wo, int64_t heads,
+                               int64_t kv_heads, int64_t window) {
+  for (auto* t : {&h, &wqkv, &wo, &rows, &positions})
+    check_cpu_contiguous(*t, "attention_decode input");
+  TORCH_CHECK(kc.dim() == 4 && vc.sizes() == kc.sizes() && kc.strides() == vc.strides(),
+              "attention_decode: key and value caches must be 4-D with one layout");
+  TORCH_CHECK(kc.stride(3) == 1, "attention_decode: cache head vectors must be contiguous");
+  TORCH_CHECK(pos_dim == 1 || pos_dim == 2, "attention_decode: pos_dim must be 1 or 2");
+  TORCH_CHECK(heads % kv_heads == 0, "attention_decode: heads must be a multiple of kv_heads");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && positions.scalar_type() == at::kLong,
+              "attention_decode: rows and positions must be int64");
+  const int64_t B = h.size(0), H = h.size(1), D = kc.size(3);
+  TORCH_CHECK(wqkv.size(0) == (heads + 2 * kv_heads) * D && wqkv.size(1) == H &&
+              wo.size(0) == H && wo.size(1) == heads * D,
+              "attention_decode: projection shapes do not match heads/kv_heads/head_dim");
+  // Empty rows/positions: row b is cache slot b, every row at position `start`.
+  TORCH_CHECK((rows.numel() == B || rows.numel() == 0) &&
+              (positions.numel() == B || positions.numel() == 0),
+              "attention_decode: one cache row and position per sequence (or none) expected");
+  std::vector<int64_t> row_of(B), pos_of(B, start);
+  for (int64_t b = 0; b < B; ++b) row_of[b] = rows.numel() ? rows.data_ptr<int64_t>()[b] : b;
+  if (positions.numel()) std::copy_n(positions.data_ptr<int64_t>(), B, pos_of.begin());
+  const int64_t max_pos = *std::max_element(pos_of.begin(), pos_of.end());
+  for (int64_t r : row_of)
+    TORCH_CHECK(r >= 0 && r < kc.size(0), "attention_decode: cache row ", r, " out of range");
+  TORCH_CHECK(*std::min_element(pos_of.begin(), pos_of.end()) >= 0,
+              "attention_decode: negative position");
+  TORCH_CHECK(max_pos < kc.size(pos_dim), "attention_decode: position ", max_pos,
+              " beyond the cache's ", kc.size(pos_dim));
+  TORCH_CHECK(cos.numel() == sin.numel() && (cos.numel() == B * D || cos.numel() == D),
+              "attention_decode: rotary cos/sin of [B, head_dim] or [head_dim] expected");
+  const auto cos32 = cos.to(at::kFloat).contiguous(), sin32 = sin.to(at::kFloat).contiguous();
+  auto out32 = torch::empty({B, H}, h.options().dtype(torch::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, h.scalar_type(), "attention", [&] {
+    TORCH_CHECK(kc.scalar_type() == h.scalar_type() && wqkv.scalar_type() == h.scalar_type(),
+                "attention_decode: cache, weights and input must share a dtype");
+    attention_step<scalar_t>(h.data_ptr<scalar_t>(), B, H, wqkv.data_ptr<scalar_t>(),
+                             wo.data_ptr<scalar_t>(), cos32.data_ptr<float>(),
+                             sin32.data_ptr<float>(), cos.numel() == D, kc, vc, row_of.data(), pos_of.data(), pos_dim, heads, kv_heads, D, window,
+                             out32.data_ptr<float>());
+  });
+  return out32.to(h.scalar_type());
+}
+
+// SwiGLU experts for a few tokens: the tokens of each chosen expert are gathered, multiplied
+// through w13 (rounded to T), silu(gate) * up (each rounded to T, as F.silu and the product
+// are), w2 (rounded to T), weighted and summed per token in fp32.
+template <typename T>
+void experts_step(const T* x, int64_t Tn, int64_t H, const T* w13, const T* w2, int64_t E,
+                  int64_t F, const int64_t* ids, const float* weights, int64_t k, float* out) {
+  std::vector<std::vector<int64_t>> slots(E);  // (token * k + slot) per expert
+  for (int64_t i = 0; i < Tn * k; ++i) {
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < E, "experts_decode: expert id ", ids[i], " out of range");
+    slots[ids[i]].push_back(i);
+  }
+  std::fill(out, out + Tn * H, 0.f);
+  std::vector<T> xs, act;
+  std::vector<float> gu, y;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = static_cast<int64_t>(slots[e].size());
+    if (n == 0) continue;
+    xs.resize(n * H);
+    for (int64_t r = 0; r < n; ++r)
+      std::copy(x + (slots[e][r] / k) * H, x + (slots[e][r] / k + 1) * H, xs.begin() + r * H);
+    gu.resize(n * 2 * F);
+    linear_f32(xs.data(), n, H, w13 + e * 2 * F * H, 2 * F, gu.data());
+    act.resize(n * F);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t f = 0; f < F; ++f) {
+        const float g = round_to<T>(gu[r * 2 * F + f]), u = round_to<T>(gu[r * 2 * F + F + f]);
+        act[r * F + f] = static_cast<T>(round_to<T>(g / (1.f + std::exp(-g))) * u);
+      }
+    y.resize(n * H);
+    linear_f32(act.data(), n, F, w2 + e * H * F, H, y.data());
+    for (int64_t r = 0; r < n; ++r) {
+      float* o = out + (slots[e][r] / k) * H;
+      const float wgt = weights[slots[e][r]];
+      for (int64_t j = 0; j < H; ++j) o[j] += wgt * round_to<T>(y[r * H + j]);
+    }
+  }
+}
+
+torch::Tensor experts_decode(torch::Tensor x, torch::Tensor w13, torch::Tensor w2,
+                             torch::Tensor ids, torch::Tensor weights) {
+  for (auto* t : {&x, &w13, &w2, &ids, &weights}) check_cpu_contiguous(*t, "experts_decode input");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && weights.scalar_type() == at::kFloat,
+              "experts_decode: ids must be int64 and weights fp32");
+  TORCH_CHECK(x.dim() == 2 && w13.dim() == 3 && w2.dim() == 3 && ids.sizes() == weights.sizes() &&
+              ids.size(0) == x.size(0), "experts_decode: shapes do not match");
+  const int64_t Tn = x.size(0), H = x.size(1), E = w13.size(0), F = w2.size(2);
+  TORCH_CHECK(w13.size(1) == 2 * F && w13.size(2) == H && w2.size(0) == E && w2.size(1) == H,
+              "experts_decode: w13 [E, 2F, H] and w2 [E, H, F] expected");
+  auto out32 = torch::empty({Tn, H}, x.options().dtype(torch::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "experts", [&] {
+    TORCH_CHECK(w13.scalar_type() == x.scalar_type() && w2.scalar_type() == x.scalar_type(),
+                "experts_decode: weights and input must share a dtype");
+    experts_step<scalar_t>(x.data_ptr<scalar_t>(), Tn, H, w13.data_ptr<scalar_t>(),
+                           w2.data_ptr<scalar_t>(), E, F, ids.data_ptr<int64_t>(),
+                           weights.data_ptr<float>(), ids.size(1), out32.data_ptr<float>());
+  });
+  return out32.to(x.scalar_type());
+}
+
+// Skywork-MoE routing of B tokens (moe.py's router_logits + route): fp32 gate logits,
+// optional gating logit normalization (unbiased std, guarded by norm_eps), softmax, top-k and
+// renormalization of the k weights.
+template <typename T>
+void route_step(const T* h, int64_t B, int64_t H, const float* gate, int64_t E, int64_t k,
+                bool use_norm, float norm_scale, float norm_eps, int64_t* ids, float* weights) {
+  std::vector<float> hf(H), logits(E);
+  std::vector<int64_t> order(E);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < H; ++j) hf[j] = to_f(h[b * H + j]);
+    for (int64_t e = 0; e < E; ++e) DotRows<float, 1>::run(gate + e * H, hf.data(), H, H, &logits[e]);
+    if (use_norm) {
+      float mean = 0.f, var = 0.f;
+      for (float z : logits) mean += z;
+      mean /= E;
+      for (float z : logits) var += (z - mean) * (z - mean);
+      const float stdev = std::max(std::sqrt(var / (E - 1)), norm_eps);
+      for (float& z : logits) z = (z - mean) * (norm_scale / stdev);
+    }
+    const float mx = *std::max_element(logits.begin(), logits.end());
+    float total = 0.f;
+    for (float& z : logits) total += (z = std::exp(z - mx));
+    for (float& z : logits) z /= total;
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t c) {
+      return logits[a] > logits[c] || (logits[a] == logits[c] && a < c);
+    });
+    float chosen = 0.f;
+    for (int64_t i = 0; i < k; ++i) chosen += logits[order[i]];
+    for (int64_t i = 0; i < k; ++i) {
+      ids[b * k + i] = order[i];
+      weights[b * k + i] = logits[order[i]] / chosen;
+    }
+  }
+}
+
+// A whole pre-norm MoE decoder layer for one new token per sequence:
+// x1 = x + attention(rms_norm(x)); out = x1 + experts(route(rms_norm(x1))).
+// Arguments: the step as for attention_decode, then the layer's norms, attention and MoE.
+torch::Tensor moe_layer_decode(torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
+                               torch::Tensor kc, torch::Tensor vc, torch::Tensor rows,
+                               torch::Tensor positions, int64_t start, int64_t pos_dim,
+                               torch::Tensor ln1, torch::Tensor ln2, double eps,
+                               torch::Tensor wqkv, torch::Tensor wo, int64_t heads,
+                               int64_t kv_heads, int64_t window, torch::Tensor gate,
+                               int64_t top_k, bool use_norm, double norm_scale, double norm_eps,
+                               bool mul_topk, torch::Tensor w13, torch::Tensor w2) {
+  check_cpu_contiguous(x, "x");
+  check_cpu_contiguous(gate, "gate");
+  TORCH_CHECK(gate.scalar_type() == at::kFloat && gate.dim() == 2 && gate.size(1) == x.size(1),
+              "moe_layer_decode: fp32 gate [E, H] expected");
+  const int64_t B = x.size(0), H = x.size(1), E = gate.size(0);
+  TORCH_CHECK(top_k >= 1 && top_k <= E, "moe_layer_decode: top_k must be in [1, E]");
+  auto h1 = rms_norm(x, ln1, eps);
+  auto attn = attention_decode(h1, cos, sin, kc, vc, rows, positions, start, pos_dim, wqkv, wo,
+                               heads, kv_heads, window);
+  auto x1 = x + attn;  // both in T: one rounding, as in the module
+  auto h2 = rms_norm(x1, ln2, eps);
+  auto ids = torch::empty({B, top_k}, x.options().dtype(torch::kLong));
+  auto weights = torch::empty({B, top_k}, x.options().dtype(torch::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "route", [&] {
+    route_step<scalar_t>(h2.data_ptr<scalar_t>(), B, H, gate.data_ptr<float>(), E, top_k,
+                         use_norm, static_cast<float>(norm_scale), static_cast<float>(norm_eps),
+                         ids.data_ptr<int64_t>(), weights.data_ptr<float>());
+  });
+  auto expert_in = mul_topk ? h2 * static_cast<double>(top_k) : h2;
+  return x1 + experts_decode(expert_in, w13, w2, ids, weights);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &linear, "x [M, K] @ weight [N, K]^T for small M");
+  m.def("rms_norm", &rms_norm, "HF-order RMSNorm over the last dimension");
+  m.def("attention_decode", &attention_decode, "one decode step of attention");
+  m.def("experts_decode", &experts_decode, "SwiGLU experts for a few routed tokens");
+  m.def("moe_layer_decode", &moe_layer_decode, "one decode step of a whole MoE decoder layer");
+  m.def("has_avx512_bf16", [] {
+#ifdef SKYMOE_AVX512_BF16
+    return true;
+#else
+    return false;
+#endif
+  });
+}
