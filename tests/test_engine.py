@@ -135,3 +135,33 @@ def test_logprobs_of_generated_and_prompt_tokens(model):
     for i, lp in enumerate(with_lp.prompt_logprobs[1:], start=1):
         assert lp.token_id == prompt[i] and len(lp.top) == 2
         assert lp.logprob == pytest.approx(float(ref[i - 1, prompt[i]]), abs=1e-4)
+
+
+def test_prefill_batches_prompts_within_the_token_budget(model):
+    """Requests admitted together are prefilled together (right-padded), in groups of at most
+    ``max_prefill_tokens`` padded tokens (a longer prompt alone), with the same results."""
+    prompts = _prompts(8) + [list(range(3, 23))]  # the last one alone exceeds the budget
+    shapes = []
+
+    def record(module, args, kwargs):  # prefills: every prompt here has 2 or more tokens
+        if args[0].shape[1] > 1:
+            shapes.append(tuple(args[0].shape))
+
+    results = []
+    for budget in (2048, 16):
+        engine = Engine(model, max_batch=9, max_len=64, max_prefill_tokens=budget)
+        handle = model.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            for i, p in enumerate(prompts):
+                engine.submit(Request(p, 4, request_id=str(i)))
+            results.append({c.request_id: c.token_ids for c in engine.run()})
+        finally:
+            handle.remove()
+    assert results[0] == results[1]
+    alone = {str(i): generate(model, torch.tensor([p]), 4)[0].tolist()
+             for i, p in enumerate(prompts)}
+    assert results[0] == alone
+    first, rest = shapes[0], shapes[1:]
+    assert first == (9, 20)  # budget 2048: one prefill of every prompt, padded to the longest
+    assert all(b * t <= 16 or b == 1 for b, t in rest) and sum(b for b, _ in rest) == 9
+    assert (1, 20) in rest

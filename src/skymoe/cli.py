@@ -198,7 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("SKYMOE_API_KEY")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
-    for flag in ("max_batch", "max_queue", "tp"):
+    for flag in ("max_batch", "max_queue", "max_prefill_tokens", "tp"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
     if not Path(args.model).is_dir():
@@ -221,7 +221,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: rank 0 stops them all
             run_worker(Engine(model, tokenizer, max_batch=args.max_batch, max_len=max_model_len,
-                              max_queue=args.max_queue), lockstep)
+                              max_queue=args.max_queue,
+                              max_prefill_tokens=args.max_prefill_tokens), lockstep)
             torch.distributed.destroy_process_group()
             return 0
     else:
@@ -230,7 +231,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return serve(model, tokenizer, args.model, model_name=args.served_model_name or args.model,
                      host=args.host, port=args.port, api_key=api_key or None,
                      max_batch=args.max_batch, max_model_len=max_model_len,
-                     max_queue=args.max_queue, log_level=args.log_level, lockstep=lockstep)
+                     max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens,
+                     log_level=args.log_level, lockstep=lockstep)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -417,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "max_position_embeddings)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="sequences waiting for a slot before requests get 429 (default 256)")
+    p.add_argument("--max-prefill-tokens", type=int, default=2048,
+                   help="prompt tokens (right-padded) prefilled in one forward; requests "
+                        "admitted together share it (default 2048)")
     p.add_argument("--dtype", choices=list(_DTYPES), default="auto",
                    help="compute dtype (default: the checkpoint's torch_dtype)")
     p.add_argument("--fp8", choices=FP8_MODES, default="auto", help=FP8_HELP)

@@ -87,13 +87,18 @@ class _Running:
 
 class Engine:
     """Continuous batching for ``model`` with up to ``max_batch`` sequences of ``max_len``
-    positions (prompt + output) in flight and ``max_queue`` waiting."""
+    positions (prompt + output) in flight and ``max_queue`` waiting. Requests admitted in the
+    same step are prefilled together, at most ``max_prefill_tokens`` (padded) prompt tokens
+    per forward; a longer prompt is prefilled alone."""
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, max_batch: int = 16,
-                 max_len: int = 2048, max_queue: int = 256) -> None:
-        if max_batch < 1 or max_len < 2 or max_queue < 1:
-            raise ValueError("need max_batch >= 1, max_len >= 2 and max_queue >= 1 (every "
-                             "request waits in the queue before it gets a slot)")
+                 max_len: int = 2048, max_queue: int = 256,
+                 max_prefill_tokens: int = 2048) -> None:
+        if max_batch < 1 or max_len < 2 or max_queue < 1 or max_prefill_tokens < 1:
+            raise ValueError("need max_batch >= 1, max_len >= 2, max_queue >= 1 (every "
+                             "request waits in the queue before it gets a slot) and "
+                             "max_prefill_tokens >= 1")
+        self.max_prefill_tokens = max_prefill_tokens
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
         self.cache = model.new_slot_cache(max_batch, max_len)
@@ -172,7 +177,11 @@ class Engine:
         return out
 
     def _admit(self) -> None:
+        """Give waiting requests the free slots and prefill them: together, right-padded to
+        the longest prompt of a group (groups of similar lengths, at most
+        ``max_prefill_tokens`` padded tokens each), and each samples its first token."""
         free = [s for s in range(self.max_batch) if s not in self.running]
+        admitted: list[_Running] = []
         while self.waiting and free:
             request, slot = self.waiting.popleft(), free.pop(0)
             self.cache.release(slot)
@@ -182,16 +191,45 @@ class Engine:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed)
             text = (TextStream(self.tokenizer, request.prompt_ids, request.stop)
                     if self.tokenizer is not None else None)
-            self.running[slot] = _Running(request, slot, gen, text)
-            prompt = torch.tensor([request.prompt_ids], device=self.device)
-            # Prompt logprobs need every position's logits; otherwise only the last is computed.
-            want_prompt = request.prompt_logprobs is not None
-            logits = self.model(prompt, cache=self.cache, slots=torch.tensor([slot],
-                                device=self.device), last_only=not want_prompt).logits[0]
-            if want_prompt:
-                request.prompt_token_logprobs = [None] + compute_logprobs(
-                    logits[:-1], prompt[0, 1:], request.prompt_logprobs)
-            self._accept(slot, logits[-1])
+            self.running[slot] = run = _Running(request, slot, gen, text)
+            admitted.append(run)
+        # Prompt logprobs need every position's logits: those prompts go one at a time.
+        for run in admitted:
+            if run.request.prompt_logprobs is not None:
+                self._prefill_with_prompt_logprobs(run)
+        batchable = sorted((r for r in admitted if r.request.prompt_logprobs is None),
+                           key=lambda r: len(r.request.prompt_ids))
+        group: list[_Running] = []
+        for run in batchable:  # ascending lengths: the newest prompt is the group's longest
+            if group and (len(group) + 1) * len(run.request.prompt_ids) > self.max_prefill_tokens:
+                self._prefill(group)
+                group = []
+            group.append(run)
+        if group:
+            self._prefill(group)
+
+    def _prefill(self, group: list[_Running]) -> None:
+        lengths = [len(run.request.prompt_ids) for run in group]
+        ids = torch.zeros(len(group), max(lengths), dtype=torch.long)  # right-padded with 0
+        for row, run in enumerate(group):
+            ids[row, :lengths[row]] = torch.tensor(run.request.prompt_ids)
+        slots = [run.slot for run in group]
+        logits = self.model(ids.to(self.device), cache=self.cache,
+                            slots=torch.tensor(slots, device=self.device),
+                            logits_at=torch.tensor(lengths, device=self.device) - 1).logits[:, 0]
+        for slot, length in zip(slots, lengths):
+            self.cache.truncate(slot, length)  # drop the padding
+        for row, slot in enumerate(slots):
+            self._accept(slot, logits[row])
+
+    def _prefill_with_prompt_logprobs(self, run: _Running) -> None:
+        request = run.request
+        prompt = torch.tensor([request.prompt_ids], device=self.device)
+        logits = self.model(prompt, cache=self.cache,
+                            slots=torch.tensor([run.slot], device=self.device)).logits[0]
+        request.prompt_token_logprobs = [None] + compute_logprobs(
+            logits[:-1], prompt[0, 1:], request.prompt_logprobs)
+        self._accept(run.slot, logits[-1])
 
     def _accept(self, slot: int, logits_V: torch.Tensor) -> None:
         """Sample this slot's next token, stream it, and retire the request if it is done."""

@@ -17,9 +17,12 @@ from ..model.layers import Attention, KVCache, RMSNorm, SlotKVCache
 from ..model.moe import NORM_EPS, MoEBlock, SwiGLUExperts
 from ..model.transformer import DecoderLayer, SkyworkForCausalLM
 
-# At most this many rows (tokens) per call take the native kernels; beyond it oneDNN's GEMMs,
-# which reuse each weight tile across many rows, are faster.
+# At most this many rows (tokens) per call take the native matmul kernel; beyond it oneDNN's
+# GEMMs, which reuse each weight tile across many rows, are faster.
 NATIVE_MAX_ROWS = 16
+# Decode steps of up to this many sequences run natively: their experts see a few rows each,
+# and the PyTorch path's per-row cache gathers and masks cost more than the attention matmuls.
+NATIVE_MAX_DECODE_ROWS = 64
 
 _NONE = torch.empty(0, dtype=torch.long)  # an absent optional tensor argument of the kernels
 
@@ -95,7 +98,7 @@ class NativeAttention(_Wrapper):
         """The step's native attention arguments (rotary, caches, where each row goes), or
         None when the step is not a single-token decode over a cache (PyTorch runs it)."""
         b, t, _ = x_BTH.shape
-        if t != 1 or cache is None or b > NATIVE_MAX_ROWS:
+        if t != 1 or cache is None or b > NATIVE_MAX_DECODE_ROWS:
             return None
         layer = self.inner.layer_idx
         if isinstance(cache, SlotKVCache):

@@ -161,6 +161,11 @@ class SlotKVCache:
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0
 
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the first ``length`` positions of ``slot`` (after a right-padded forward: the
+        padding's keys are overwritten by the positions that follow)."""
+        self.lengths[slot] = length
+
 
 def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Decode attention (one query per sequence, no mask) as two batched matmuls.

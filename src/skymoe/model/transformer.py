@@ -182,13 +182,16 @@ class SkyworkForCausalLM(nn.Module):
     # -------------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 cache: KVCache | SlotKVCache | None = None, start: int | None = None,
-                last_only: bool = False, slots: torch.Tensor | None = None) -> CausalLMOutput:
+                last_only: bool = False, slots: torch.Tensor | None = None,
+                logits_at: torch.Tensor | None = None) -> CausalLMOutput:
         """Logits for ``input_ids`` [B, T].
 
         With a ``cache`` the tokens are placed at positions ``start ..`` (default: the cache's
         current length) and the cache advances. ``labels`` [B, T] give the next-token loss
         (shifted inside; -100 ignored). With a ``SlotKVCache``, row i continues the sequence
-        in cache slot ``slots[i]`` from that slot's own length.
+        in cache slot ``slots[i]`` from that slot's own length. ``last_only`` computes the
+        logits of the last position only, ``logits_at`` [B] those of position ``logits_at[i]``
+        of row i only (rows of different lengths, right-padded); either gives [B, 1, V].
         """
         b, t = input_ids.shape
         x = self.model.embed_tokens(input_ids)
@@ -211,7 +214,11 @@ class SkyworkForCausalLM(nn.Module):
             cache.finish()
         elif cache is not None:
             cache.length = start + t
-        x = self.model.norm(x[:, -1:] if last_only else x)
+        if logits_at is not None:
+            x = x[torch.arange(b, device=x.device), logits_at][:, None]
+        elif last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
         logits = self.lm_head(x)
         loss = self.loss_function(logits, labels) if labels is not None else None
         out = CausalLMOutput(logits=logits, loss=loss)

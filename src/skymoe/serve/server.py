@@ -46,7 +46,8 @@ def listen(host: str, port: int) -> socket.socket:
 def serve(model: torch.nn.Module, tokenizer: Tokenizer, checkpoint: str, *, model_name: str,
           host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, max_model_len: int | None = None, max_queue: int = 256,
-          log_level: str = "info", lockstep: Lockstep | None = None) -> int:
+          max_prefill_tokens: int = 2048, log_level: str = "info",
+          lockstep: Lockstep | None = None) -> int:
     """Serve ``model`` over HTTP until SIGINT or SIGTERM; returns the exit code (1 if the
     engine died). ``checkpoint`` is the directory the chat template is read from. Call it from
     the main thread: it runs the engine there and uvicorn on a second thread."""
@@ -58,12 +59,12 @@ def serve(model: torch.nn.Module, tokenizer: Tokenizer, checkpoint: str, *, mode
     if not 2 <= max_model_len <= limit:
         raise ServeError(f"--max-model-len must be between 2 and the model's context of "
                          f"{limit} tokens, got {max_model_len}")
-    if max_batch < 1 or max_queue < 1:
-        raise ServeError("--max-batch and --max-queue must be >= 1")
+    if max_batch < 1 or max_queue < 1 or max_prefill_tokens < 1:
+        raise ServeError("--max-batch, --max-queue and --max-prefill-tokens must be >= 1")
     chat_template = ChatTemplate.load(checkpoint)
     sock = listen(host, port)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_len=max_model_len,
-                    max_queue=max_queue)
+                    max_queue=max_queue, max_prefill_tokens=max_prefill_tokens)
     eos = (tokenizer.eos_id,) if tokenizer.eos_id is not None else \
         tuple(config.eos_token_ids)
     metrics = Metrics()

@@ -139,17 +139,31 @@ void dot_rows(const T* w, const T* x, int64_t ldx, int64_t rows, int64_t K, floa
   }
 }
 
+// Several matmuls sharing one parallel loop: for each group g, rows [first[g], first[g+1]) of
+// x [*, K] times weight matrix mats[g] of w (each [N, K]) go to the same rows of y [*, N]
+// (fp32). Threads split all groups' weight rows, so a layer's experts run without a barrier
+// between experts.
+template <typename T>
+void grouped_linear_f32(const T* x, int64_t K, const T* w, int64_t N,
+                        const std::vector<int64_t>& mats, const std::vector<int64_t>& first,
+                        float* y) {
+  const int64_t G = static_cast<int64_t>(mats.size());
+  const int64_t grain = std::max<int64_t>(16, (1 << 15) / std::max<int64_t>(K, 1));
+  at::parallel_for(0, G * N, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> col;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t g = i / N, n = i % N, m0 = first[g], rows = first[g + 1] - m0;
+      col.resize(rows);
+      dot_rows(w + (mats[g] * N + n) * K, x + m0 * K, K, rows, K, col.data());
+      for (int64_t m = 0; m < rows; ++m) y[(m0 + m) * N + n] = col[m];
+    }
+  });
+}
+
 // y[M, N] (fp32) = x[M, K] @ w[N, K]^T, threads splitting the weight rows.
 template <typename T>
 void linear_f32(const T* x, int64_t M, int64_t K, const T* w, int64_t N, float* y) {
-  const int64_t grain = std::max<int64_t>(16, (1 << 15) / std::max<int64_t>(K, 1));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    std::vector<float> col(M);
-    for (int64_t n = n0; n < n1; ++n) {
-      dot_rows(w + n * K, x, K, M, K, col.data());
-      for (int64_t m = 0; m < M; ++m) y[m * N + n] = col[m];
-    }
-  });
+  grouped_linear_f32(x, K, w, N, {0}, {0, M}, y);
 }
 
 void check_cpu_contiguous(const torch::Tensor& t, const char* name) {
@@ -341,30 +355,34 @@ void experts_step(const T* x, int64_t Tn, int64_t H, const T* w13, const T* w2, 
     TORCH_CHECK(ids[i] >= 0 && ids[i] < E, "experts_decode: expert id ", ids[i], " out of range");
     slots[ids[i]].push_back(i);
   }
-  std::fill(out, out + Tn * H, 0.f);
-  std::vector<T> xs, act;
-  std::vector<float> gu, y;
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = static_cast<int64_t>(slots[e].size());
-    if (n == 0) continue;
-    xs.resize(n * H);
-    for (int64_t r = 0; r < n; ++r)
-      std::copy(x + (slots[e][r] / k) * H, x + (slots[e][r] / k + 1) * H, xs.begin() + r * H);
-    gu.resize(n * 2 * F);
-    linear_f32(xs.data(), n, H, w13 + e * 2 * F * H, 2 * F, gu.data());
-    act.resize(n * F);
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t f = 0; f < F; ++f) {
-        const float g = round_to<T>(gu[r * 2 * F + f]), u = round_to<T>(gu[r * 2 * F + F + f]);
-        act[r * F + f] = static_cast<T>(round_to<T>(g / (1.f + std::exp(-g))) * u);
-      }
-    y.resize(n * H);
-    linear_f32(act.data(), n, F, w2 + e * H * F, H, y.data());
-    for (int64_t r = 0; r < n; ++r) {
-      float* o = out + (slots[e][r] / k) * H;
-      const float wgt = weights[slots[e][r]];
-      for (int64_t j = 0; j < H; ++j) o[j] += wgt * round_to<T>(y[r * H + j]);
+  std::vector<int64_t> used, first{0};  // experts with tokens; where their rows start
+  for (int64_t e = 0; e < E; ++e)
+    if (!slots[e].empty()) {
+      used.push_back(e);
+      first.push_back(first.back() + static_cast<int64_t>(slots[e].size()));
     }
+  const int64_t rows = first.back();
+  std::vector<int64_t> token(rows), slot(rows);  // row -> (token, its (token * k + slot))
+  for (size_t g = 0, r = 0; g < used.size(); ++g)
+    for (int64_t i : slots[used[g]]) token[r] = i / k, slot[r++] = i;
+  std::vector<T> xs(rows * H);
+  for (int64_t r = 0; r < rows; ++r)
+    std::copy(x + token[r] * H, x + (token[r] + 1) * H, xs.begin() + r * H);
+  std::vector<float> gu(rows * 2 * F);
+  grouped_linear_f32(xs.data(), H, w13, 2 * F, used, first, gu.data());
+  std::vector<T> act(rows * F);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t f = 0; f < F; ++f) {
+      const float g = round_to<T>(gu[r * 2 * F + f]), u = round_to<T>(gu[r * 2 * F + F + f]);
+      act[r * F + f] = static_cast<T>(round_to<T>(g / (1.f + std::exp(-g))) * u);
+    }
+  std::vector<float> y(rows * H);
+  grouped_linear_f32(act.data(), F, w2, H, used, first, y.data());
+  std::fill(out, out + Tn * H, 0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = out + token[r] * H;
+    const float wgt = weights[slot[r]];
+    for (int64_t j = 0; j < H; ++j) o[j] += wgt * round_to<T>(y[r * H + j]);
   }
 }
 
