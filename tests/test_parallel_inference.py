@@ -1,6 +1,7 @@
 """Non-uniform tensor-parallel inference (gloo processes): uneven head splits, experts split
-along the intermediate size, vocabulary shards gathered for sampling, per-rank KV caches; the
-same logits and greedy tokens as one process, for bf16-widened FP8 weights too."""
+along the intermediate size, the vocabulary padded to a multiple of 24 and split evenly, its
+shards gathered for sampling, per-rank KV caches; the same logits and greedy tokens as one
+process, for bf16-widened FP8 weights too."""
 
 from __future__ import annotations
 
@@ -41,9 +42,15 @@ def _worker(rank: int, world: int, fp8_dir: str | None) -> None:
         full = build_model(_config(), seed=0, dtype=torch.float32).eval()
     sharded = copy.deepcopy(full)
     mesh = build_mesh(ParallelLayout(tp=world, etp=world))
-    parallelize(sharded, mesh, gather_logits=True)
+    parallelize(sharded, mesh, gather_logits=True, vocab_multiple=24)
     heads = {2: [3, 2], 3: [2, 2, 1], 4: [2, 1, 1, 1]}[world][rank]
     assert sharded.new_kv_cache(1, 4).keys[0].shape[1] == heads  # this rank's KV heads
+    # Vocabulary 61 padded to 72: equal shards, the padding (zero rows) on the last rank.
+    rows = sharded.lm_head.weight.shape[0]
+    assert rows == 72 // world == sharded.model.embed_tokens.weight.shape[0]
+    padding = sharded.lm_head.weight[61 - rank * rows:] if (rank + 1) * rows > 61 else None
+    if padding is not None:
+        assert len(padding) == (rank + 1) * rows - 61 and not padding.any()
     prompt = torch.randint(61, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, got = full(prompt).logits, sharded(prompt).logits

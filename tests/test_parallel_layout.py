@@ -10,7 +10,7 @@ from skymoe.errors import ConfigError
 from skymoe.parallel.comm import collective_bytes
 from skymoe.parallel.experts import source_to_expert_order
 from skymoe.parallel.layout import ParallelLayout, parse_layout, split_sizes
-from skymoe.parallel.placement import attention_heads, placement
+from skymoe.parallel.placement import attention_heads, padded_vocab, placement
 
 
 def test_split_sizes_give_the_first_ranks_one_extra():
@@ -111,3 +111,26 @@ def test_ring_formulas():
     assert collective_bytes("reduce", 100, 4) == 75
     assert collective_bytes("all_to_all", 100, 4) == 100
     assert collective_bytes("all_reduce", 100, 1) == 0
+
+
+def test_padded_vocabulary_gives_equal_shards_and_round_trips():
+    config = SkyworkMoeConfig(vocab_size=61, hidden_size=8, intermediate_size=8,
+                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                              num_experts=2, num_experts_per_tok=1, torch_dtype="float32")
+    real = resolve_config("skywork-moe-base")
+    assert padded_vocab(real.vocab_size) % 8 == 0 and padded_vocab(real.vocab_size) >= 65532
+    full = torch.randn(61, 8)
+    for tp in (2, 3, 4, 8):
+        layout = ParallelLayout(tp=tp)
+        back = torch.zeros(61, 8)
+        for rank in range(tp):
+            part = placement("lm_head.weight", config, layout, layout.coords(rank),
+                             vocab_multiple=24)
+            piece = part.take(full)
+            assert piece.shape == (72 // tp, 8)  # 61 padded to 72, split evenly
+            first = rank * 72 // tp
+            real_rows = max(0, min(61 - first, 72 // tp))
+            assert torch.equal(piece[:real_rows], full[first:first + real_rows])
+            assert not piece[real_rows:].any()  # padding rows are zeros
+            part.put(back, piece)
+        assert torch.equal(back, full)

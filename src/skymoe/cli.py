@@ -172,13 +172,14 @@ def _tensor_parallel(model, params, tp: int):
     from .parallel.apply import parallelize
     from .parallel.layout import ParallelLayout
     from .parallel.mesh import build_mesh, init_distributed
+    from .parallel.placement import VOCAB_MULTIPLE
 
     _, world = init_distributed()
     if world != tp:
         raise UsageError(f"--tp {tp} needs {tp} processes; start with torchrun "
                          f"--nproc-per-node {tp} -m skymoe generate ... (got {world})")
     mesh = build_mesh(ParallelLayout(tp=tp, etp=tp))  # heads split unevenly, experts by rows
-    parallelize(model, mesh, gather_logits=True)
+    parallelize(model, mesh, gather_logits=True, vocab_multiple=VOCAB_MULTIPLE)
     if params.temperature > 0 and params.seed is None:
         seed = torch.randint(2**31 - 1, (1,))
         dist.broadcast(seed, src=0)

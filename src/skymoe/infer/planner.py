@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from ..config import SkyworkMoeConfig
 from ..errors import ConfigError
 from ..parallel.layout import split_sizes
+from ..parallel.placement import VOCAB_MULTIPLE, padded_vocab
 
 GIB = 2**30
-VOCAB_MULTIPLE = 24
 BF16, FP32 = 2, 4
 WEIGHT_BYTES = {"fp8": 1, "bf16": 2, "fp16": 2, "fp32": 4}
 KV_BYTES = {"fp8": 1, "bf16": 2, "fp16": 2, "fp32": 4}
@@ -49,11 +49,6 @@ GPU_PRESETS: dict[str, GpuSpec] = {
     "h100": GpuSpec(80 * GIB, 3350e9, 450e9, 8e-6),     # NVLink 4
     "h200": GpuSpec(141 * GIB, 4800e9, 450e9, 8e-6),
 }
-
-
-def padded_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
-    """``vocab_size`` rounded up to a multiple of ``multiple`` (65532 -> 65544)."""
-    return -(-vocab_size // multiple) * multiple
 
 
 def head_split(config: SkyworkMoeConfig, ranks: int) -> tuple[list[int], list[int]]:

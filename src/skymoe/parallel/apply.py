@@ -18,17 +18,18 @@ from ..model.moe import MoEBlock
 from ..model.transformer import DenseMLP, SkyworkForCausalLM
 from .comm import CommGroup, copy_to, gather_rows, reduce_from, single
 from .experts import ExpertParallel
-from .layout import split_range, split_sizes
+from .layout import split_sizes
 from .mesh import ParallelMesh
 from .pipeline import PipelineStageModel
-from .placement import Placement, attention_heads, placement
+from .placement import Placement, attention_heads, padded_vocab, placement, vocab_rows
 from .vocab import VocabParallelEmbedding, VocabParallelLoss
 
 
-def parameter_placements(model: SkyworkForCausalLM, mesh: ParallelMesh) -> dict[str, Placement]:
+def parameter_placements(model: SkyworkForCausalLM, mesh: ParallelMesh,
+                         vocab_multiple: int = 1) -> dict[str, Placement]:
     """The placement of every parameter (and FP8 buffer) name of the full ``model`` on this
     rank."""
-    return {name: placement(name, model.config, mesh.layout, mesh.coords)
+    return {name: placement(name, model.config, mesh.layout, mesh.coords, vocab_multiple)
             for name, _ in [*model.named_parameters(remove_duplicate=False),
                             *model.named_buffers()]}
 
@@ -51,9 +52,11 @@ def _shard_tensors(model: nn.Module, placements: dict[str, Placement]) -> None:
             model.get_submodule(module_name).register_buffer(attr, part.take(b).contiguous())
 
 
-def _gather_vocab(logits: torch.Tensor, sizes: list[int], group: CommGroup) -> torch.Tensor:
-    """Full-vocabulary logits from every rank's shard (last dimension)."""
-    return gather_rows(logits.movedim(-1, 0).contiguous(), sizes, group).movedim(0, -1)
+def _gather_vocab(logits: torch.Tensor, sizes: list[int], vocab_size: int,
+                  group: CommGroup) -> torch.Tensor:
+    """Full-vocabulary logits from every rank's shard (last dimension), padding dropped."""
+    full = gather_rows(logits.movedim(-1, 0).contiguous(), sizes, group).movedim(0, -1)
+    return full[..., :vocab_size]
 
 
 def _column_row_parallel(module: nn.Module, group: CommGroup) -> None:
@@ -69,23 +72,30 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def parallelize(model: SkyworkForCausalLM | PipelineStageModel, mesh: ParallelMesh,
-                a2a_chunks: int = 1, gather_logits: bool = False) -> nn.Module:
+                a2a_chunks: int = 1, gather_logits: bool = False,
+                vocab_multiple: int = 1) -> nn.Module:
     """Shard ``model`` (a full model, identical on every rank, or with pipeline parallelism
     this rank's ``PipelineStageModel``) for ``mesh`` in place; ``a2a_chunks > 1`` overlaps the
     expert all-to-all with expert compute. With ``gather_logits`` (inference) the output
     logits are gathered to the full vocabulary on every rank; otherwise they stay
-    vocabulary-sharded and the loss is vocabulary-parallel."""
+    vocabulary-sharded and the loss is vocabulary-parallel. ``vocab_multiple`` (inference
+    only) pads the vocabulary to that multiple before splitting it, so every TP rank holds the
+    same number of embedding and LM-head rows (Skywork deploys with 24)."""
     layout, config = mesh.layout, model.config
     layout.validate(config=config)
+    if vocab_multiple < 1 or (vocab_multiple > 1 and not gather_logits):
+        raise ConfigError("vocab_multiple must be >= 1, and padding the vocabulary needs "
+                          "gather_logits (inference): the vocabulary-parallel loss does not "
+                          "mask padding rows")
     if layout.world_size == 1:
         return model
     if layout.pp > 1 and not isinstance(model, PipelineStageModel):
         raise ConfigError(f"layout {layout.name}: with pipeline parallelism parallelize this "
                           "rank's PipelineStageModel, not the whole model")
-    _shard_tensors(model, parameter_placements(model, mesh))
+    _shard_tensors(model, parameter_placements(model, mesh, vocab_multiple))
     tp = mesh.tp
     if tp.active:
-        _vocab_parallel(model, config, tp, gather_logits)
+        _vocab_parallel(model, config, tp, gather_logits, vocab_multiple)
         q_heads, kv_heads = attention_heads(config, tp.size, tp.rank)
     token_group = tp if layout.slices_tokens else single(mesh.traffic)
     for layer in decoder_layers(model):
@@ -101,10 +111,11 @@ def parallelize(model: SkyworkForCausalLM | PipelineStageModel, mesh: ParallelMe
     return model
 
 
-def _vocab_parallel(model: nn.Module, config: SkyworkMoeConfig, tp: CommGroup, gather_logits: bool) -> None:
+def _vocab_parallel(model: nn.Module, config: SkyworkMoeConfig, tp: CommGroup,
+                    gather_logits: bool, vocab_multiple: int) -> None:
     """Embedding rows and LM-head rows split over TP (where this model or stage has them);
     the loss becomes vocabulary-parallel unless the logits are gathered."""
-    vocab_start = split_range(config.vocab_size, tp.size, tp.rank)[0]
+    vocab_start = vocab_rows(config.vocab_size, tp.size, tp.rank, vocab_multiple)[0]
     if hasattr(model.model, "embed_tokens"):
         embed = model.model.embed_tokens
         model.model.embed_tokens = VocabParallelEmbedding(embed.weight, vocab_start, tp)
@@ -112,7 +123,8 @@ def _vocab_parallel(model: nn.Module, config: SkyworkMoeConfig, tp: CommGroup, g
         return
     model.lm_head.register_forward_pre_hook(lambda _, args: (copy_to(args[0], tp),))
     if gather_logits:
-        sizes = split_sizes(config.vocab_size, tp.size)
-        model.lm_head.register_forward_hook(lambda _, __, out: _gather_vocab(out, sizes, tp))
+        sizes = split_sizes(padded_vocab(config.vocab_size, vocab_multiple), tp.size)
+        model.lm_head.register_forward_hook(
+            lambda _, __, out: _gather_vocab(out, sizes, config.vocab_size, tp))
     else:
         model.loss_function = VocabParallelLoss(vocab_start, tp)

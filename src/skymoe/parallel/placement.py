@@ -7,7 +7,9 @@ lists, per dimension, the indices of the full tensor this rank keeps:
 - attention: q/o at this rank's query heads, k/v at its KV heads (KV heads split with the first
   ``kv_heads % tp`` ranks taking one extra; each rank gets the query heads of its KV groups);
 - dense MLP: gate/up rows and down columns of this rank's part of the intermediate size;
-- embedding and LM head: this rank's vocabulary rows;
+- embedding and LM head: this rank's vocabulary rows; with a vocabulary multiple (inference,
+  Skywork's 24) the vocabulary is first padded to that multiple so that the ranks get equal
+  row counts, and the padding rows (past the real vocabulary) are zeros;
 - experts: this rank's experts (``EP``) and, with ``ETP``, its part of each expert's
   intermediate size (in ``w13`` both the w1 and the w3 rows of that part);
 - norms and routers: everything (replicated).
@@ -40,11 +42,18 @@ class Placement:
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's part of ``full``. Dimensions ``full`` lacks or holds once (broadcast,
-        like a per-tensor FP8 scale where a per-channel one could be) are taken whole."""
+        like a per-tensor FP8 scale where a per-channel one could be) are taken whole; indices
+        past the end of a dimension (vocabulary padding) give zeros."""
         out = full
         for dim, idx in sorted(self.index.items()):
             if dim < out.ndim and out.shape[dim] > 1:
-                out = out.index_select(dim, idx.to(out.device))
+                real = idx[idx < out.shape[dim]]
+                part = out.index_select(dim, real.to(out.device))
+                if len(real) < len(idx):
+                    pad = list(part.shape)
+                    pad[dim] = len(idx) - len(real)
+                    part = torch.cat([part, part.new_zeros(pad)], dim=dim)
+                out = part
         return out
 
     def local_shape(self, full_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -52,18 +61,35 @@ class Placement:
                      for d, n in enumerate(full_shape))
 
     def put(self, full: torch.Tensor, part: torch.Tensor) -> None:
-        """Write this rank's ``part`` into its place in ``full``."""
+        """Write this rank's ``part`` into its place in ``full`` (padding rows dropped)."""
         if not self.index:
             full.copy_(part)
             return
-        grids = torch.meshgrid(*[self.index[d].to(full.device) if d in self.index
-                                 else torch.arange(n, device=full.device)
+        for d, idx in self.index.items():  # padding sits at the end of its dimension
+            part = part.narrow(d, 0, int((idx < full.shape[d]).sum()))
+        grids = torch.meshgrid(*[self.index[d][self.index[d] < n].to(full.device)
+                                 if d in self.index else torch.arange(n, device=full.device)
                                  for d, n in enumerate(full.shape)], indexing="ij")
         full[grids] = part
 
 
 def _arange(start: int, end: int) -> torch.Tensor:
     return torch.arange(start, end, dtype=torch.long)
+
+
+# Skywork-MoE's deployment pads the vocabulary to a multiple of 24 (divisible by 1, 2, 3, 4, 6,
+# 8 and 12), so tensor-parallel ranks hold equal embedding and LM-head shards.
+VOCAB_MULTIPLE = 24
+
+
+def padded_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """``vocab_size`` rounded up to a multiple of ``multiple`` (65532 -> 65544 for 24)."""
+    return -(-vocab_size // multiple) * multiple
+
+
+def vocab_rows(vocab_size: int, tp: int, rank: int, multiple: int = 1) -> tuple[int, int]:
+    """[start, end) of the (padded) vocabulary rows that TP rank ``rank`` holds."""
+    return split_range(padded_vocab(vocab_size, multiple), tp, rank)
 
 
 def attention_heads(config: SkyworkMoeConfig, tp: int, rank: int) -> tuple[range, range]:
@@ -82,14 +108,16 @@ _LAYER = r"^model\.layers\.\d+\."
 
 
 def placement(name: str, config: SkyworkMoeConfig, layout: ParallelLayout,
-              coords: Coords) -> Placement:
-    """Where parameter ``name`` (the model's own names) lives on the rank at ``coords``."""
+              coords: Coords, vocab_multiple: int = 1) -> Placement:
+    """Where parameter ``name`` (the model's own names) lives on the rank at ``coords``; the
+    vocabulary is padded to a multiple of ``vocab_multiple`` before it is split."""
     c, tp, t = config, layout.tp, coords.tp
     if re.search(r"(^|\.)(input_layernorm|post_attention_layernorm|norm)\.weight$", name) \
             or re.search(r"block_sparse_moe\.gate(\.\d+)?\.weight$", name):
         return Placement({}, tp_replicated=True)
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
-        return Placement({0: _arange(*split_range(c.vocab_size, tp, t))}, tp_replicated=False)
+        return Placement({0: _arange(*vocab_rows(c.vocab_size, tp, t, vocab_multiple))},
+                         tp_replicated=False)
     m = re.search(_LAYER + r"self_attn\.([qkvo])_proj\.weight$", name)
     if m:
         q_heads, kv_heads = attention_heads(c, tp, t)
