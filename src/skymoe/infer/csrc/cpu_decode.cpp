@@ -371,11 +371,13 @@ void experts_step(const T* x, int64_t Tn, int64_t H, const T* w13, const T* w2, 
   std::vector<float> gu(rows * 2 * F);
   grouped_linear_f32(xs.data(), H, w13, 2 * F, used, first, gu.data());
   std::vector<T> act(rows * F);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t f = 0; f < F; ++f) {
+  at::parallel_for(0, rows * F, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / F, f = i % F;
       const float g = round_to<T>(gu[r * 2 * F + f]), u = round_to<T>(gu[r * 2 * F + F + f]);
-      act[r * F + f] = static_cast<T>(round_to<T>(g / (1.f + std::exp(-g))) * u);
+      act[i] = static_cast<T>(round_to<T>(g / (1.f + std::exp(-g))) * u);
     }
+  });
   std::vector<float> y(rows * H);
   grouped_linear_f32(act.data(), F, w2, H, used, first, y.data());
   std::fill(out, out + Tn * H, 0.f);
