@@ -164,3 +164,36 @@ def test_cache_overflow_is_a_clear_error():
         native(torch.tensor([[5, 6, 7, 8]]), cache=cache)
         with pytest.raises(ValueError, match="KV cache holds 4 positions"):
             native(torch.tensor([[9]]), cache=cache)
+
+
+def test_without_native_kernels_inference_falls_back_to_onednn_packing(monkeypatch):
+    import skymoe.infer.native as native
+    from skymoe.infer.cpu_kernels import PackedLinear, can_pack
+
+    monkeypatch.setattr(native, "native_kernels", lambda: None)
+    model = skymoe.build_model(SkyworkMoeConfig(**CONFIG, **VARIANTS["skywork"]), seed=0)
+    if not can_pack(model):
+        pytest.skip("oneDNN packing unavailable on this CPU")
+    prepared = prepare_for_cpu_inference(model)
+    assert isinstance(prepared.lm_head, PackedLinear)
+    assert not any(isinstance(m, NativeMoEDecoderLayer) for m in prepared.modules())
+
+
+def test_a_failed_build_warns_and_returns_none(monkeypatch, tmp_path):
+    import skymoe.infer.native as native
+
+    broken = tmp_path / "broken.cpp"
+    broken.write_text('#error "this source does not compile"\n')
+    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setenv("SKYMOE_CACHE", str(tmp_path / "cache"))
+    with pytest.warns(UserWarning, match="native CPU decode kernels unavailable"):
+        assert native.native_kernels.__wrapped__() is None
+    monkeypatch.setenv("SKYMOE_NATIVE", "0")
+    assert native.native_kernels.__wrapped__() is None  # disabled: no attempt, no warning
+
+
+def test_preparing_twice_changes_nothing():
+    _, native = _pair("skywork", torch.float32)
+    before = [type(m).__name__ for m in native.modules()]
+    prepare_for_cpu_inference(native)
+    assert [type(m).__name__ for m in native.modules()] == before

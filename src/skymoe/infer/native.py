@@ -81,7 +81,10 @@ def native_kernels() -> ModuleType | None:
                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler or ninja, unsupported platform, build error
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        warnings.warn(f"skymoe: native CPU decode kernels unavailable ({first_line}); decoding "
-                      "uses PyTorch ops (set SKYMOE_NATIVE=0 to skip the attempt)", stacklevel=2)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if len(reason) > 160:
+            reason = reason[:160] + "..."
+        warnings.warn(f"skymoe: native CPU decode kernels unavailable ({reason}; build "
+                      f"directory {build_dir}); decoding uses PyTorch ops (set SKYMOE_NATIVE=0 "
+                      "to skip the attempt)", stacklevel=2)
         return None

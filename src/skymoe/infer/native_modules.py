@@ -129,7 +129,6 @@ class NativeAttention(_Wrapper):
 class NativeExperts(_Wrapper):
     """SwiGLU experts: a few tokens through the native kernel, more through the grouped GEMMs."""
 
-
     def forward(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor,
                 weights_TK: torch.Tensor) -> torch.Tensor:
         if x_TH.shape[0] > NATIVE_MAX_ROWS:
@@ -145,7 +144,8 @@ class NativeMoEDecoderLayer(_Wrapper):
 
     def __init__(self, layer: DecoderLayer, kernels: ModuleType) -> None:
         super().__init__(layer, kernels)
-        moe, norm1, norm2 = layer.block_sparse_moe, layer.input_layernorm, layer.post_attention_layernorm
+        moe = layer.block_sparse_moe
+        norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
         # Everything but the step's input, as the kernel takes it (a plain tuple: no module
         # attribute lookups per step).
         self.weight_args = (
@@ -182,6 +182,8 @@ def apply_native_kernels(model: SkyworkForCausalLM, kernels: ModuleType) -> Skyw
     returns the model (in eval mode, no gradients)."""
     model.eval().requires_grad_(False)
     for module in list(model.modules()):
+        if isinstance(module, _Wrapper):
+            continue  # already prepared: its wrapped module stays as it is
         for name, child in list(module.named_children()):
             replacement = _native_version(module, name, child, kernels)
             if replacement is not None:
