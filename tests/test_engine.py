@@ -137,18 +137,21 @@ def test_logprobs_of_generated_and_prompt_tokens(model):
         assert lp.logprob == pytest.approx(float(ref[i - 1, prompt[i]]), abs=1e-4)
 
 
-def test_prefill_batches_prompts_within_the_token_budget(model):
-    """Requests admitted together are prefilled together (right-padded), in groups of at most
-    ``max_prefill_tokens`` padded tokens (a longer prompt alone), with the same results."""
-    prompts = _prompts(8) + [list(range(3, 23))]  # the last one alone exceeds the budget
-    shapes = []
+def test_prefill_is_batched_and_chunked_within_the_token_budget(model):
+    """Requests admitted together are prefilled together (right-padded); with a small budget
+    prompts are prefilled in chunks over several steps, between decode steps of the requests
+    already generating, in forwards of at most ``max_prefill_tokens`` padded tokens. The
+    results are those of each request alone."""
+    prompts = _prompts(8) + [list(range(3, 43))]  # the last one takes several steps at 16
+    forwards: list[tuple[str, tuple[int, ...]]] = []
 
-    def record(module, args, kwargs):  # prefills: every prompt here has 2 or more tokens
-        if args[0].shape[1] > 1:
-            shapes.append(tuple(args[0].shape))
+    def record(module, args, kwargs):
+        kind = "prefill" if kwargs.get("logits_at") is not None else "decode"
+        forwards.append((kind, tuple(args[0].shape)))
 
-    results = []
+    results, runs = [], []
     for budget in (2048, 16):
+        forwards.clear()
         engine = Engine(model, max_batch=9, max_len=64, max_prefill_tokens=budget)
         handle = model.register_forward_pre_hook(record, with_kwargs=True)
         try:
@@ -157,11 +160,12 @@ def test_prefill_batches_prompts_within_the_token_budget(model):
             results.append({c.request_id: c.token_ids for c in engine.run()})
         finally:
             handle.remove()
-    assert results[0] == results[1]
+        runs.append(list(forwards))
     alone = {str(i): generate(model, torch.tensor([p]), 4)[0].tolist()
              for i, p in enumerate(prompts)}
-    assert results[0] == alone
-    first, rest = shapes[0], shapes[1:]
-    assert first == (9, 20)  # budget 2048: one prefill of every prompt, padded to the longest
-    assert all(b * t <= 16 or b == 1 for b, t in rest) and sum(b for b, _ in rest) == 9
-    assert (1, 20) in rest
+    assert results[0] == alone and results[1] == alone
+    assert runs[0][0] == ("prefill", (9, 40))  # one forward for every prompt, padded
+    prefills = [shape for kind, shape in runs[1] if kind == "prefill"]
+    assert all(b * t <= 16 for b, t in prefills) and len(prefills) >= 7
+    last_prefill = max(i for i, (kind, _) in enumerate(runs[1]) if kind == "prefill")
+    assert any(kind == "decode" for kind, _ in runs[1][:last_prefill])  # interleaved

@@ -421,8 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256,
                    help="sequences waiting for a slot before requests get 429 (default 256)")
     p.add_argument("--max-prefill-tokens", type=int, default=2048,
-                   help="prompt tokens (right-padded) prefilled in one forward; requests "
-                        "admitted together share it (default 2048)")
+                   help="prompt tokens prefilled per engine step, first come first served; "
+                        "longer prompts continue over the next steps, between decode steps "
+                        "(default 2048)")
     p.add_argument("--dtype", choices=list(_DTYPES), default="auto",
                    help="compute dtype (default: the checkpoint's torch_dtype)")
     p.add_argument("--fp8", choices=FP8_MODES, default="auto", help=FP8_HELP)

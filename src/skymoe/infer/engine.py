@@ -83,13 +83,21 @@ class _Running:
     generator: torch.Generator | None
     text: TextStream | None  # None without a tokenizer
     tokens: list[int] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens in the cache so far (chunked prefill)
+
+    @property
+    def prefill_left(self) -> int:
+        return len(self.request.prompt_ids) - self.prefilled
 
 
 class Engine:
     """Continuous batching for ``model`` with up to ``max_batch`` sequences of ``max_len``
-    positions (prompt + output) in flight and ``max_queue`` waiting. Requests admitted in the
-    same step are prefilled together, at most ``max_prefill_tokens`` (padded) prompt tokens
-    per forward; a longer prompt is prefilled alone."""
+    positions (prompt + output) in flight and ``max_queue`` waiting.
+
+    Prefill is batched and chunked: each step prefills at most ``max_prefill_tokens`` prompt
+    tokens, taken first come first served (a prompt longer than what is left of the budget
+    continues in the next steps, between decode steps of the running requests), in forwards of
+    at most that many (padded) tokens."""
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, max_batch: int = 16,
                  max_len: int = 2048, max_queue: int = 256,
@@ -154,11 +162,12 @@ class Engine:
     # ------------------------------------------------------------------------------ stepping
     @torch.inference_mode()
     def step(self) -> list[Completion]:
-        """Admit, decode one token for every running request, retire; returns the requests
-        that finished in this step."""
+        """Admit, prefill (up to the budget), decode one token for every request past its
+        prompt, retire; returns the requests that finished in this step."""
         self._admit()
-        if self.running:
-            slots = sorted(self.running)
+        self._prefill_step()
+        slots = sorted(s for s, run in self.running.items() if run.tokens)
+        if slots:
             ids = torch.tensor([[self.running[s].tokens[-1]] for s in slots], device=self.device)
             logits = self.model(ids, cache=self.cache,
                                 slots=torch.tensor(slots, device=self.device)).logits[:, -1]
@@ -177,11 +186,8 @@ class Engine:
         return out
 
     def _admit(self) -> None:
-        """Give waiting requests the free slots and prefill them: together, right-padded to
-        the longest prompt of a group (groups of similar lengths, at most
-        ``max_prefill_tokens`` padded tokens each), and each samples its first token."""
+        """Give waiting requests the free slots (their prefill comes in ``_prefill_step``)."""
         free = [s for s in range(self.max_batch) if s not in self.running]
-        admitted: list[_Running] = []
         while self.waiting and free:
             request, slot = self.waiting.popleft(), free.pop(0)
             self.cache.release(slot)
@@ -192,35 +198,46 @@ class Engine:
             text = (TextStream(self.tokenizer, request.prompt_ids, request.stop)
                     if self.tokenizer is not None else None)
             self.running[slot] = run = _Running(request, slot, gen, text)
-            admitted.append(run)
-        # Prompt logprobs need every position's logits: those prompts go one at a time.
-        for run in admitted:
-            if run.request.prompt_logprobs is not None:
+            # Prompt logprobs need every position's logits: such prompts go whole, alone.
+            if request.prompt_logprobs is not None:
                 self._prefill_with_prompt_logprobs(run)
-        batchable = sorted((r for r in admitted if r.request.prompt_logprobs is None),
-                           key=lambda r: len(r.request.prompt_ids))
-        group: list[_Running] = []
-        for run in batchable:  # ascending lengths: the newest prompt is the group's longest
-            if group and (len(group) + 1) * len(run.request.prompt_ids) > self.max_prefill_tokens:
+
+    def _prefill_step(self) -> None:
+        """The next chunk of each unfinished prompt, first come first served, until
+        ``max_prefill_tokens`` prompt tokens; run as right-padded batches of similar lengths
+        (at most that many padded tokens each). A finished prompt samples its first token."""
+        budget, chunks = self.max_prefill_tokens, []
+        for run in self.running.values():  # admission order
+            if budget == 0:
+                break
+            if run.prefill_left and not run.tokens:
+                chunks.append((run, min(run.prefill_left, budget)))
+                budget -= chunks[-1][1]
+        chunks.sort(key=lambda chunk: chunk[1])
+        group: list[tuple[_Running, int]] = []
+        for run, n in chunks:  # ascending lengths: the newest chunk is the group's longest
+            if group and (len(group) + 1) * n > self.max_prefill_tokens:
                 self._prefill(group)
                 group = []
-            group.append(run)
+            group.append((run, n))
         if group:
             self._prefill(group)
 
-    def _prefill(self, group: list[_Running]) -> None:
-        lengths = [len(run.request.prompt_ids) for run in group]
+    def _prefill(self, group: list[tuple[_Running, int]]) -> None:
+        lengths = [n for _, n in group]
         ids = torch.zeros(len(group), max(lengths), dtype=torch.long)  # right-padded with 0
-        for row, run in enumerate(group):
-            ids[row, :lengths[row]] = torch.tensor(run.request.prompt_ids)
-        slots = [run.slot for run in group]
+        for row, (run, n) in enumerate(group):
+            ids[row, :n] = torch.tensor(run.request.prompt_ids[run.prefilled:run.prefilled + n])
+        slots = [run.slot for run, _ in group]
         logits = self.model(ids.to(self.device), cache=self.cache,
                             slots=torch.tensor(slots, device=self.device),
                             logits_at=torch.tensor(lengths, device=self.device) - 1).logits[:, 0]
-        for slot, length in zip(slots, lengths):
-            self.cache.truncate(slot, length)  # drop the padding
-        for row, slot in enumerate(slots):
-            self._accept(slot, logits[row])
+        for row, (run, n) in enumerate(group):
+            run.prefilled += n
+            self.cache.truncate(run.slot, run.prefilled)  # drop the padding
+        for row, (run, _) in enumerate(group):
+            if not run.prefill_left:
+                self._accept(run.slot, logits[row])
 
     def _prefill_with_prompt_logprobs(self, run: _Running) -> None:
         request = run.request
@@ -229,6 +246,7 @@ class Engine:
                             slots=torch.tensor([run.slot], device=self.device)).logits[0]
         request.prompt_token_logprobs = [None] + compute_logprobs(
             logits[:-1], prompt[0, 1:], request.prompt_logprobs)
+        run.prefilled = len(request.prompt_ids)
         self._accept(run.slot, logits[-1])
 
     def _accept(self, slot: int, logits_V: torch.Tensor) -> None:
