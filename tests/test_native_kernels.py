@@ -197,3 +197,13 @@ def test_preparing_twice_changes_nothing():
     before = [type(m).__name__ for m in native.modules()]
     prepare_for_cpu_inference(native)
     assert [type(m).__name__ for m in native.modules()] == before
+
+
+def test_the_build_uses_the_cpus_bf16_dot_products_where_it_has_them():
+    """-march=native reached the compiler: AVX512-BF16 kernels exactly where the CPU has them."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags here")
+    has = "avx512_bf16" in flags and "avx512bw" in flags
+    assert kernels.has_avx512_bf16() == has
