@@ -63,9 +63,10 @@ inline void reduce_store(const __m512* acc, float* out) {
     for (int i = 0; i < MB; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
   } else {
     __m256 half[MB];  // 16 lanes -> 8
-    for (int i = 0; i < MB; ++i)
-      half[i] = _mm256_add_ps(_mm512_castps512_ps256(acc[i]),
-                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i]), 1)));
+    for (int i = 0; i < MB; ++i) {
+      const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i]), 1));
+      half[i] = _mm256_add_ps(_mm512_castps512_ps256(acc[i]), high);
+    }
     for (int i = 0; i + 4 <= MB; i += 4) {  // four vectors -> one with 2 partial sums each
       const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(half[i], half[i + 1]),
                                       _mm256_hadd_ps(half[i + 2], half[i + 3]));
@@ -234,10 +235,9 @@ void rope(float* v, const float* cos, const float* sin, int64_t D, float* tmp) {
 template <typename T>
 void attention_step(const T* h, int64_t B, int64_t H, const T* wqkv, const T* wo,
                     const float* cos_BD, const float* sin_BD, bool shared_rotary,
-                    torch::Tensor& kc,
-                    torch::Tensor& vc, const int64_t* rows, const int64_t* positions,
-                    int64_t pos_dim, int64_t heads, int64_t kv_heads, int64_t D, int64_t window,
-                    float* out /* [B, H] fp32 */) {
+                    torch::Tensor& kc, torch::Tensor& vc, const int64_t* rows,
+                    const int64_t* positions, int64_t pos_dim, int64_t heads,
+                    int64_t kv_heads, int64_t D, int64_t window, float* out /* [B, H] fp32 */) {
   const int64_t nq = heads * D, nkv = kv_heads * D, nqkv = nq + 2 * nkv;
   std::vector<float> qkv(B * nqkv);
   linear_f32(h, B, H, wqkv, nqkv, qkv.data());
@@ -304,8 +304,10 @@ torch::Tensor attention_decode(torch::Tensor h, torch::Tensor cos, torch::Tensor
                                int64_t kv_heads, int64_t window) {
   for (auto* t : {&h, &wqkv, &wo, &rows, &positions})
     check_cpu_contiguous(*t, "attention_decode input");
-  TORCH_CHECK(kc.dim() == 4 && vc.sizes() == kc.sizes() && kc.strides() == vc.strides(),
-              "attention_decode: key and value caches must be 4-D with one layout");
+  TORCH_CHECK(kc.dim() == 4 && vc.sizes() == kc.sizes() && kc.strides() == vc.strides() &&
+              kc.scalar_type() == vc.scalar_type() && kc.device().is_cpu() &&
+              vc.device().is_cpu(),
+              "attention_decode: key and value caches must be 4-D CPU tensors of one layout");
   TORCH_CHECK(kc.stride(3) == 1, "attention_decode: cache head vectors must be contiguous");
   TORCH_CHECK(pos_dim == 1 || pos_dim == 2, "attention_decode: pos_dim must be 1 or 2");
   TORCH_CHECK(heads % kv_heads == 0, "attention_decode: heads must be a multiple of kv_heads");
@@ -338,7 +340,8 @@ torch::Tensor attention_decode(torch::Tensor h, torch::Tensor cos, torch::Tensor
                 "attention_decode: cache, weights and input must share a dtype");
     attention_step<scalar_t>(h.data_ptr<scalar_t>(), B, H, wqkv.data_ptr<scalar_t>(),
                              wo.data_ptr<scalar_t>(), cos32.data_ptr<float>(),
-                             sin32.data_ptr<float>(), cos.numel() == D, kc, vc, row_of.data(), pos_of.data(), pos_dim, heads, kv_heads, D, window,
+                             sin32.data_ptr<float>(), cos.numel() == D, kc, vc, row_of.data(),
+                             pos_of.data(), pos_dim, heads, kv_heads, D, window,
                              out32.data_ptr<float>());
   });
   return out32.to(h.scalar_type());
@@ -419,7 +422,8 @@ void route_step(const T* h, int64_t B, int64_t H, const float* gate, int64_t E, 
   std::vector<int64_t> order(E);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t j = 0; j < H; ++j) hf[j] = to_f(h[b * H + j]);
-    for (int64_t e = 0; e < E; ++e) DotRows<float, 1>::run(gate + e * H, hf.data(), H, H, &logits[e]);
+    for (int64_t e = 0; e < E; ++e)
+      DotRows<float, 1>::run(gate + e * H, hf.data(), H, H, &logits[e]);
     if (use_norm) {
       float mean = 0.f, var = 0.f;
       for (float z : logits) mean += z;
