@@ -1,4 +1,5 @@
-"""The chunked causal-LM loss equals fp32 cross-entropy in value and gradient."""
+"""The causal-LM loss equals fp32 cross-entropy in value and gradient, through the native CPU
+kernel and through the chunked PyTorch path."""
 
 import pytest
 import torch
@@ -6,6 +7,16 @@ import torch.nn.functional as F
 
 from skymoe.model import loss as loss_mod
 from skymoe.model.loss import causal_lm_loss
+from skymoe.native import native_kernels
+
+PATHS = ["chunked", pytest.param("native", marks=pytest.mark.skipif(
+    native_kernels() is None, reason="native kernels cannot be built here"))]
+
+
+def use_path(monkeypatch, path):
+    if path == "chunked":
+        monkeypatch.setattr(loss_mod, "kernels_for", lambda t: None)
+        monkeypatch.setattr(loss_mod, "_CHUNK_ELEMENTS", 3 * 50)  # force several chunks
 
 
 def reference(logits, labels):
@@ -13,25 +24,53 @@ def reference(logits, labels):
                            labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_matches_fp32_cross_entropy(monkeypatch, dtype, tol):
-    monkeypatch.setattr(loss_mod, "_CHUNK_ELEMENTS", 3 * 50)  # force several chunks
+@pytest.mark.parametrize("grad_scale", [1.0, 2.5])  # 1.0: backward may skip the scaling
+def test_matches_fp32_cross_entropy(monkeypatch, path, dtype, tol, grad_scale):
+    use_path(monkeypatch, path)
     torch.manual_seed(0)
     logits = (torch.randn(3, 9, 50) * 3).to(dtype).requires_grad_()
     labels = torch.randint(0, 50, (3, 9))
     labels[1, 4] = labels[2, 1] = -100
     got = causal_lm_loss(logits, labels)
-    (g_got,) = torch.autograd.grad(got * 2.5, logits)
+    (g_got,) = torch.autograd.grad(got * grad_scale, logits)
     ref = reference(logits, labels)
-    (g_ref,) = torch.autograd.grad(ref * 2.5, logits)
+    (g_ref,) = torch.autograd.grad(ref * grad_scale, logits)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(g_got.float(), g_ref.float(), rtol=tol, atol=tol * 1e-2)
     assert g_got[:, -1].abs().max() == 0 and g_got[1, 3].abs().max() == 0
 
 
-def test_all_ignored_gives_zero_not_nan():
+@pytest.mark.parametrize("path", PATHS)
+def test_all_ignored_gives_zero_not_nan(monkeypatch, path):
+    use_path(monkeypatch, path)
     logits = torch.randn(1, 4, 7, requires_grad=True)
     out = causal_lm_loss(logits, torch.full((1, 4), -100))
     out.backward()
     assert out.item() == 0 and torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_large_logits_are_stable(monkeypatch, path):
+    """Logits beyond fp32 exp's range (±200; e^88 overflows) give fp32 cross-entropy, no inf
+    or NaN (up to the fp32 rounding of the log-sum-exp near 200)."""
+    use_path(monkeypatch, path)
+    logits = torch.tensor([[[200.0, -200.0, 0.0, 190.0], [-200.0, -200.0, -200.0, -199.0]]],
+                          requires_grad=True)
+    labels = torch.tensor([[0, 3]])
+    got = causal_lm_loss(logits, labels)
+    (g_got,) = torch.autograd.grad(got, logits)
+    ref = reference(logits, labels)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(g_got, g_ref)
+
+
+def test_native_kernel_rejects_labels_outside_the_vocabulary():
+    kernels = native_kernels()
+    if kernels is None:
+        pytest.skip("native kernels cannot be built here")
+    with pytest.raises(RuntimeError, match=r"labels must lie in \[0, 5\)"):
+        kernels.cross_entropy_rows(torch.zeros(2, 5), torch.tensor([1, 5]), torch.ones(2))

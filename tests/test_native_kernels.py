@@ -17,7 +17,7 @@ from skymoe.config import SkyworkMoeConfig
 from skymoe.infer import generate
 from skymoe.infer.cpu_kernels import prepare_for_cpu_inference
 from skymoe.infer.engine import Engine, Request
-from skymoe.infer.native import native_kernels
+from skymoe.native import native_kernels
 from skymoe.infer.native_modules import NativeMoEDecoderLayer
 from skymoe.model.moe import experts_loop
 
@@ -167,7 +167,7 @@ def test_cache_overflow_is_a_clear_error():
 
 
 def test_without_native_kernels_inference_falls_back_to_onednn_packing(monkeypatch):
-    import skymoe.infer.native as native
+    import skymoe.native as native
     from skymoe.infer.cpu_kernels import PackedLinear, can_pack
 
     monkeypatch.setattr(native, "native_kernels", lambda: None)
@@ -180,13 +180,13 @@ def test_without_native_kernels_inference_falls_back_to_onednn_packing(monkeypat
 
 
 def test_a_failed_build_warns_and_returns_none(monkeypatch, tmp_path):
-    import skymoe.infer.native as native
+    import skymoe.native as native
 
     broken = tmp_path / "broken.cpp"
     broken.write_text('#error "this source does not compile"\n')
-    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native, "SOURCES", [broken])
     monkeypatch.setenv("SKYMOE_CACHE", str(tmp_path / "cache"))
-    with pytest.warns(UserWarning, match="native CPU decode kernels unavailable"):
+    with pytest.warns(UserWarning, match="native CPU kernels unavailable"):
         assert native.native_kernels.__wrapped__() is None
     monkeypatch.setenv("SKYMOE_NATIVE", "0")
     assert native.native_kernels.__wrapped__() is None  # disabled: no attempt, no warning

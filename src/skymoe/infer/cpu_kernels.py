@@ -104,11 +104,11 @@ def pack_for_cpu_inference(model: SkyworkForCausalLM) -> SkyworkForCausalLM:
 def prepare_for_cpu_inference(model: SkyworkForCausalLM) -> SkyworkForCausalLM:
     """The fastest CPU inference path available here, applied in place.
 
-    Native decode kernels (``skymoe.infer.native``) where they build, for fp32 and bf16 models;
+    Native decode kernels (``skymoe.native``) where they build, for fp32 and bf16 models;
     otherwise oneDNN packing (``pack_for_cpu_inference``). Models on other devices are returned
     unchanged. The result is for inference only (no gradients; save before preparing).
     """
-    from .native import native_kernels
+    from ..native import native_kernels
     from .native_modules import apply_native_kernels
 
     if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):

@@ -2,14 +2,17 @@
 
 ``F.cross_entropy(logits.float(), ...)`` on a [tokens, vocab] bf16 tensor writes an fp32 copy,
 an fp32 log-softmax, and an fp32 gradient, each as large as the logits (for 4096 tokens x 32k
-vocab: 0.5 GB apiece). Here rows are processed in chunks through a small fp32 buffer: the
-log-sum-exp and the gradient ``softmax - onehot`` are computed in fp32 and the gradient is
-written straight into a tensor of the logits' dtype. The math is cross-entropy in fp32.
+vocab: 0.5 GB apiece). Here the log-sum-exp and the gradient ``softmax - onehot`` of each row
+are computed in fp32 and the gradient is written straight into a tensor of the logits' dtype:
+by a native kernel on CPU (one pass per row, ``skymoe.model.fused``), elsewhere in chunks of
+rows through a small fp32 buffer. The math is cross-entropy in fp32.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .fused import kernels_for
 
 IGNORE_INDEX = -100
 # fp32 work buffer of at most 4 MiB, reused across chunks: small enough to stay in cache and to
@@ -24,9 +27,9 @@ def _rows_per_chunk(vocab: int) -> int:
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy whose gradient is computed during the forward pass.
 
-    Each chunk of rows is converted to fp32 once, in a small reused buffer; while it is there the
-    log-sum-exp and, when a gradient is needed, ``(softmax - onehot) / count`` are computed and
-    the latter stored in the logits' dtype. Backward only scales it by the incoming gradient.
+    Each row's log-sum-exp and, when a gradient is needed, ``(softmax - onehot) / count`` are
+    computed in one visit to the row (see the module docstring), the latter stored in the
+    logits' dtype. Backward only scales it by the incoming gradient.
     """
 
     @staticmethod
@@ -37,21 +40,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         count = valid.sum().clamp_min(1)
         want_grad = logits_NV.requires_grad
         grad = torch.empty_like(logits_NV) if want_grad else None
-        scale_N = (valid.float() / count)[:, None]
-        lse = torch.empty(n, dtype=torch.float32, device=logits_NV.device)
-        step = _rows_per_chunk(v)
-        buf = torch.empty(min(step, n), v, dtype=torch.float32, device=logits_NV.device)
-        for start in range(0, n, step):
-            end = min(start + step, n)
-            work = buf[:end - start].copy_(logits_NV[start:end])
-            row_max = work.amax(dim=-1, keepdim=True)
-            work.sub_(row_max).exp_()
-            sum_exp = work.sum(dim=-1, keepdim=True)
-            lse[start:end] = (row_max + sum_exp.log()).squeeze(1)
-            if want_grad:
-                work.div_(sum_exp)  # softmax
-                work[torch.arange(end - start, device=work.device), safe_labels[start:end]] -= 1.0
-                grad[start:end] = work.mul_(scale_N[start:end])
+        scale_N = valid.float() / count
+        kernels = kernels_for(logits_NV) if logits_NV.is_contiguous() else None
+        if kernels is not None:
+            lse = kernels.cross_entropy_rows(logits_NV, safe_labels.long().contiguous(),
+                                             scale_N, grad)
+        else:
+            lse = _chunked_lse_and_grad(logits_NV, safe_labels, scale_N, grad)
         target = logits_NV.gather(1, safe_labels[:, None]).squeeze(1).float()
         loss = ((lse - target) * valid).sum() / count
         if want_grad:
@@ -61,7 +56,33 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         (grad,) = ctx.saved_tensors
+        # The usual incoming gradient is 1: skip a full pass over the logits-sized gradient
+        # (checked on CPU only, where reading the value costs no device synchronization).
+        if grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
+            return grad, None
         return grad * grad_loss.to(grad.dtype), None
+
+
+def _chunked_lse_and_grad(logits_NV: torch.Tensor, safe_labels_N: torch.Tensor,
+                          scale_N: torch.Tensor, grad_NV: torch.Tensor | None) -> torch.Tensor:
+    """Row log-sum-exp (fp32) and, into ``grad_NV``, ``(softmax - onehot) * scale`` rows,
+    through a small fp32 buffer reused across chunks of rows."""
+    n, v = logits_NV.shape
+    lse = torch.empty(n, dtype=torch.float32, device=logits_NV.device)
+    step = _rows_per_chunk(v)
+    buf = torch.empty(min(step, n), v, dtype=torch.float32, device=logits_NV.device)
+    for start in range(0, n, step):
+        end = min(start + step, n)
+        work = buf[:end - start].copy_(logits_NV[start:end])
+        row_max = work.amax(dim=-1, keepdim=True)
+        work.sub_(row_max).exp_()
+        sum_exp = work.sum(dim=-1, keepdim=True)
+        lse[start:end] = (row_max + sum_exp.log()).squeeze(1)
+        if grad_NV is not None:
+            work.div_(sum_exp)  # softmax
+            work[torch.arange(end - start, device=work.device), safe_labels_N[start:end]] -= 1.0
+            grad_NV[start:end] = work.mul_(scale_N[start:end, None])
+    return lse
 
 
 def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:

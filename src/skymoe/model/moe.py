@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import balance
+from . import fused
+from .fused import swiglu
 
 NORM_EPS = 1e-6
 
@@ -48,11 +50,6 @@ def route(logits_TE: torch.Tensor, top_k: int) -> Routing:
     probs = torch.softmax(logits_TE.float(), dim=-1)
     top_w, top_ids = torch.topk(probs, top_k, dim=-1)
     return Routing(probs, top_w / top_w.sum(dim=-1, keepdim=True), top_ids)
-
-
-def swiglu(h_S2F: torch.Tensor) -> torch.Tensor:
-    gate, up = h_S2F.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 def experts_loop(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
@@ -140,19 +137,25 @@ def dispatch_sorted(x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK:
     order_S = torch.argsort(flat_ids_S, stable=True)
     counts = torch.bincount(flat_ids_S, minlength=num_experts + 1).tolist()
     kept = t * k - counts[num_experts]
+    inverse_S = torch.empty_like(order_S)
+    inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
+    if fused.kernels_for(x_TH) is not None and x_TH.dim() == 2:
+        # One pass each way for gathering the rows and for weighting and summing them back.
+        pos_TK = inverse_S.view(t, k)
+        y_SH = ffn(fused.gather_rows(x_TH, order_S[:kept] // k, pos_TK), counts[:num_experts])
+        return fused.combine_rows(y_SH, pos_TK, weights_TK, x_TH.dtype)
     y_SH = ffn(x_TH[order_S[:kept] // k], counts[:num_experts])
     if kept < t * k:
         y_SH = torch.cat((y_SH, y_SH.new_zeros(t * k - kept, y_SH.shape[-1])))
     y_SH = y_SH * weights_TK.reshape(-1)[order_S, None]
-    inverse_S = torch.empty_like(order_S)
-    inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
     return y_SH[inverse_S].view(t, k, -1).sum(dim=1).to(x_TH.dtype)
 
 
 def sorted_swiglu(x_SH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
                   counts: list[int]) -> torch.Tensor:
     """The SwiGLU FFN of rows sorted by expert (``counts[e]`` rows for expert e)."""
-    return grouped_linear(swiglu(grouped_linear(x_SH, w13_EFH, counts)), w2_EHF, counts)
+    h_S2F = grouped_linear(x_SH, w13_EFH, counts)  # fresh and used only here: consumable
+    return grouped_linear(swiglu(h_S2F, consume_input=True), w2_EHF, counts)
 
 
 def experts_grouped(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,

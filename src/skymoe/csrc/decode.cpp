@@ -7,9 +7,10 @@
 // to summation order. Built at first use with the machine's own instruction set (-march=native;
 // AVX512-BF16 dot products where the CPU has them).
 
-#include <torch/extension.h>
+#include "common.h"
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cmath>
@@ -20,16 +21,9 @@
 #define SKYMOE_AVX512_BF16 1
 #endif
 
-namespace {
+namespace skymoe {
 
 constexpr int kRowBlock = 8;  // rows of x multiplied per pass over a weight row
-
-inline float to_f(float v) { return v; }
-inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
-
-// Round to the storage dtype and back: where the PyTorch path stores an intermediate in T.
-template <typename T>
-inline float round_to(float v) { return to_f(static_cast<T>(v)); }
 
 // out[i] = dot(w[0:K], x[i*ldx : i*ldx+K]) for i < MB. Portable: 16 independent lanes, which the
 // compiler vectorizes without reassociating a single sum.
@@ -167,19 +161,14 @@ void linear_f32(const T* x, int64_t M, int64_t K, const T* w, int64_t N, float* 
   grouped_linear_f32(x, K, w, N, {0}, {0, M}, y);
 }
 
-void check_cpu_contiguous(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
-
-torch::Tensor linear(torch::Tensor x, torch::Tensor w) {
+at::Tensor linear(at::Tensor x, at::Tensor w) {
   check_cpu_contiguous(x, "x");
   check_cpu_contiguous(w, "weight");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
               "linear: x [M, K] and weight [N, K] expected");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "linear: x and weight dtypes differ");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  auto y32 = torch::empty({M, N}, x.options().dtype(torch::kFloat));
+  auto y32 = at::empty({M, N}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "linear", [&] {
     linear_f32(x.data_ptr<scalar_t>(), M, K, w.data_ptr<scalar_t>(), N, y32.data_ptr<float>());
   });
@@ -199,13 +188,13 @@ void rms_norm_rows(const T* x, const T* w, int64_t M, int64_t H, double eps, T* 
   }
 }
 
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps) {
   check_cpu_contiguous(x, "x");
   check_cpu_contiguous(w, "weight");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "rms_norm: x and weight dtypes differ");
   const int64_t H = x.size(-1);
   TORCH_CHECK(w.numel() == H, "rms_norm: weight size ", w.numel(), " != hidden size ", H);
-  auto y = torch::empty_like(x);
+  auto y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "rms_norm", [&] {
     rms_norm_rows(x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), x.numel() / H, H, eps,
                   y.data_ptr<scalar_t>());
@@ -235,7 +224,7 @@ void rope(float* v, const float* cos, const float* sin, int64_t D, float* tmp) {
 template <typename T>
 void attention_step(const T* h, int64_t B, int64_t H, const T* wqkv, const T* wo,
                     const float* cos_BD, const float* sin_BD, bool shared_rotary,
-                    torch::Tensor& kc, torch::Tensor& vc, const int64_t* rows,
+                    at::Tensor& kc, at::Tensor& vc, const int64_t* rows,
                     const int64_t* positions, int64_t pos_dim, int64_t heads,
                     int64_t kv_heads, int64_t D, int64_t window, float* out /* [B, H] fp32 */) {
   const int64_t nq = heads * D, nkv = kv_heads * D, nqkv = nq + 2 * nkv;
@@ -297,10 +286,10 @@ void attention_step(const T* h, int64_t B, int64_t H, const T* wqkv, const T* wo
 }
 
 // Arguments: the step (input, rotary, caches, where each row goes), then the layer's weights.
-torch::Tensor attention_decode(torch::Tensor h, torch::Tensor cos, torch::Tensor sin,
-                               torch::Tensor kc, torch::Tensor vc, torch::Tensor rows,
-                               torch::Tensor positions, int64_t start, int64_t pos_dim,
-                               torch::Tensor wqkv, torch::Tensor wo, int64_t heads,
+at::Tensor attention_decode(at::Tensor h, at::Tensor cos, at::Tensor sin,
+                               at::Tensor kc, at::Tensor vc, at::Tensor rows,
+                               at::Tensor positions, int64_t start, int64_t pos_dim,
+                               at::Tensor wqkv, at::Tensor wo, int64_t heads,
                                int64_t kv_heads, int64_t window) {
   for (auto* t : {&h, &wqkv, &wo, &rows, &positions})
     check_cpu_contiguous(*t, "attention_decode input");
@@ -334,7 +323,7 @@ torch::Tensor attention_decode(torch::Tensor h, torch::Tensor cos, torch::Tensor
   TORCH_CHECK(cos.numel() == sin.numel() && (cos.numel() == B * D || cos.numel() == D),
               "attention_decode: rotary cos/sin of [B, head_dim] or [head_dim] expected");
   const auto cos32 = cos.to(at::kFloat).contiguous(), sin32 = sin.to(at::kFloat).contiguous();
-  auto out32 = torch::empty({B, H}, h.options().dtype(torch::kFloat));
+  auto out32 = at::empty({B, H}, h.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, h.scalar_type(), "attention", [&] {
     TORCH_CHECK(kc.scalar_type() == h.scalar_type() && wqkv.scalar_type() == h.scalar_type(),
                 "attention_decode: cache, weights and input must share a dtype");
@@ -391,8 +380,8 @@ void experts_step(const T* x, int64_t Tn, int64_t H, const T* w13, const T* w2, 
   }
 }
 
-torch::Tensor experts_decode(torch::Tensor x, torch::Tensor w13, torch::Tensor w2,
-                             torch::Tensor ids, torch::Tensor weights) {
+at::Tensor experts_decode(at::Tensor x, at::Tensor w13, at::Tensor w2,
+                             at::Tensor ids, at::Tensor weights) {
   for (auto* t : {&x, &w13, &w2, &ids, &weights}) check_cpu_contiguous(*t, "experts_decode input");
   TORCH_CHECK(ids.scalar_type() == at::kLong && weights.scalar_type() == at::kFloat,
               "experts_decode: ids must be int64 and weights fp32");
@@ -401,7 +390,7 @@ torch::Tensor experts_decode(torch::Tensor x, torch::Tensor w13, torch::Tensor w
   const int64_t Tn = x.size(0), H = x.size(1), E = w13.size(0), F = w2.size(2);
   TORCH_CHECK(w13.size(1) == 2 * F && w13.size(2) == H && w2.size(0) == E && w2.size(1) == H,
               "experts_decode: w13 [E, 2F, H] and w2 [E, H, F] expected");
-  auto out32 = torch::empty({Tn, H}, x.options().dtype(torch::kFloat));
+  auto out32 = at::empty({Tn, H}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "experts", [&] {
     TORCH_CHECK(w13.scalar_type() == x.scalar_type() && w2.scalar_type() == x.scalar_type(),
                 "experts_decode: weights and input must share a dtype");
@@ -452,14 +441,14 @@ void route_step(const T* h, int64_t B, int64_t H, const float* gate, int64_t E, 
 // A whole pre-norm MoE decoder layer for one new token per sequence:
 // x1 = x + attention(rms_norm(x)); out = x1 + experts(route(rms_norm(x1))).
 // Arguments: the step as for attention_decode, then the layer's norms, attention and MoE.
-torch::Tensor moe_layer_decode(torch::Tensor x, torch::Tensor cos, torch::Tensor sin,
-                               torch::Tensor kc, torch::Tensor vc, torch::Tensor rows,
-                               torch::Tensor positions, int64_t start, int64_t pos_dim,
-                               torch::Tensor ln1, torch::Tensor ln2, double eps,
-                               torch::Tensor wqkv, torch::Tensor wo, int64_t heads,
-                               int64_t kv_heads, int64_t window, torch::Tensor gate,
+at::Tensor moe_layer_decode(at::Tensor x, at::Tensor cos, at::Tensor sin,
+                               at::Tensor kc, at::Tensor vc, at::Tensor rows,
+                               at::Tensor positions, int64_t start, int64_t pos_dim,
+                               at::Tensor ln1, at::Tensor ln2, double eps,
+                               at::Tensor wqkv, at::Tensor wo, int64_t heads,
+                               int64_t kv_heads, int64_t window, at::Tensor gate,
                                int64_t top_k, bool use_norm, double norm_scale, double norm_eps,
-                               bool mul_topk, torch::Tensor w13, torch::Tensor w2) {
+                               bool mul_topk, at::Tensor w13, at::Tensor w2) {
   check_cpu_contiguous(x, "x");
   check_cpu_contiguous(gate, "gate");
   TORCH_CHECK(gate.scalar_type() == at::kFloat && gate.dim() == 2 && gate.size(1) == x.size(1),
@@ -471,8 +460,8 @@ torch::Tensor moe_layer_decode(torch::Tensor x, torch::Tensor cos, torch::Tensor
                                heads, kv_heads, window);
   auto x1 = x + attn;  // both in T: one rounding, as in the module
   auto h2 = rms_norm(x1, ln2, eps);
-  auto ids = torch::empty({B, top_k}, x.options().dtype(torch::kLong));
-  auto weights = torch::empty({B, top_k}, x.options().dtype(torch::kFloat));
+  auto ids = at::empty({B, top_k}, x.options().dtype(at::kLong));
+  auto weights = at::empty({B, top_k}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "route", [&] {
     route_step<scalar_t>(h2.data_ptr<scalar_t>(), B, H, gate.data_ptr<float>(), E, top_k,
                          use_norm, static_cast<float>(norm_scale), static_cast<float>(norm_eps),
@@ -482,19 +471,12 @@ torch::Tensor moe_layer_decode(torch::Tensor x, torch::Tensor cos, torch::Tensor
   return x1 + experts_decode(expert_in, w13, w2, ids, weights);
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "x [M, K] @ weight [N, K]^T for small M");
-  m.def("rms_norm", &rms_norm, "HF-order RMSNorm over the last dimension");
-  m.def("attention_decode", &attention_decode, "one decode step of attention");
-  m.def("experts_decode", &experts_decode, "SwiGLU experts for a few routed tokens");
-  m.def("moe_layer_decode", &moe_layer_decode, "one decode step of a whole MoE decoder layer");
-  m.def("has_avx512_bf16", [] {
+bool has_avx512_bf16() {
 #ifdef SKYMOE_AVX512_BF16
-    return true;
+  return true;
 #else
-    return false;
+  return false;
 #endif
-  });
 }
+
+}  // namespace skymoe

@@ -1,9 +1,11 @@
-"""The native CPU decode kernels (``csrc/cpu_decode.cpp``), compiled on first use.
+"""skymoe's native CPU kernels (``csrc/``), compiled on first use.
 
+One extension holds the decode kernels (``csrc/decode.cpp``, used by ``skymoe.infer``) and
+training's fused elementwise kernels (``csrc/train.cpp``, used by ``skymoe.model.fused``).
 The build uses the machine's own instruction set (``-march=native``), so it happens where the
 kernels run, once per CPU type, PyTorch version and source revision; the result is cached under
 ``$SKYMOE_CACHE`` (default ``~/.cache/skymoe``). Without a C++ compiler (or with
-``SKYMOE_NATIVE=0``) ``native_kernels()`` returns None and inference uses PyTorch ops.
+``SKYMOE_NATIVE=0``) ``native_kernels()`` returns None and callers use PyTorch ops.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from types import ModuleType
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_decode.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "module.cpp", CSRC / "decode.cpp", CSRC / "train.cpp"]
+HEADERS = [CSRC / "common.h", CSRC / "kernels.h"]
 
 
 def cache_root() -> Path:
@@ -41,8 +45,8 @@ def _cpu_signature() -> str:
 
 def _build_key() -> str:
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_signature().encode(),
-                 sys.version.encode()):
+    for part in ([path.read_bytes() for path in SOURCES + HEADERS]
+                 + [torch.__version__.encode(), _cpu_signature().encode(), sys.version.encode()]):
         digest.update(part)
     return digest.hexdigest()[:16]
 
@@ -66,16 +70,17 @@ def native_kernels() -> ModuleType | None:
         return None
     key = _build_key()
     build_dir = cache_root() / "native" / key
-    name = f"skymoe_cpu_decode_{key}"
+    name = f"skymoe_native_{key}"
     try:
         from torch.utils.cpp_extension import load
 
         _put_ninja_on_path()
         build_dir.mkdir(parents=True, exist_ok=True)
         if not any(build_dir.glob(f"{name}*.so")):
-            print("skymoe: compiling the native CPU decode kernels (once per machine, about "
+            print("skymoe: compiling the native CPU kernels (once per machine, about "
                   "30 s)...", file=sys.stderr, flush=True)
-        return load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
+        return load(name=name, sources=[str(path) for path in SOURCES],
+                    build_directory=str(build_dir),
                     # OpenMP: at::parallel_for's pragmas (the process's runtime, torch's own,
                     # is reused: same soname).
                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
@@ -84,7 +89,7 @@ def native_kernels() -> ModuleType | None:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         if len(reason) > 160:
             reason = reason[:160] + "..."
-        warnings.warn(f"skymoe: native CPU decode kernels unavailable ({reason}; build "
-                      f"directory {build_dir}); decoding uses PyTorch ops (set SKYMOE_NATIVE=0 "
-                      "to skip the attempt)", stacklevel=2)
+        warnings.warn(f"skymoe: native CPU kernels unavailable ({reason}; build directory "
+                      f"{build_dir}); PyTorch ops are used instead (set SKYMOE_NATIVE=0 to skip "
+                      "the attempt)", stacklevel=2)
         return None
