@@ -24,7 +24,7 @@ def _rows_per_chunk(vocab: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(vocab, 1))
 
 
-class _ChunkedCrossEntropy(torch.autograd.Function):
+class _RowwiseCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy whose gradient is computed during the forward pass.
 
     Each row's log-sum-exp and, when a gradient is needed, ``(softmax - onehot) / count`` are
@@ -34,7 +34,6 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits_NV: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
-        n, v = logits_NV.shape
         valid = labels_N != IGNORE_INDEX
         safe_labels = labels_N.clamp_min(0)
         count = valid.sum().clamp_min(1)
@@ -91,7 +90,7 @@ def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.T
     The labels are shifted instead of the logits (the last position gets -100), so the logits
     are used in place, without a copy.
     """
-    return _ChunkedCrossEntropy.apply(logits_BTV.reshape(-1, logits_BTV.shape[-1]),
+    return _RowwiseCrossEntropy.apply(logits_BTV.reshape(-1, logits_BTV.shape[-1]),
                                       next_token_labels(labels_BT))
 
 

@@ -163,7 +163,8 @@ def analytical_profile(config: SkyworkMoeConfig, seq_len: int, micro_batch_size:
     forward, each at ``device.sustained_flops``. The embedding, final norm and loss are
     memory-bound (bytes moved / HBM bandwidth); the LM head is a matmul of 2 T h V / tp.
 
-    Saved bytes per layer (what autograd keeps under bf16 autocast):
+    Saved bytes per layer (what autograd keeps under bf16 autocast with PyTorch's ops, as on
+    GPU; CPU's fused native kernels keep somewhat less):
     attention: 8 T h (fp32 input and normalized input) + 4 T (rms) + 6 T h (bf16 casts of the
     normalized input for q, k, v) + 2 T (2 a + 2 a_kv) d (q, k after rotary, v, attention
     output) + 4 T a (softmax log-sum-exp); FFN norm: 8 T h + 4 T; dense MLP: 4 T h (two
