@@ -258,18 +258,20 @@ void attention_step(const T* h, int64_t B, int64_t H, const T* wqkv, const T* wo
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   at::parallel_for(0, B * kv_heads, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> q(group * D);
-    std::vector<float> scores, acc(D), dots(group);
+    std::vector<float> scores, acc(D);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / kv_heads, g = t % kv_heads, pos = positions[b];
       const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0, n = pos - lo + 1;
       const int64_t base = rows[b] * s_slot + g * s_head;
-      // The group's query heads (already rounded to T) against each key at once.
       const float* qf = qkv.data() + b * nqkv + g * group * D;
       for (int64_t i = 0; i < group * D; ++i) q[i] = static_cast<T>(qf[i]);
       scores.resize(group * n);
-      for (int64_t p = lo; p <= pos; ++p) {
-        dot_rows(kp + base + p * s_pos, q.data(), D, group, D, dots.data());
-        for (int64_t j = 0; j < group; ++j) scores[j * n + p - lo] = dots[j] * scale;
+      // Each query head (already rounded to T) against the keys 8 at a time: the keys play the
+      // rows of x, so the dot products of 8 positions are reduced together.
+      for (int64_t j = 0; j < group; ++j) {
+        float* sc = scores.data() + j * n;
+        dot_rows(q.data() + j * D, kp + base + lo * s_pos, s_pos, n, D, sc);
+        for (int64_t i = 0; i < n; ++i) sc[i] *= scale;
       }
       for (int64_t j = 0; j < group; ++j) {
         float* sc = scores.data() + j * n;
