@@ -3,9 +3,10 @@
 Eager PyTorch makes one pass over memory per op. SwiGLU's backward (silu backward, two
 multiplies, then a concatenation of the two halves' gradients), the cross-entropy's softmax over
 a 32k vocabulary, and the MoE's gather/weight/unsort/sum around the experts were about a quarter
-of a bench-config CPU training step. The native kernels do each in one pass, computing in fp32 and rounding to the tensor dtype where the PyTorch ops
-round (bf16 results are bit-identical to them in tests). They serve CPU fp32/bf16 tensors outside
-``torch.compile``; elsewhere (CUDA, compiled code, no compiler) the PyTorch ops run.
+of a bench-config CPU training step. The native kernels do each in one pass, computing in fp32
+and rounding to the tensor dtype where the PyTorch ops round (bf16 results are bit-identical to
+them in tests). They serve CPU fp32/bf16 tensors outside ``torch.compile``; elsewhere (CUDA,
+compiled code, no compiler) the PyTorch ops run.
 """
 
 from __future__ import annotations
