@@ -16,16 +16,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
+def _entry(rank: int, world: int, port: int, timeout_s: float, fn: Callable[..., Any],
+           args: tuple) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=120))
+                            world_size=world, timeout=timedelta(seconds=timeout_s))
     try:
         fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
 
 
-def spawn(fn: Callable[..., Any], world: int, *args: Any) -> None:
-    """Run ``fn(rank, world, *args)`` in ``world`` gloo processes; a failure in any re-raises
-    here with that rank's traceback."""
-    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 120) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` gloo processes (a collective waiting longer
+    than ``timeout_s`` fails); a failure in any re-raises here with that rank's traceback."""
+    mp.spawn(_entry, args=(world, free_port(), timeout_s, fn, args), nprocs=world, join=True)

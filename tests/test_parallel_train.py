@@ -26,7 +26,12 @@ from skymoe.train.trainer import Trainer
 from distributed import free_port
 from test_train import _config
 
-TOLERANCE = 1e-5
+# Eight AdamW steps across four layouts: the layouts sum some gradients in another order
+# (last-bit differences), and AdamW's per-element normalization turns those into whole
+# learning-rate steps on elements whose gradient is near zero (1e-5 held on one CPU and not on
+# another). Gradient parity at 1e-5 is checked step by step, with SGD, in
+# test_parallel_pipeline.py and test_layout_fuzz.py.
+TOLERANCE = 1e-4
 
 
 def _losses(run_dir: Path, kind: str = "train") -> dict[int, float]:

@@ -15,8 +15,8 @@ from torch import nn
 from ..config import SkyworkMoeConfig
 from ..errors import ConfigError
 from ..model.moe import MoEBlock
-from ..model.transformer import DenseMLP, SkyworkForCausalLM
-from .comm import CommGroup, copy_to, gather_rows, reduce_from, single
+from ..model.transformer import CausalLMOutput, DenseMLP, SkyworkForCausalLM
+from .comm import CollectiveOrder, CommGroup, copy_to, gather_rows, reduce_from, single
 from .experts import ExpertParallel
 from .layout import split_sizes
 from .mesh import ParallelMesh
@@ -97,7 +97,7 @@ def parallelize(model: SkyworkForCausalLM | PipelineStageModel, mesh: ParallelMe
     if tp.active:
         _vocab_parallel(model, config, tp, gather_logits, vocab_multiple)
         q_heads, kv_heads = attention_heads(config, tp.size, tp.rank)
-    token_group = tp if layout.slices_tokens else single(mesh.traffic)
+    token_group = tp if layout.slices_tokens else single(mesh.traffic, order=mesh.order)
     for layer in decoder_layers(model):
         if tp.active:
             layer.self_attn.heads, layer.self_attn.kv_heads = len(q_heads), len(kv_heads)
@@ -108,7 +108,31 @@ def parallelize(model: SkyworkForCausalLM | PipelineStageModel, mesh: ParallelMe
         elif isinstance(ffn, MoEBlock) and (layout.ep > 1 or layout.etp > 1 or tp.active):
             ffn.experts.parallel = ExpertParallel(ffn.num_experts, mesh.ep, mesh.etp,
                                                   token_group, a2a_chunks)
+    _order_collectives(model, mesh.order)
     return model
+
+
+def _order_collectives(model: SkyworkForCausalLM | PipelineStageModel,
+                       order: CollectiveOrder) -> None:
+    """Chain the backward collectives of every training forward (``CollectiveOrder``): each
+    forward begins a chain and attaches its end to the loss (a pipeline stage: to its
+    output), and each decoder layer's output is a recompute point, so a recomputed layer
+    re-issues its forward collectives at the same place of the backward on every rank."""
+    for layer in decoder_layers(model):
+        layer.register_forward_hook(lambda _, __, out: order.recompute_point(out))
+    if isinstance(model, PipelineStageModel):
+        model.collective_order = order
+        return
+    model.register_forward_pre_hook(lambda m, _: order.begin(m.device))
+
+    def finish(_: nn.Module, __: tuple, out: CausalLMOutput) -> CausalLMOutput:
+        if out.loss is not None:
+            out.loss = order.finish(out.loss)
+        else:
+            out.logits = order.finish(out.logits)
+        return out
+
+    model.register_forward_hook(finish)
 
 
 def _vocab_parallel(model: nn.Module, config: SkyworkMoeConfig, tp: CommGroup,

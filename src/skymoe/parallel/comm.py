@@ -15,6 +15,11 @@ over a group (each rank holds the full value and the full gradient):
   and the reverse;
 - ``all_to_all_async`` / ``wait``: variable-split exchange that runs while the caller
   computes; backward sends the gradient back the same way.
+
+Those whose backward communicates (``copy_to``, ``split_rows``, ``all_to_all_async``) are
+chained by the groups' ``CollectiveOrder``: in backward each waits for the next one's, so every
+rank issues them in the reverse of their forward order, whatever the data and whatever order
+the autograd engine would pick (docs/distributed.md, "Collective order").
 """
 
 from __future__ import annotations
@@ -65,16 +70,103 @@ class Traffic:
         return {k: self.bytes.get(k, 0.0) for k in COLLECTIVES}
 
 
+class CollectiveOrder:
+    """Puts the backward collectives of one forward pass in a fixed order on every rank: the
+    reverse of their forward order (which is program order, the same on every rank).
+
+    Without it the order is whatever the autograd engine derives from each rank's graph, and
+    the graph depends on the data: a rank whose experts received no rows has no path from the
+    loss through its all-to-all, so it never runs that all-to-all's backward while its peers
+    wait in it. So while a forward pass runs with gradients (``begin`` .. ``finish``),
+    ``token`` is a scalar that each collective whose backward communicates takes as an extra
+    input and replaces with a new one, and ``finish`` attaches the last token to the pass's
+    output. In backward a collective then runs only once the gradient of the token it made
+    has arrived, which only the next collective's backward sends: each collective runs, and
+    runs after every later one. ``recompute_point`` puts the recomputation of a checkpointed
+    region (which re-issues its forward collectives) at a fixed place in the same chain.
+    """
+
+    def __init__(self) -> None:
+        self.token: torch.Tensor | None = None
+
+    def begin(self, device: torch.device | str = "cpu") -> None:
+        """Start the chain of a forward pass (no chain without gradients)."""
+        self.token = (torch.zeros((), device=device, requires_grad=True)
+                      if torch.is_grad_enabled() else None)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """A copy of ``x`` whose backward starts the chain (pass the output the loss is
+        differentiated from); ends the chain."""
+        token, self.token = self.token, None
+        return _Attach.apply(x, token) if token is not None else x
+
+    def recompute_point(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (the output of a region that may be recomputed in backward) with a link in
+        the chain whose backward reads a tensor saved in the region: under activation
+        checkpointing that read recomputes the region, so its forward collectives run there,
+        after the backward of every later collective and before any of the region's own."""
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return x
+        # Also applied while the region is recomputed (the chain has ended by then): the
+        # recomputation must save the same tensors as the original forward.
+        return self.link(_RecomputePoint.apply(x, self.token))
+
+    def link(self, outputs: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        """The output of a chained autograd function, whose next token becomes the chain's."""
+        y, token = outputs
+        if token is not None:
+            self.token = token
+        return y
+
+
+def _next_token(token: torch.Tensor | None) -> torch.Tensor | None:
+    return None if token is None else token.new_zeros(())
+
+
+def _token_grad(ctx) -> torch.Tensor | None:
+    return ctx.token_like.new_zeros(()) if ctx.token_like is not None else None
+
+
+def _keep_token(ctx, token: torch.Tensor | None) -> None:
+    ctx.token_like = None if token is None else token.detach()
+
+
+class _Attach(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        _keep_token(ctx, token)
+        return x.clone()  # not a view of x: pipeline schedules detach stage outputs in place
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, _token_grad(ctx)
+
+
+class _RecomputePoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, token: torch.Tensor | None):
+        _keep_token(ctx, token)
+        ctx.save_for_backward(x)
+        return x.view_as(x), _next_token(token)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _token: torch.Tensor | None):
+        ctx.saved_tensors  # under activation checkpointing: the region is recomputed here
+        return grad, _token_grad(ctx)
+
+
 @dataclass(frozen=True, eq=False)
 class CommGroup:
     """A process group as a value: the group (None when it has one rank), its size, this
-    rank's index in it, and the traffic counter it reports to."""
+    rank's index in it, the traffic counter it reports to, and the ``CollectiveOrder`` its
+    backward collectives join (one per mesh: all the groups of a rank share it)."""
 
     pg: dist.ProcessGroup | None
     size: int
     rank: int
     traffic: Traffic
     name: str = ""
+    order: CollectiveOrder = field(default_factory=CollectiveOrder)
 
     @property
     def active(self) -> bool:
@@ -84,9 +176,10 @@ class CommGroup:
         return dist.get_global_rank(self.pg, group_rank) if self.active else group_rank
 
 
-def single(traffic: Traffic | None = None, name: str = "") -> CommGroup:
+def single(traffic: Traffic | None = None, name: str = "",
+           order: CollectiveOrder | None = None) -> CommGroup:
     """A one-rank group: every collective on it is a no-op."""
-    return CommGroup(None, 1, 0, traffic or Traffic(), name)
+    return CommGroup(None, 1, 0, traffic or Traffic(), name, order or CollectiveOrder())
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -158,15 +251,19 @@ def exchange_counts(counts: torch.Tensor, group: CommGroup) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------ autograd functions
+# The functions whose backward communicates take the chain's token last and return the next
+# one (see ``CollectiveOrder``); their backward runs the collective whatever gradient arrives
+# (zeros where this rank's output took no part in the loss) and gives the token a gradient.
 class _CopyTo(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: CommGroup) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, group: CommGroup, token: torch.Tensor | None):
         ctx.group = group
-        return x
+        _keep_token(ctx, token)
+        return x, _next_token(token)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return all_reduce_(grad.contiguous().clone(), ctx.group), None
+    def backward(ctx, grad: torch.Tensor, _token: torch.Tensor | None):
+        return all_reduce_(grad.contiguous().clone(), ctx.group), None, _token_grad(ctx)
 
 
 class _ReduceFrom(torch.autograd.Function):
@@ -181,14 +278,17 @@ class _ReduceFrom(torch.autograd.Function):
 
 class _SplitRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, sizes: list[int], group: CommGroup) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, sizes: list[int], group: CommGroup,
+                token: torch.Tensor | None):
         ctx.sizes, ctx.group = sizes, group
+        _keep_token(ctx, token)
         start = sum(sizes[:group.rank])
-        return x[start:start + sizes[group.rank]]
+        return x[start:start + sizes[group.rank]], _next_token(token)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return all_gather_rows(grad.contiguous(), ctx.sizes, ctx.group), None, None
+    def backward(ctx, grad: torch.Tensor, _token: torch.Tensor | None):
+        return (all_gather_rows(grad.contiguous(), ctx.sizes, ctx.group), None, None,
+                _token_grad(ctx))
 
 
 class _GatherRows(torch.autograd.Function):
@@ -219,8 +319,9 @@ class Pending:
 class _AllToAllStart(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int],
-                group: CommGroup, pending: Pending) -> torch.Tensor:
+                group: CommGroup, pending: Pending, token: torch.Tensor | None):
         ctx.splits, ctx.group = (out_splits, in_splits), group
+        _keep_token(ctx, token)
         x = x.contiguous()
         out = x.new_empty(sum(out_splits), *x.shape[1:])
         sent = sum(n for r, n in enumerate(in_splits) if r != group.rank)
@@ -229,12 +330,13 @@ class _AllToAllStart(torch.autograd.Function):
         pending.work = dist.all_to_all_single(out, x, out_splits, in_splits, group=group.pg,
                                               async_op=True)
         pending.buffers = (x, out)
-        return out
+        return out, _next_token(token)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, _token: torch.Tensor | None):
         out_splits, in_splits = ctx.splits
-        return all_to_all_rows(grad, in_splits, out_splits, ctx.group), None, None, None, None
+        return (all_to_all_rows(grad, in_splits, out_splits, ctx.group), None, None, None, None,
+                _token_grad(ctx))
 
 
 class _Wait(torch.autograd.Function):
@@ -255,7 +357,9 @@ def all_to_all_async(x: torch.Tensor, out_splits: list[int], in_splits: list[int
     pending = Pending()
     if not group.active:
         return x, pending
-    return _AllToAllStart.apply(x, out_splits, in_splits, group, pending), pending
+    out = group.order.link(_AllToAllStart.apply(x, out_splits, in_splits, group, pending,
+                                                  group.order.token))
+    return out, pending
 
 
 def wait(x: torch.Tensor, pending: Pending) -> torch.Tensor:
@@ -265,7 +369,9 @@ def wait(x: torch.Tensor, pending: Pending) -> torch.Tensor:
 
 def copy_to(x: torch.Tensor, group: CommGroup) -> torch.Tensor:
     """Identity; the gradient is all-reduced over ``group`` (input of a sharded computation)."""
-    return _CopyTo.apply(x, group) if group.active else x
+    if not group.active:
+        return x
+    return group.order.link(_CopyTo.apply(x, group, group.order.token))
 
 
 def reduce_from(x: torch.Tensor, group: CommGroup) -> torch.Tensor:
@@ -275,7 +381,9 @@ def reduce_from(x: torch.Tensor, group: CommGroup) -> torch.Tensor:
 
 def split_rows(x: torch.Tensor, sizes: list[int], group: CommGroup) -> torch.Tensor:
     """This rank's block of rows (``sizes`` per rank); the gradient is all-gathered."""
-    return _SplitRows.apply(x, sizes, group) if group.active else x
+    if not group.active:
+        return x
+    return group.order.link(_SplitRows.apply(x, sizes, group, group.order.token))
 
 
 def gather_rows(x: torch.Tensor, sizes: list[int], group: CommGroup) -> torch.Tensor:

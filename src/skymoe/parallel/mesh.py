@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..errors import ConfigError
-from .comm import CommGroup, Traffic, single
+from .comm import CollectiveOrder, CommGroup, Traffic, single
 from .layout import Coords, ParallelLayout
 
 DENSE_DIMS = ("pp", "dp", "tp")
@@ -22,13 +22,15 @@ EXPERT_DIMS = ("pp", "edp", "ep", "etp")
 
 @dataclass
 class ParallelMesh:
-    """This rank's groups along every dimension of both meshes, and one traffic counter."""
+    """This rank's groups along every dimension of both meshes, one traffic counter and one
+    collective order (shared by all the groups)."""
 
     layout: ParallelLayout
     rank: int
     coords: Coords
     groups: dict[str, CommGroup]
     traffic: Traffic = field(default_factory=Traffic)
+    order: CollectiveOrder = field(default_factory=CollectiveOrder)
 
     def __getattr__(self, name: str) -> CommGroup:
         groups = self.__dict__.get("groups", {})
@@ -51,10 +53,10 @@ def local_mesh(layout: ParallelLayout | None = None) -> ParallelMesh:
     if layout.world_size != 1:
         raise ConfigError(f"layout {layout.name} needs {layout.world_size} processes; launch "
                           "with torchrun --nproc-per-node")
-    traffic = Traffic()
+    traffic, order = Traffic(), CollectiveOrder()
     names = {*DENSE_DIMS, *EXPERT_DIMS, "world"}
-    return ParallelMesh(layout, 0, layout.coords(0), {n: single(traffic, n) for n in names},
-                        traffic)
+    return ParallelMesh(layout, 0, layout.coords(0),
+                        {n: single(traffic, n, order) for n in names}, traffic, order)
 
 
 def build_mesh(layout: ParallelLayout, device_type: str = "cpu") -> ParallelMesh:
@@ -70,7 +72,7 @@ def build_mesh(layout: ParallelLayout, device_type: str = "cpu") -> ParallelMesh
     expert = DeviceMesh(device_type,
                         ranks.view(layout.pp, layout.edp, layout.ep, layout.etp),
                         mesh_dim_names=EXPERT_DIMS)
-    traffic = Traffic()
+    traffic, order = Traffic(), CollectiveOrder()
     groups: dict[str, CommGroup] = {}
     for mesh, dims in ((dense, DENSE_DIMS), (expert, EXPERT_DIMS)):
         for index, dim in enumerate(dims):
@@ -78,9 +80,10 @@ def build_mesh(layout: ParallelLayout, device_type: str = "cpu") -> ParallelMesh
                 continue
             size = mesh.size(index)
             groups[dim] = (CommGroup(mesh.get_group(dim), size, mesh.get_local_rank(dim),
-                                     traffic, dim) if size > 1 else single(traffic, dim))
-    groups["world"] = CommGroup(dist.group.WORLD, world, rank, traffic, "world")
-    return ParallelMesh(layout, rank, layout.coords(rank), groups, traffic)
+                                     traffic, dim, order) if size > 1
+                           else single(traffic, dim, order))
+    groups["world"] = CommGroup(dist.group.WORLD, world, rank, traffic, "world", order)
+    return ParallelMesh(layout, rank, layout.coords(rank), groups, traffic, order)
 
 
 def init_distributed(timeout_s: float = 600.0, device_type: str = "cpu") -> tuple[int, int]:

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import ConfigError
 from ..model.moe import MoEBlock, zero_moe_stats
 from ..model.transformer import SkyworkForCausalLM
-from .comm import CommGroup, all_reduce_
+from .comm import CollectiveOrder, CommGroup, all_reduce_
 from .mesh import ParallelMesh
 from .pipeline_layout import PipelineLayout
 
@@ -137,6 +137,8 @@ class PipelineStageModel(nn.Module):
         # With tied embeddings on different ranks: the group of the two copies (set by
         # ``build_schedule``), over which their gradients are summed.
         self.tied_group: CommGroup | None = None
+        # Chains the backward collectives of each stage forward (set by ``parallelize``).
+        self.collective_order: CollectiveOrder | None = None
 
     @property
     def tied_copies(self) -> frozenset[str]:
@@ -197,7 +199,10 @@ class PipelineStageModel(nn.Module):
 
     def run_stage(self, stage: int, x: torch.Tensor) -> torch.Tensor:
         """Stage ``stage``'s forward of one micro-batch."""
+        order = self.collective_order
         with self.autocast():
+            if order is not None:
+                order.begin(x.device)
             if stage == 0:
                 x = self.model.embed_tokens(x)
             cos, sin = self.rotary.cos_sin(0, x.shape[1], x.device, x.dtype)
@@ -212,6 +217,8 @@ class PipelineStageModel(nn.Module):
                 aux_terms += self._take_moe_outputs(i, layer)
             if aux_terms and torch.is_grad_enabled():  # one attachment for the stage's terms
                 x = AttachAuxLoss.apply(x, torch.stack(aux_terms).sum())
+            if order is not None:  # what follows (the LM head) is on the loss's data path
+                x = order.finish(x)
             if stage == self.num_stages - 1:
                 x = self.lm_head(self.model.norm(x))
         return x
@@ -298,7 +305,8 @@ def _tied_embedding_group(stage_model: PipelineStageModel, mesh: ParallelMesh,
             ranks = [(pp * layout.dp + dp) * layout.tp + tp for pp in (0, last)]
             group = dist.new_group(ranks)
             if mesh.rank in ranks:
-                mine = CommGroup(group, 2, ranks.index(mesh.rank), mesh.traffic, "tied")
+                mine = CommGroup(group, 2, ranks.index(mesh.rank), mesh.traffic, "tied",
+                                 mesh.order)
     return mine
 
 

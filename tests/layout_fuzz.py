@@ -1,0 +1,356 @@
+"""Random small training cases for the layout fuzz test (``test_layout_fuzz.py``).
+
+A case is drawn from a seed: a tiny model (layers, experts, top-k, heads, odd vocabulary and
+intermediate sizes, gating normalization, gate variants, tied embeddings), the MoE training
+options (capacity factor or dropless, drop policy, routing group, aux-loss type, z-loss),
+sequence length, micro-batch size and gradient accumulation, and activation checkpointing.
+``run_cases`` trains each case for ``STEPS`` SGD steps on one process (the reference, plain
+code) and under each layout through the trainer's step functions, and reports every
+difference beyond ``TOLERANCE`` in losses, gradient norms, drop rates or gradients.
+
+A layout sums some terms in another order, so its router probabilities differ from one
+process's in the last bits. Where the reference itself decides a routing choice by less than
+``TIE`` (the k-th and (k+1)-th probability of a token, or the last kept and first dropped
+assignment of a full expert), the other order may decide it the other way: such a case's
+differences are reported as near-ties, not failures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from skymoe.config import SkyworkMoeConfig
+from skymoe.errors import ConfigError
+from skymoe.model import balance
+from skymoe.model.moe import MoETrainingOptions
+from skymoe.model.transformer import build_model
+from skymoe.parallel.apply import parallelize, parameter_placements
+from skymoe.parallel.data_parallel import DataParallel
+from skymoe.parallel.layout import ParallelLayout, split_range
+from skymoe.parallel.mesh import ParallelMesh, build_mesh
+from skymoe.parallel.pipeline import PipelineStageModel, build_schedule, stages_of_rank
+from skymoe.parallel.pipeline_layout import PipelineLayout
+from skymoe.train.metrics import MoEStepStats
+from skymoe.train.step import accumulate_gradients, pipeline_accumulate_gradients
+
+STEPS = 2
+TOLERANCE = 1e-5
+LR = 0.1
+TOKEN_BUDGET = 2048  # tokens per step, so a case runs in about a second
+TIE = 1e-5  # routing decisions closer than this (in probability) may go either way
+
+# Every layout 2 processes can form, and a few of 4 (EP/EDP/ETP inside DP x TP and a pipeline).
+LAYOUTS = {
+    2: [ParallelLayout(dp=2), ParallelLayout(tp=2), ParallelLayout(dp=2, ep=2),
+        ParallelLayout(tp=2, ep=2), ParallelLayout(tp=2, etp=2), ParallelLayout(pp=2)],
+    4: [ParallelLayout(dp=2, tp=2, ep=2), ParallelLayout(dp=2, tp=2, ep=4),
+        ParallelLayout(dp=2, tp=2, ep=2, etp=2), ParallelLayout(pp=2, tp=2, ep=2),
+        ParallelLayout(pp=2, dp=2, ep=2)],
+}
+SCHEDULES_ONE_STAGE = ("1f1b", "gpipe")
+SCHEDULES_TWO_STAGES = ("interleaved-1f1b", "looped-bfs", "zero-bubble", "zbv")
+
+
+@dataclass
+class Case:
+    """One random training setting; ``pipe`` and ``schedule`` apply to pipeline layouts."""
+
+    seed: int
+    config: SkyworkMoeConfig
+    options: MoETrainingOptions
+    aux_coefs: list[float]
+    seq_len: int
+    micro: int       # rows per micro-batch (per process)
+    accum: int       # micro-batches per data-parallel rank of 2
+    recompute: bool  # activation checkpointing of every layer
+    pipe: PipelineLayout
+    schedule: str
+    distinct_tokens: int  # the batches draw from this many token ids (few: skewed routing)
+    gate_scale: float     # router weights scaled at init (large: sharp, skewed routing)
+
+    @property
+    def rows(self) -> int:  # the global batch: two data-parallel shares
+        return 2 * self.micro * self.accum
+
+    def describe(self) -> str:
+        c, o = self.config, self.options
+        return (f"case seed={self.seed}: layers={c.num_hidden_layers} "
+                f"moe_interval={c.moe_expert_interval} experts={c.num_experts} "
+                f"top_k={c.num_experts_per_tok} heads={c.num_attention_heads}/"
+                f"{c.num_key_value_heads} hidden={c.hidden_size} ffn={c.intermediate_size} "
+                f"vocab={c.vocab_size} norm={c.moe_use_logits_norm} "
+                f"gate2={c.moe_2layer_gate} mul_topk={not c.moe_feature_no_mul_topk} "
+                f"tied={c.tie_word_embeddings} seq={self.seq_len} micro={self.micro} "
+                f"accum={self.accum} capacity={o.capacity_factor} drop={o.drop_policy} "
+                f"group={o.routing_group_size} aux={o.aux_loss} z={o.z_loss_coef} "
+                f"recompute={self.recompute} pipe={self.pipe.describe()} {self.schedule} "
+                f"distinct_tokens={self.distinct_tokens} gate_scale={self.gate_scale}")
+
+
+def draw_case(seed: int, world: int = 2) -> Case:
+    """The case of ``seed`` (the same on every process). Cases for 4 processes have an even
+    number of experts: every 4-process layout splits the experts over 2 or 4 ranks."""
+    rng = random.Random(seed)
+    layers = rng.randint(2, 4)
+    experts = rng.randrange(2, 17, 2) if world == 4 else rng.randint(2, 16)
+    kv_heads = rng.randint(2, 4)
+    heads = kv_heads * rng.choice([1, 2])
+    seq_len = rng.randint(16, 256)
+    pairs = [(m, a) for m in range(1, 5) for a in range(1, 5)
+             if 2 * m * a * seq_len <= TOKEN_BUDGET]
+    micro, accum = rng.choice(pairs)
+    config = SkyworkMoeConfig(
+        vocab_size=rng.randrange(33, 301, 2), hidden_size=heads * rng.choice([4, 8]),
+        intermediate_size=rng.randint(6, 40), num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, num_experts=experts,
+        num_experts_per_tok=rng.randint(1, min(2, experts)),
+        moe_expert_interval=rng.choice([1, 2]), moe_use_logits_norm=rng.random() < 0.5,
+        moe_gate_norm_std=rng.choice([1.0, 2.5]), moe_2layer_gate=rng.random() < 0.3,
+        moe_feature_no_mul_topk=rng.random() < 0.5, tie_word_embeddings=rng.random() < 0.3,
+        max_position_embeddings=256, torch_dtype="float32")
+    options = MoETrainingOptions(
+        capacity_factor=0.0 if rng.random() < 0.3 else round(rng.uniform(0.5, 2.0), 2),
+        drop_policy=rng.choice(balance.DROP_POLICIES), aux_loss=rng.choice(balance.AUX_LOSS_TYPES),
+        z_loss_coef=rng.choice([0.0, 1e-3]), routing_group_size=rng.choice([1, 0]))
+    moe_layers = sum(config.is_moe_layer(i) for i in range(layers))
+    recompute = rng.random() < 0.5
+    schedule = rng.choice(SCHEDULES_ONE_STAGE + SCHEDULES_TWO_STAGES)
+    stages = 2 if schedule in SCHEDULES_ONE_STAGE else 4
+    pipe = _draw_pipeline(rng, layers, stages, recompute)
+    # Skewed routing (a rank whose experts receive no rows, experts over capacity) is where
+    # data-dependent behaviour hides: often few distinct tokens and a sharp router. Few
+    # distinct tokens repeat whole contexts, whose tokens then tie exactly for an expert's
+    # last places: those cases drop by position.
+    distinct = rng.choice([config.vocab_size, rng.randint(1, 4)])
+    if distinct < config.vocab_size:
+        options.drop_policy = "position"
+    return Case(seed, config, options, [round(rng.uniform(1e-3, 5e-2), 4)] * moe_layers,
+                seq_len, micro, accum, recompute, pipe, schedule, distinct,
+                rng.choice([1.0, 30.0]))
+
+
+def _draw_pipeline(rng: random.Random, layers: int, stages: int,
+                   recompute: bool) -> PipelineLayout:
+    """Layers per stage (the middle stages at least one, the end ones possibly none) and,
+    with recomputation, a random number of recomputed layers per stage."""
+    middle = stages - 2  # every case has at least 2 layers
+    counts = [0] * stages
+    for s in range(1, stages - 1):
+        counts[s] = 1
+    for _ in range(layers - middle):
+        counts[rng.randrange(stages)] += 1
+    redo = [rng.randint(0, n) if recompute else 0 for n in counts]
+    return PipelineLayout(tuple(counts), tuple(redo))
+
+
+@dataclass
+class StepRecord:
+    margin: float = float("inf")  # the closest routing decision (the reference's)
+    losses: list[float] = field(default_factory=list)
+    norms: list[float] = field(default_factory=list)
+    drops: list[list[float]] = field(default_factory=list)
+    grads: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+
+def _base_model(case: Case) -> torch.nn.Module:
+    model = build_model(case.config, seed=case.seed, dtype=torch.float32).train()
+    model.configure_moe_training(case.options)
+    model.set_aux_coefs(case.aux_coefs)
+    model.activation_checkpointing = case.recompute
+    with torch.no_grad():
+        for block in model.moe_blocks():
+            for p in block.gate.parameters():
+                p.mul_(case.gate_scale)
+    return model
+
+
+def _batches(case: Case) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(case.seed)
+    tokens = torch.randperm(case.config.vocab_size, generator=gen)[:case.distinct_tokens]
+    return [tokens[torch.randint(0, len(tokens), (case.rows, case.seq_len), generator=gen)]
+            for _ in range(STEPS)]
+
+
+def _moe_layers(case: Case) -> list[int]:
+    return [i for i in range(case.config.num_hidden_layers) if case.config.is_moe_layer(i)]
+
+
+def _decision_margin(probs_TE: torch.Tensor, case: Case, seqs: int) -> float:
+    """How close the routing decisions of one MoE forward are: the smallest gap between a
+    token's k-th and (k+1)-th probability, and (probability drop policy) between the last
+    kept and the first dropped assignment of an expert over capacity."""
+    k, experts = case.config.num_experts_per_tok, case.config.num_experts
+    top = torch.sort(probs_TE, dim=-1, descending=True).values
+    margin = float((top[:, k - 1] - top[:, k]).min()) if experts > k else float("inf")
+    if case.options.capacity_factor <= 0 or case.options.drop_policy != "probability":
+        return margin
+    ids_TK = torch.topk(probs_TE, k, dim=-1).indices
+    groups = seqs // case.options.routing_group_size if case.options.routing_group_size else 1
+    for probs_G, ids_G in zip(probs_TE.chunk(groups), ids_TK.chunk(groups)):
+        capacity = balance.expert_capacity(probs_G.shape[0], experts, k,
+                                           case.options.capacity_factor)
+        for e in range(experts):
+            chosen = torch.sort(probs_G[:, e][(ids_G == e).any(-1)], descending=True).values
+            if len(chosen) > capacity:
+                margin = min(margin, float(chosen[capacity - 1] - chosen[capacity]))
+    return margin
+
+
+def reference(case: Case) -> StepRecord:
+    """One process, written plainly: micro-batches of ``case.micro`` rows, each loss scaled by
+    its share of the batch, then an SGD step."""
+    model = _base_model(case)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    record = StepRecord()
+
+    def measure(block: torch.nn.Module, args: tuple) -> None:
+        x = args[0]
+        with torch.no_grad():
+            probs = torch.softmax(block.router_logits(x.reshape(-1, x.shape[-1])), dim=-1)
+        record.margin = min(record.margin, _decision_margin(probs, case, x.shape[0]))
+
+    for block in model.moe_blocks():
+        block.register_forward_pre_hook(measure)
+    for batch in _batches(case):
+        optimizer.zero_grad(set_to_none=True)
+        stats, total = MoEStepStats(_moe_layers(case)), 0.0
+        for micro in batch.split(case.micro):
+            out = model(micro, labels=micro)
+            loss = (out.loss + out.aux_loss) * (micro.shape[0] / batch.shape[0])
+            loss.backward()
+            total += float(loss.detach())
+            stats.add(out.moe_stats)
+        record.losses.append(total)
+        record.drops.append(stats.drop_rates())
+        record.norms.append(float(torch.nn.utils.get_total_norm(
+            [p.grad for p in model.parameters() if p.grad is not None])))
+        record.grads.append({n: p.grad.clone() for n, p in model.named_parameters()
+                             if p.grad is not None})
+        optimizer.step()
+    return record
+
+
+def _pipeline_model(case: Case, mesh: ParallelMesh) -> PipelineStageModel:
+    on_rank = stages_of_rank(case.schedule, mesh.coords.pp, mesh.layout.pp, case.pipe.stages)
+    stage = PipelineStageModel(_base_model(case), case.pipe, on_rank).train()
+    stage.set_aux_coefs(case.aux_coefs)
+    return stage
+
+
+def sharded_run(case: Case, mesh: ParallelMesh) -> tuple[StepRecord, dict, int]:
+    """The case under ``mesh``'s layout through the trainer's step functions: the rank's
+    gradients (those it owns), its placements, and how many gradient elements it checks."""
+    layout = mesh.layout
+    pipelined = layout.pp > 1
+    model = _pipeline_model(case, mesh) if pipelined else _base_model(case)
+    placements = parameter_placements(model, mesh)
+    numel = {n: p.numel() for n, p in model.named_parameters()}
+    parallelize(model, mesh)
+    dp = DataParallel(model, mesh, placements, numel,
+                      counted_elsewhere=model.tied_copies if pipelined else frozenset())
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    rows = split_range(case.rows, layout.dp, mesh.coords.dp)
+    micro_batches = (rows[1] - rows[0]) // case.micro
+    schedule = (build_schedule(model, mesh, micro_batches, case.micro, case.seq_len,
+                               case.schedule) if pipelined else None)
+    record = StepRecord()
+    for batch in _batches(case):
+        optimizer.zero_grad(set_to_none=True)
+        stats = MoEStepStats(_moe_layers(case))
+        local = batch[rows[0]:rows[1]]
+        if pipelined:
+            loss, _ = pipeline_accumulate_gradients(schedule, model, local, micro_batches,
+                                                    _moe_layers(case), dp, stats, "cpu")
+        else:
+            loss, _ = accumulate_gradients(model, local, case.micro, dp, stats,
+                                           contextlib.nullcontext, torch.device("cpu"))
+        record.losses.append(loss)
+        record.norms.append(float(dp.grad_norm()))
+        record.drops.append(stats.drop_rates())
+        record.grads.append({n: p.grad.clone() for n, p in model.named_parameters()
+                             if p.grad is not None})
+        optimizer.step()
+        dp.broadcast_parameters()
+    return record, placements, sum(numel.values())
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def compare(want: StepRecord, got: StepRecord, placements: dict) -> list[str]:
+    """Every difference beyond ``TOLERANCE``, as readable lines."""
+    problems = []
+    for step in range(STEPS):
+        if _rel(got.losses[step], want.losses[step]) >= TOLERANCE:
+            problems.append(f"step {step + 1} loss {got.losses[step]} != {want.losses[step]}")
+        if _rel(got.norms[step], want.norms[step]) >= TOLERANCE:
+            problems.append(f"step {step + 1} grad norm {got.norms[step]} != "
+                            f"{want.norms[step]}")
+        if any(abs(g - w) > 1e-7 for g, w in zip(got.drops[step], want.drops[step])):
+            problems.append(f"step {step + 1} drop rates {got.drops[step]} != "
+                            f"{want.drops[step]}")
+        for name, grad in got.grads[step].items():
+            # A tied LM head on the last pipeline stage is the embedding of the single model.
+            full = want.grads[step].get(name, want.grads[step].get("model.embed_tokens.weight"))
+            expected = placements[name].take(full) if full is not None else torch.zeros_like(grad)
+            err = float((grad - expected).norm() / expected.norm().clamp_min(1e-12))
+            if grad.shape != expected.shape or err >= TOLERANCE:
+                problems.append(f"step {step + 1} gradient of {name}: relative error {err:.2e}")
+    return problems
+
+
+@dataclass
+class FuzzReport:
+    cases: int = 0
+    runs: int = 0
+    refused: list[str] = field(default_factory=list)   # layouts a case's model cannot take
+    near_ties: list[str] = field(default_factory=list)  # differences a routing tie explains
+    failures: list[str] = field(default_factory=list)
+
+
+def run_cases(seeds: list[int], world: int) -> FuzzReport:
+    """Every case of ``seeds`` under every layout of ``world`` processes (called on every rank
+    of an initialized process group). A run that raises (a collective timing out included)
+    re-raises naming the case and the layout; differences are collected in the report."""
+    meshes = [(layout, build_mesh(layout)) for layout in LAYOUTS[world]]
+    report = FuzzReport()
+    for seed in seeds:
+        case = draw_case(seed, world)
+        want = reference(case)
+        report.cases += 1
+        for layout, mesh in meshes:
+            try:
+                layout.validate(config=case.config)
+            except ConfigError as exc:  # e.g. ep = 2 with an odd number of experts
+                report.refused.append(f"{layout.name}: {exc}")
+                continue
+            try:
+                got, placements, held = sharded_run(case, mesh)
+            except ConfigError as exc:  # a schedule that does not take this micro-batch count
+                report.refused.append(f"{layout.name} {case.schedule}: {exc}")
+                continue
+            except Exception as exc:
+                raise RuntimeError(f"{case.describe()} under {layout.name}: "
+                                   f"{type(exc).__name__}: {exc}") from exc
+            report.runs += 1
+            problems = [f"{case.describe()} under {layout.name}: {p}"
+                        for p in compare(want, got, placements)]
+            if want.margin < TIE:
+                report.near_ties += [f"{p} (closest routing decision {want.margin:.1e})"
+                                     for p in problems]
+            else:
+                report.failures += problems
+            # Every parameter is held somewhere (the checked gradients cover the model).
+            total = torch.tensor([float(held)])
+            dist.all_reduce(total, group=mesh.world.pg)
+            if total.item() < sum(p.numel() for p in want.grads[0].values()) - 0.5:
+                report.failures.append(f"{case.describe()} under {layout.name}: the ranks "
+                                       f"hold {int(total.item())} parameters")
+    return report
