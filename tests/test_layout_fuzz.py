@@ -15,25 +15,34 @@ first seed with ``--fuzz-seed S`` (env ``SKYMOE_FUZZ_SEED``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 from distributed import spawn
-from layout_fuzz import run_cases
+from layout_fuzz import draw_case, run_cases
 
 TIMEOUT_S = 20
 CI_SEEDS = {2: [0, 1, 2, 3, 4, 5, 13], 4: [0]}
 SEED_OFFSET = {2: 0, 4: 100_000}  # 4-process cases draw from their own seeds
 
 
-def _fuzz_worker(rank: int, world: int, seeds: list[int], out: str) -> None:
-    report = run_cases(seeds, world)
+def _fuzz_worker(rank: int, world: int, seeds: list[int], out: str,
+                 last_experts_only: bool = False) -> None:
+    cases = [draw_case(seed, world) for seed in seeds]
+    if last_experts_only:  # dropless top-1 over an even number of experts, one-layer gate
+        for case in cases:
+            case.last_experts_only = True
+            case.config.num_experts_per_tok = 1
+            case.config.num_experts += case.config.num_experts % 2
+            case.config.moe_2layer_gate = False
+            case.options.capacity_factor = 0.0
+    report = run_cases(cases, world)
     if rank == 0:
-        Path(out).write_text(json.dumps(asdict(report)))
+        Path(out).write_text(json.dumps(dataclasses.asdict(report)))
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -50,10 +59,23 @@ def test_random_layouts_match_one_process_and_never_hang(world, tmp_path, fuzz_c
     report = json.loads(out.read_text())
     print(f"\nlayout fuzz, {world} processes, seeds {seeds[0]}..{seeds[-1]}: "
           f"{report['cases']} cases, {report['runs']} layout runs, "
-          f"{len(report['refused'])} refused by the layout, {len(report['near_ties'])} "
-          f"differences at routing near-ties, {len(report['failures'])} failures")
+          f"{len(report['refused'])} refused by the layout, "
+          f"{len(report['ill_conditioned'])} ill-conditioned (one process in fp32 more than "
+          f"1e-5 from fp64), {len(report['near_ties'])} differences at routing near-ties, "
+          f"{len(report['failures'])} failures")
     for line in report["near_ties"][:5]:
         print("  near-tie:", line)
     assert report["cases"] == len(seeds)
     assert report["runs"] >= len(seeds)  # DP and TP take every case
     assert not report["failures"], "\n".join(report["failures"][:20])
+
+
+def test_a_rank_whose_experts_receive_no_rows(tmp_path):
+    # Every token goes to the last two experts, so under EP / EDP the first rank's experts get
+    # no rows and its graph has no path from the loss through its all-to-alls; it must still
+    # run their backward (EDP hung here before the collectives were chained).
+    out = tmp_path / "report.json"
+    spawn(_fuzz_worker, 2, [4, 7], str(out), True, timeout_s=TIMEOUT_S)
+    report = json.loads(out.read_text())
+    assert report["runs"] == 2 * 6 and not report["near_ties"] and not report["failures"], \
+        report["failures"][:5] + report["near_ties"][:5]
