@@ -184,6 +184,7 @@ def test_run_dir_with_a_run_needs_resume(tmp_path):
     (["moe.drop_policy=random"], "moe.drop_policy"),
     (["train.lr"], "section.key=value"),
     (["train.compile=true", "train.activation_checkpointing=true"], "cannot be combined"),
+    (["train.compile=true", "parallel.tp=2"], "does not work with parallel.tp > 1"),
 ])
 def test_config_errors_name_the_setting(overrides, match):
     with pytest.raises(ConfigError, match=match):

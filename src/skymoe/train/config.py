@@ -143,6 +143,10 @@ class TrainConfig:
             # pick another graph than in the forward, which checkpointing rejects.
             (not (t.compile and t.activation_checkpointing),
              "train.compile and train.activation_checkpointing cannot be combined; choose one"),
+            # torch 2.13's dynamo fails inside the tensor-parallel layers' hooks (an internal
+            # error on the first step): refuse up front instead.
+            (not (t.compile and self.parallel.tp > 1),
+             "train.compile does not work with parallel.tp > 1 yet; turn one of them off"),
             (m.drop_policy in ("probability", "position"),
              "moe.drop_policy must be 'probability' or 'position'"),
             (m.aux_loss in ("skywork", "switch"), "moe.aux_loss must be 'skywork' or 'switch'"),
