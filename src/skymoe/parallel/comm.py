@@ -97,8 +97,14 @@ class CollectiveOrder:
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """A copy of ``x`` whose backward starts the chain (pass the output the loss is
         differentiated from); ends the chain."""
-        token, self.token = self.token, None
-        return _Attach.apply(x, token) if token is not None else x
+        token = self.token
+        if token is None:
+            return x
+        # Links made after the pass (a checkpointed region recomputed in backward) take a
+        # token outside the chain that still requires gradients, so they build the graph the
+        # forward built: the same saved tensors, which checkpointing checks.
+        self.token = token.detach().requires_grad_()
+        return _Attach.apply(x, token)
 
     def recompute_point(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (the output of a region that may be recomputed in backward) with a link in
@@ -107,8 +113,6 @@ class CollectiveOrder:
         after the backward of every later collective and before any of the region's own."""
         if not (torch.is_grad_enabled() and x.requires_grad):
             return x
-        # Also applied while the region is recomputed (the chain has ended by then): the
-        # recomputation must save the same tensors as the original forward.
         return self.link(_RecomputePoint.apply(x, self.token))
 
     def link(self, outputs: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
