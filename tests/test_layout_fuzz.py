@@ -61,8 +61,9 @@ def test_random_layouts_match_one_process_and_never_hang(world, tmp_path, fuzz_c
     print(f"\nlayout fuzz, {world} processes, seeds {seeds[0]}..{seeds[-1]}: "
           f"{report['cases']} cases, {report['runs']} layout runs, "
           f"{len(report['refused'])} refused by the layout, "
-          f"{len(report['ill_conditioned'])} ill-conditioned (one process in fp32 more than "
-          f"1e-5 from fp64), {len(report['near_ties'])} differences at routing near-ties, "
+          f"{len(report['ill_conditioned'])} ill-conditioned (one process in fp32 1e-6 or "
+          f"more from fp64; {report['undetermined']} such quantities left out), "
+          f"{len(report['near_ties'])} differences at routing near-ties, "
           f"{len(report['failures'])} failures")
     for line in report["near_ties"][:5]:
         print("  near-tie:", line)
