@@ -1,7 +1,7 @@
 """Pipeline parallelism on CPU: the planner's layout vs the uniform split, and the simulator's
 predicted step time vs the measured one for several layouts.
 
-The model makes the imbalance matter (SYSTEM.md section 4): a large vocabulary next to a small
+The model makes the imbalance matter (docs/pipeline.md): a large vocabulary next to a small
 hidden size and few layers, so the last stage's LM head and loss cost several decoder layers.
 The cost profile is measured on this machine (``measure_profile``, one thread, as each pipeline
 process runs), the planner picks layers and recompute counts per stage, and every layout is

@@ -17,7 +17,8 @@ def test_real_skywork_config_parameter_counts_match_the_report():
     assert (c.num_experts, c.num_experts_per_tok, c.head_size) == (16, 2, 128)
     assert c.moe_use_logits_norm and not c.moe_2layer_gate and c.moe_feature_no_mul_topk
     counts = parameter_counts(c)
-    # SYSTEM.md: 146.4B total, 0.60B embeddings + head, 22.1B active without embeddings.
+    # Skywork-MoE's published size: 146.4B total, 0.60B embeddings + head, 22.1B active
+    # without embeddings.
     assert counts["total"] / 1e9 == pytest.approx(146.4, abs=0.05)
     assert counts["embedding"] / 1e9 == pytest.approx(0.60, abs=0.01)
     assert counts["active_non_embedding"] / 1e9 == pytest.approx(22.1, abs=0.05)

@@ -40,7 +40,8 @@ def test_route_renormalizes_topk():
 
 
 def naive_moe(block: MoEBlock, x_TH: torch.Tensor) -> torch.Tensor:
-    """Per-token reference written from SYSTEM.md, independent of the block's code paths."""
+    """Per-token reference written from the formulas of docs/model.md, independent of the
+    block's code paths."""
     out = torch.zeros_like(x_TH)
     e_count = block.num_experts
     for t in range(x_TH.shape[0]):

@@ -1,7 +1,8 @@
 """Deployment planner for tensor-parallel serving: does the model fit on N GPUs, how much KV
 cache is left per rank, and what decode throughput the memory bandwidth allows.
 
-Everything is computed from the model config (SYSTEM.md section 5, non-uniform TP):
+Everything is computed from the model config (docs/inference.md, "Deployment planner";
+non-uniform TP):
 
 - attention heads split over ranks with the first ``heads % N`` ranks one extra head (KV heads
   likewise; each rank keeps the query heads of its KV heads);

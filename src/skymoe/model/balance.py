@@ -1,8 +1,8 @@
 """Training-time MoE math as pure functions: expert capacity, token dropping, drop rate,
 load-balancing losses, router z-loss, gate sharpness, and the adaptive aux-coefficient rule.
 
-Definitions (SYSTEM.md section 3; Skywork did not publish its capacity rule, so the standard
-one is used):
+Definitions (docs/training.md, "How the MoE parts work"; Skywork did not publish its capacity
+rule, so the standard one is used):
 - capacity per expert = ceil(capacity_factor * k * T / E) over the T tokens of one routing
   group; capacity_factor <= 0 means dropless;
 - an assignment beyond its expert's capacity is dropped and contributes nothing (the residual

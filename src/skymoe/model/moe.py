@@ -247,7 +247,7 @@ def zero_moe_stats(num_experts: int) -> dict[str, torch.Tensor]:
 
 
 class MoEBlock(nn.Module):
-    """Router + experts, exactly as Skywork-MoE's block (SYSTEM.md section 2).
+    """Router + experts, exactly as Skywork-MoE's block (docs/model.md, "MoE block").
 
     With ``use_logits_norm=False``, ``two_layer_gate=False`` and ``mul_topk=False`` this is
     Mixtral's sparse MoE block.

@@ -3,7 +3,7 @@
 Ranks are laid out as the dense mesh ``[PP, DP, TP]`` (TP fastest). The expert mesh reshapes
 the same ranks of each pipeline stage as ``[EDP, EP, ETP]`` (ETP fastest), where EDP, the
 expert-data-parallel size, is what remains: ``DP * TP / (EP * ETP)``. The three expert
-layouts of SYSTEM.md section 4 are points of this one scheme:
+layouts of the Skywork-MoE report (docs/distributed.md) are points of this one scheme:
 
 - **EP** (Megatron-style): ``ETP = 1`` and ``EP`` up to ``DP * TP``: experts spread over data
   and tensor ranks;

@@ -2,7 +2,7 @@
 its layers recompute their activations in backward instead of storing them.
 
 The first stage also runs the embedding and the last stage the final norm, LM head and loss
-(SYSTEM.md section 4), so an even layer split is not an even work split; a layout may give any
+(docs/pipeline.md), so an even layer split is not an even work split; a layout may give any
 stage any number of layers. Only the first and last stages may have none (they still hold the
 embedding or the head); a middle stage without layers would do nothing but pass activations on.
 Recomputation applies to a stage's first ``recompute[s]`` layers.

@@ -1,6 +1,6 @@
 """Pipeline planner: how many decoder layers each stage runs and how many of them recompute
 their activations, chosen to minimize the simulated step time within each device's memory
-(SYSTEM.md section 4, non-uniform pipeline split and recomputation).
+(docs/pipeline.md: non-uniform pipeline split and recomputation).
 
 ``simulate`` replays a schedule event by event with the per-rank operation order of
 ``torch.distributed.pipelining`` (the runtime, ``skymoe.parallel.pipeline``). P pipeline ranks
