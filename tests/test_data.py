@@ -348,7 +348,8 @@ def test_loader_errors():
 
 def test_tokenize_documents_drops_bos():
     tok = Tokenizer(lambda s: [1] + [ord(c) for c in s], lambda ids: "".join(map(chr, ids)),
-                    vocab_size=300, bos_id=1, eos_id=2, add_bos=True, source="test")
+                    vocab_size=300, bos_id=1, eos_id=2, add_bos=True, source="test",
+                    max_token_bytes=4)
     assert tokenize_documents(tok, ["hi", "", "a"]) == [[104, 105], [], [97]]
 
 
@@ -394,7 +395,7 @@ def test_end_to_end_pipeline(tmp_path):
     _write(tmp_path / "a.txt", "abc")
     _write(tmp_path / "b.jsonl", '{"text": "de"}\n')
     docs = read_documents([tmp_path])
-    tok = Tokenizer(lambda s: [ord(c) for c in s], lambda ids: "", 300, None, 2, False, "test")
+    tok = Tokenizer(lambda s: [ord(c) for c in s], lambda ids: "", 300, None, 2, False, "test", 4)
     packed = pack_documents(tokenize_documents(tok, docs), seq_len=3, eos_id=2)
     # stream: a b c </s> d e </s> -> 2 rows, tail dropped
     assert packed.tolist() == [[97, 98, 99], [2, 100, 101]]

@@ -128,7 +128,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.path)
     model = load_model(args.path, dtype=_DTYPES[args.dtype], fp8=args.fp8)
     if args.tp > 1:
-        model, params, is_main = _tensor_parallel(model, params, args.tp)
+        model, params, is_main = _tensor_parallel(model, params, args.tp, "generate")
     else:
         model, is_main = prepare_for_cpu_inference(model), True
     ids = tokenizer.encode(args.prompt)
@@ -161,7 +161,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
               "tokens]", file=sys.stderr)
 
 
-def _tensor_parallel(model, params, tp: int):
+def _tensor_parallel(model, params, tp: int, command: str):
     """Shard ``model`` over the ``tp`` processes torchrun started (every rank samples the same
     token: a sampling seed is agreed on when none was given). Returns (model, params, is
     rank 0)."""
@@ -177,7 +177,7 @@ def _tensor_parallel(model, params, tp: int):
     _, world = init_distributed()
     if world != tp:
         raise UsageError(f"--tp {tp} needs {tp} processes; start with torchrun "
-                         f"--nproc-per-node {tp} -m skymoe generate ... (got {world})")
+                         f"--nproc-per-node {tp} -m skymoe {command} ... (got {world})")
     mesh = build_mesh(ParallelLayout(tp=tp, etp=tp))  # heads split unevenly, experts by rows
     parallelize(model, mesh, gather_logits=True, vocab_multiple=VOCAB_MULTIPLE)
     if params.temperature > 0 and params.seed is None:
@@ -202,6 +202,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for flag in ("max_batch", "max_queue", "max_prefill_tokens", "tp"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
+    max_request_bytes = parse_size(args.max_request_bytes) if args.max_request_bytes else None
+    if max_request_bytes is not None and max_request_bytes < 1:
+        raise UsageError("--max-request-bytes must be at least 1 byte")
+    for flag in ("header_timeout", "body_timeout"):
+        if not getattr(args, flag) > 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be > 0 seconds")
     if not Path(args.model).is_dir():
         raise UsageError(f"{args.model}: not a checkpoint directory")
     if args.threads:
@@ -215,7 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          f"{limit} tokens, got {max_model_len}")
     lockstep = None
     if args.tp > 1:
-        model, _, is_main = _tensor_parallel(model, SamplingParams(), args.tp)
+        model, _, is_main = _tensor_parallel(model, SamplingParams(), args.tp, "serve")
         lockstep = Lockstep()
         if not is_main:  # the other ranks step with rank 0's engine until it shuts down
             import signal
@@ -233,7 +239,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      host=args.host, port=args.port, api_key=api_key or None,
                      max_batch=args.max_batch, max_model_len=max_model_len,
                      max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens,
-                     log_level=args.log_level, lockstep=lockstep)
+                     log_level=args.log_level, lockstep=lockstep,
+                     max_request_bytes=max_request_bytes, header_timeout_s=args.header_timeout,
+                     body_timeout_s=args.body_timeout)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -424,6 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens prefilled per engine step, first come first served; "
                         "longer prompts continue over the next steps, between decode steps "
                         "(default 2048)")
+    p.add_argument("--max-request-bytes", metavar="SIZE",
+                   help="largest request body, e.g. 4MiB; larger ones get 413 before they are "
+                        "read (default: 64 full-context prompts as token ids, at least 1 MiB)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="a connection that has not sent a request's headers within this time "
+                        "is closed (default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request body not received within this time after its headers gets "
+                        "408 (default 30)")
     p.add_argument("--dtype", choices=list(_DTYPES), default="auto",
                    help="compute dtype (default: the checkpoint's torch_dtype)")
     p.add_argument("--fp8", choices=FP8_MODES, default="auto", help=FP8_HELP)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from ..errors import CheckpointError
 
@@ -16,14 +16,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 
 class Tokenizer:
-    """Text <-> token ids with the model's BOS/EOS conventions."""
+    """Text <-> token ids with the model's BOS/EOS conventions.
+
+    ``max_token_bytes`` is the longest vocabulary entry in UTF-8 bytes (special tokens
+    included): no token covers more text, so a text of ``n`` bytes has at least
+    ``n / max_token_bytes`` tokens (before normalization), which bounds a prompt's length
+    without tokenizing it."""
 
     def __init__(self, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
                  vocab_size: int, bos_id: int | None, eos_id: int | None, add_bos: bool,
-                 source: str) -> None:
+                 source: str, max_token_bytes: int) -> None:
         self._encode, self._decode = encode, decode
         self.vocab_size, self.bos_id, self.eos_id = vocab_size, bos_id, eos_id
         self.add_bos, self.source = add_bos, source
+        self.max_token_bytes = max(1, max_token_bytes)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         ids = self._encode(text)
@@ -132,7 +138,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                          lambda ids: tok.decode(ids, skip_special_tokens=True),
                          tok.get_vocab_size(), ids_of(_special(tok_cfg, "bos_token"), "bos_token_id"),
                          ids_of(_special(tok_cfg, "eos_token"), "eos_token_id"), add_bos,
-                         str(d / "tokenizer.json"))
+                         str(d / "tokenizer.json"),
+                         _longest(tok.get_vocab(with_added_tokens=True)))
     if (d / "tokenizer.model").is_file():
         import sentencepiece as spm
         try:
@@ -142,9 +149,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         bos = sp.bos_id() if sp.bos_id() >= 0 else _first_id(model_cfg.get("bos_token_id"))
         eos = sp.eos_id() if sp.eos_id() >= 0 else _first_id(model_cfg.get("eos_token_id"))
         return Tokenizer(lambda s: sp.encode(s), lambda ids: sp.decode(ids), sp.get_piece_size(),
-                         bos, eos, add_bos, str(d / "tokenizer.model"))
+                         bos, eos, add_bos, str(d / "tokenizer.model"),
+                         _longest(sp.id_to_piece(i) for i in range(sp.get_piece_size())))
     raise CheckpointError(f"{d}: no tokenizer.json or tokenizer.model; save a tokenizer with "
                           "the checkpoint (skymoe init writes a byte-level one)")
+
+
+def _longest(pieces: Iterable[str]) -> int:
+    # A piece's own spelling is never shorter in UTF-8 than the text it stands for: byte-level
+    # BPE spells each byte with one (1- or 2-byte) character, sentencepiece spells a space as
+    # the 3-byte "\u2581" and a fallback byte as "<0xNN>".
+    return max((len(p.encode("utf-8")) for p in pieces), default=1)
 
 
 def _first_id(value: Any) -> int | None:

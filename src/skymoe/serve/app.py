@@ -26,6 +26,7 @@ from ..infer.engine import QueueFullError, Request
 from ..infer.generate import SamplingParams
 from .chat import ChatTemplate
 from .engine_thread import EngineLoop, EngineUnavailable, Event
+from .limits import BodyLimit, RequestLimits, default_max_request_bytes
 from .metrics import Metrics
 from .output import LogprobFormatter
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, bad_request,
@@ -47,7 +48,12 @@ class ServerState:
     chat_template: ChatTemplate
     metrics: Metrics
     api_key: str | None = None
+    limits: RequestLimits | None = None  # None: the defaults for max_model_len
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        if self.limits is None:
+            self.limits = RequestLimits(default_max_request_bytes(self.max_model_len))
 
 
 # ------------------------------------------------------------------------------- the app
@@ -55,6 +61,8 @@ def build_app(state: ServerState) -> FastAPI:
     """The FastAPI application serving ``state``'s model."""
     app = FastAPI(title="skymoe", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.skymoe = state
+    # The last added runs first: count, then authenticate, then read the body within limits.
+    app.add_middleware(BodyLimit, limits=state.limits)
     app.add_middleware(_AuthAndCount, state=state)
 
     @app.exception_handler(APIError)
@@ -95,7 +103,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest) -> Response:
         arrival = time.perf_counter()
-        req = parse(CompletionRequest, await request.body())
+        req = await _off_loop(parse, CompletionRequest, await request.body())
         _check_model(state, req.model)
         check_completion(req, state.vocab_size)
         return await _completion(state, request, req, arrival)
@@ -103,12 +111,18 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest) -> Response:
         arrival = time.perf_counter()
-        req = parse(ChatCompletionRequest, await request.body())
+        req = await _off_loop(parse, ChatCompletionRequest, await request.body())
         _check_model(state, req.model)
         check_chat(req, state.vocab_size)
         return await _chat(state, request, req, arrival)
 
     return app
+
+
+async def _off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on a worker thread: parsing and tokenizing a large request must not hold
+    the event loop, which answers health checks and streams other clients' tokens."""
+    return await anyio.to_thread.run_sync(fn, *args)
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:
@@ -308,14 +322,20 @@ def _sampling(state: ServerState, req: CompletionRequest | ChatCompletionRequest
     return seqs
 
 
+def _check_prompt(state: ServerState, ids: list[int]) -> None:
+    """A 400 if the prompt leaves no room for an output token."""
+    limit = state.max_model_len
+    if len(ids) >= limit:
+        raise bad_request(f"the prompt has {len(ids)} tokens; this model's context is {limit} "
+                          f"tokens, which must also hold at least one output token", "prompt")
+
+
 def _check_length(state: ServerState, ids: list[int], max_tokens: int | None,
                   param: str) -> int:
     """``max_tokens``, or all the context left when None; a 400 naming the limit if the
     prompt and the output do not fit."""
     limit = state.max_model_len
-    if len(ids) >= limit:
-        raise bad_request(f"the prompt has {len(ids)} tokens; this model's context is {limit} "
-                          f"tokens, which must also hold at least one output token", "prompt")
+    _check_prompt(state, ids)
     if max_tokens is None:
         return limit - len(ids)
     if len(ids) + max_tokens > limit:
@@ -326,7 +346,22 @@ def _check_length(state: ServerState, ids: list[int], max_tokens: int | None,
 
 
 # --------------------------------------------------------------------------- completions
+def _certainly_too_long(state: ServerState, text: str) -> bool:
+    """True when ``text`` cannot fit the context whatever it tokenizes to, decided without
+    tokenizing: no token covers more than ``max_token_bytes`` bytes, so ``text`` has at least
+    bytes / max_token_bytes tokens. The factor 4 leaves room for normalizers that shorten text
+    before tokenizing (Unicode composition); the exact check follows tokenization."""
+    bound = 4 * state.tokenizer.max_token_bytes * state.max_model_len
+    return len(text) > bound or len(text.encode("utf-8", "surrogatepass")) > bound
+
+
+def _too_long(state: ServerState, what: str, param: str) -> APIError:
+    return bad_request(f"{what} longer than this model's context of {state.max_model_len} "
+                       "tokens", param)
+
+
 def _encode_prompts(state: ServerState, prompt) -> list[list[int]]:
+    """Token ids of each prompt, each checked against the context as soon as it is known."""
     if isinstance(prompt, str):
         items: list = [prompt]
     elif prompt and isinstance(prompt[0], int):
@@ -336,6 +371,10 @@ def _encode_prompts(state: ServerState, prompt) -> list[list[int]]:
     prompts = []
     for i, item in enumerate(items):
         if isinstance(item, str):
+            if not item:
+                raise bad_request(f"prompt {i} is empty; send at least one character", "prompt")
+            if _certainly_too_long(state, item):
+                raise _too_long(state, f"prompt {i} ({len(item)} characters) is", "prompt")
             ids = state.tokenizer.encode(item)
         else:
             ids = list(item)
@@ -345,13 +384,14 @@ def _encode_prompts(state: ServerState, prompt) -> list[list[int]]:
                                   f"(0 to {state.vocab_size - 1})", "prompt")
         if not ids:
             raise bad_request(f"prompt {i} is empty (no tokens)", "prompt")
+        _check_prompt(state, ids)
         prompts.append(ids)
     return prompts
 
 
 async def _completion(state: ServerState, http: HTTPRequest, req: CompletionRequest,
                       arrival: float) -> Response:
-    prompts = _encode_prompts(state, req.prompt)
+    prompts = await _off_loop(_encode_prompts, state, req.prompt)
     max_tokens = [_check_length(state, ids, req.max_tokens, "max_tokens") for ids in prompts]
     prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
     seqs = _sampling(state, req, prompts, req.logprobs, prompt_lp, stop_strings(req),
@@ -428,15 +468,23 @@ def _stream(gen: "_Generation", seqs: list[_Seq], head: dict,
 
 
 # ---------------------------------------------------------------------------------- chat
-async def _chat(state: ServerState, http: HTTPRequest, req: ChatCompletionRequest,
-                arrival: float) -> Response:
+def _encode_chat(state: ServerState, req: ChatCompletionRequest) -> list[int]:
+    """The messages rendered by the chat template and tokenized."""
     template = state.chat_template
     messages = [{"role": m.role, "content": message_text(m, i)}
                 for i, m in enumerate(req.messages)]
-    prompt_text = template.render(messages)
-    ids = state.tokenizer.encode(prompt_text, add_bos=template.add_bos)
+    if _certainly_too_long(state, "".join(m["content"] for m in messages)):
+        raise _too_long(state, "the messages are", "messages")
+    ids = state.tokenizer.encode(template.render(messages), add_bos=template.add_bos)
     if not ids:
         raise bad_request("the messages render to an empty prompt", "messages")
+    return ids
+
+
+async def _chat(state: ServerState, http: HTTPRequest, req: ChatCompletionRequest,
+                arrival: float) -> Response:
+    template = state.chat_template
+    ids = await _off_loop(_encode_chat, state, req)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else \
         req.max_tokens
