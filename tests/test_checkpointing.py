@@ -354,7 +354,7 @@ class _Evil:
 def test_optimizer_with_arbitrary_objects_is_refused(saved):
     f = saved / "training" / "optimizer.pt"
     torch.save({"state": {}, "param_groups": [], "x": _Evil()}, f)
-    with pytest.raises(CheckpointError, match=r"optimizer\.pt.*weights-only"):
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt: refused.*system"):
         _load_fresh(saved)
 
 
@@ -381,3 +381,37 @@ def test_architecture_mismatch_is_refused(saved):
     model = _model(num_experts_per_tok=1)  # same shapes, different routing
     with pytest.raises(CheckpointError, match="num_experts_per_tok"):
         load_checkpoint(saved, model)
+
+
+# ------------------------------------------------------------------------------- disk full
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (a real file system that fills up); skipped where mounting is not
+    allowed (not root, no CAP_SYS_ADMIN)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mount)],
+            capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_keeps_earlier_checkpoints_and_says_how_much_space(small_disk):
+    model, opt = _trained()
+    need = sum(p.numel() * 4 for p in model.parameters()) * 3  # weights + two AdamW moments
+    assert 512 * 1024 < need < 1024 * 1024  # one checkpoint fits in 1 MiB, two do not
+    first = save_checkpoint(small_disk, 2, model, opt, STATE)
+    _train_step(model, opt)
+    with pytest.raises(CheckpointError) as err:
+        save_checkpoint(small_disk, 3, model, opt, {**STATE, "step": 3})
+    message = str(err.value)
+    assert "not enough space" in message and "step-00000002, is intact" in message
+    assert "\n" not in message
+    # Nothing half-written is left; the first checkpoint still loads.
+    assert [p.name for p in (small_disk / "checkpoints").iterdir()] == [first.name]
+    assert load_checkpoint(first, _model(seed=1), _optimizer(_model(seed=1)))["step"] == 2
+    subprocess.run(["mount", "-o", "remount,size=4M", str(small_disk)], check=True)
+    assert save_checkpoint(small_disk, 3, model, opt, {**STATE, "step": 3}).name == \
+        "step-00000003"

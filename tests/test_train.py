@@ -98,6 +98,12 @@ def test_resume_is_bit_exact(tmp_path):
                    quiet=True)
     summary = half.run()
     assert summary.checkpoint.name == "step-00000003"
+    # A run killed after logging steps 4 and 5 but before checkpointing them (the last line
+    # torn): the resumed run redoes them, and the log keeps one record per step.
+    full_lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines(keepends=True)
+    redone = [ln for ln in full_lines if json.loads(ln)["step"] in (4, 5)]
+    with open(tmp_path / "half" / "metrics.jsonl", "a") as log:
+        log.writelines(redone + ['{"kind": "train", "step": 6, "lo'])
     # Resume the same way the CLI does: the run's saved config, with more steps.
     resumed_cfg = train_config.load(tmp_path / "half" / "config.toml", ["train.steps=6"])
     Trainer(resumed_cfg, resume=True, quiet=True).run()
@@ -215,3 +221,19 @@ def test_cli_bad_data_is_a_one_line_error(tmp_path, content, match):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert match in lines[-1] and str(data) in lines[-1] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["init", "--config", "tiny", "{file}/sub"],
+    ["train", "--run-dir", "{file}", "--steps", "1"],
+    ["train", "--run-dir", "{file}/run", "--steps", "1"],
+])
+def test_cli_unusable_output_paths_are_one_line_errors(tmp_path, argv):
+    file = tmp_path / "a-file"
+    file.write_text("in the way")
+    proc = subprocess.run([sys.executable, "-m", "skymoe", *(a.format(file=file) for a in argv)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"skymoe {argv[0]}: error: ") and str(file) in last

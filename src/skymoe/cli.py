@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import SkyworkMoeConfig, format_count, parameter_counts, resolve_config
-from .errors import ConfigError, SkymoeError
+from .errors import ConfigError, SkymoeError, describe_os_error
 from .checkpoint.fp8 import FP8_MODES
 from .infer.planner import GPU_PRESETS
 from .parallel.pipeline_cost import DEVICE_PRESETS
@@ -868,6 +868,9 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
     except SkymoeError as exc:
         print(f"skymoe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an unwritable path, a file in the way, a full disk
+        print(f"skymoe {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"skymoe {args.command}: interrupted", file=sys.stderr)

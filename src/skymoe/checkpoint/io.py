@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -87,8 +88,7 @@ def iter_tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
                                   f"({exc})") from None
         state = _load_bin_without_mmap(file)
     except Exception as exc:  # pickle errors of every kind: refuse, never execute
-        raise CheckpointError(f"{file}: cannot be read as a weights-only PyTorch file "
-                              f"({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{file}: {pickle_refusal(exc)}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: holds a {type(state).__name__}, not a dict of tensors")
     for name in list(state):
@@ -117,8 +117,20 @@ def _load_bin_without_mmap(file: Path) -> dict:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{file}: cannot be read as a weights-only PyTorch file "
-                              f"({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{file}: {pickle_refusal(exc)}") from None
+
+
+def pickle_refusal(exc: BaseException) -> str:
+    """One line for a ``.bin`` that ``torch.load(weights_only=True)`` refused: the object it
+    would have had to create, and the safe way on (never loading it with code execution)."""
+    text = str(exc)
+    found = re.search(r"(unsupported GLOBAL [^\s]+|Unsupported global: GLOBAL [^\s]+)", text)
+    if found:
+        return (f"refused: it holds pickled objects other than tensors ({found.group(1)}), "
+                "which would run code when loaded; if you trust its source, convert it to "
+                "safetensors with the tool that wrote it")
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+    return f"cannot be read as a weights-only PyTorch file, truncated or corrupt ({first})"
 
 
 def tensor_infos(directory: str | Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], Path]]:

@@ -30,12 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ..checkpoint.hf import load_weights, save_model
+from ..checkpoint.io import pickle_refusal
 from ..checkpoint.tokenizer import TOKENIZER_FILES
 from ..config import SkyworkMoeConfig
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, describe_os_error
 from ..model.transformer import SkyworkForCausalLM
 
 CHECKPOINTS = "checkpoints"
@@ -117,14 +119,49 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
         (training / TRAINER_STATE).write_text(state_text)
         _fsync_tree(tmp)
         _install(tmp, final, root, pid)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, (OSError, RuntimeError, SafetensorError)):
+            raise _save_failed(exc, root, name, model, optimizer) from None
         raise
     finally:
         with _LOCK:
             _IN_PROGRESS.discard(tmp)
     _prune(root, final, keep_last, pid)
     return final
+
+
+def _save_failed(exc: BaseException, root: Path, name: str, model: nn.Module,
+                 optimizer: torch.optim.Optimizer | dict[str, Any]) -> CheckpointError:
+    """The error for a save that failed while writing: how much space it needs against what
+    is free (a full disk surfaces from torch and safetensors as assorted errors), and that
+    the earlier checkpoints are untouched."""
+    needed = _tensor_bytes(model.state_dict()) + _tensor_bytes(
+        optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
+    free = shutil.disk_usage(root).free
+    latest = latest_checkpoint(root.parent)
+    kept, then = (f"the latest complete checkpoint, {latest.name}, is intact",
+                  "continue with skymoe train --resume") if latest else \
+        ("no earlier checkpoint exists", "run again")
+    if free < needed * 1.05:
+        return CheckpointError(
+            f"{root / name}: not enough space: the checkpoint needs about "
+            f"{needed / 2**30:.2f} GiB and {free / 2**30:.2f} GiB are free; {kept}; free space "
+            f"(or lower train.keep_last) and {then}")
+    detail = describe_os_error(exc) if isinstance(exc, OSError) else _one_line(exc)
+    return CheckpointError(f"{root / name}: the checkpoint could not be written ({detail}); "
+                           f"{kept}")
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested dict/list structure."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def _install(tmp: Path, final: Path, root: Path, pid: int) -> None:
@@ -345,8 +382,7 @@ def _torch_load(file: Path) -> Any:
         # weights_only: a checkpoint is data, never code to execute.
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle opcodes, refused globals
-        raise CheckpointError(f"{file}: cannot be read as a weights-only PyTorch file, truncated "
-                              f"or corrupt ({_one_line(exc)}); resume from an earlier "
+        raise CheckpointError(f"{file}: {pickle_refusal(exc)}; resume from an earlier "
                               "checkpoint") from None
 
 

@@ -70,10 +70,16 @@ class MoEStepStats:
 
 class MetricsLog:
     """Append-only JSONL log; each record is flushed and fsynced so a killed run keeps every
-    completed step (a torn last line is skipped by the reader)."""
+    completed step (a torn last line is skipped by the reader).
 
-    def __init__(self, path: str | Path) -> None:
+    With ``keep_through_step``, an existing log is first rewritten (atomically) to the records
+    of steps up to that one: a resumed run redoes the steps after its checkpoint, and each
+    step keeps one record."""
+
+    def __init__(self, path: str | Path, keep_through_step: int | None = None) -> None:
         self.path = Path(path)
+        if keep_through_step is not None and self.path.is_file():
+            _truncate_to_step(self.path, keep_through_step)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -83,3 +89,23 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _truncate_to_step(path: Path, last_step: int) -> None:
+    """Rewrite ``path`` keeping the whole records whose step is at most ``last_step``: a
+    temporary file, fsynced, renamed over the log."""
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn line from a killed run
+            if isinstance(record, dict) and record.get("step", 0) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -139,6 +139,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- set-up
     def _check_run_dir(self, resume: bool) -> None:
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise TrainingError(f"{self.run_dir}: is a file, not a run directory; set run.dir "
+                                "(--run-dir) to a directory")
         has_checkpoints = bool(checkpointing.list_checkpoints(self.run_dir))
         if resume and not has_checkpoints:
             raise TrainingError(f"{self.run_dir}: no checkpoint to resume from; start the run "
@@ -399,7 +402,9 @@ class Trainer:
                          disable=self.quiet or None, dynamic_ncols=True)
         last: StepResult | None = None
         val_loss = None
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.is_main else None
+        # Records past the step the run (re)starts from belong to steps it will redo.
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through_step=self.step) \
+            if self.is_main else None
         try:
             with guard_collectives(self.mesh, self.cfg.parallel.timeout_s):
                 stopping = self._should_stop()
