@@ -129,7 +129,9 @@ def test_last_only_matches_full():
     full = model(ids).logits
     last = model(ids, last_only=True).logits
     assert last.shape == (2, 1, VOCAB)
-    assert (last - full[:, -1:]).abs().max() < 1e-6
+    # A one-row matmul may block its sums differently from the full one (a few fp32 ulps on
+    # Zen 5); a wrong position or a missed layer would differ by O(1).
+    assert (last - full[:, -1:]).abs().max() < 1e-5
 
 
 def test_batched_generate_equals_per_sequence_generate():

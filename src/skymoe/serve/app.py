@@ -166,8 +166,10 @@ class _AuthAndCount:
                 err = APIError(401, "missing or wrong API key: send the header "
                                     "'Authorization: Bearer <key>'", "invalid_request_error",
                                None, "invalid_api_key")
+                # Closed after the answer: an unread body is not drained for a stranger.
                 await JSONResponse(err.body(), status_code=401,
-                                   headers={"WWW-Authenticate": "Bearer"})(
+                                   headers={"WWW-Authenticate": "Bearer",
+                                            "Connection": "close"})(
                     scope, receive, counting_send)
                 return
             await self.app(scope, receive, counting_send)

@@ -49,7 +49,8 @@ def serve(model: torch.nn.Module, tokenizer: Tokenizer, checkpoint: str, *, mode
           max_batch: int = 16, max_model_len: int | None = None, max_queue: int = 256,
           max_prefill_tokens: int = 2048, log_level: str = "info",
           lockstep: Lockstep | None = None, max_request_bytes: int | None = None,
-          header_timeout_s: float = 10.0, body_timeout_s: float = 30.0) -> int:
+          header_timeout_s: float = RequestLimits.header_timeout_s,
+          body_timeout_s: float = RequestLimits.body_timeout_s) -> int:
     """Serve ``model`` over HTTP until SIGINT or SIGTERM; returns the exit code (1 if the
     engine died). ``checkpoint`` is the directory the chat template is read from;
     ``max_request_bytes`` None takes ``default_max_request_bytes(max_model_len)``. Call it from
