@@ -63,7 +63,7 @@ def _raw(address, data: bytes, wait: float = 15.0) -> tuple[bytes, float]:
             while chunk := sock.recv(65536):
                 out += chunk
         except (socket.timeout, ConnectionResetError):
-            pass
+            pass  # what came before the timeout or the reset is the answer
         return out, time.perf_counter() - start
 
 

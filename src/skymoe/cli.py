@@ -194,6 +194,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .infer.cpu_kernels import prepare_for_cpu_inference
     from .infer.engine import Engine
     from .serve.engine_thread import Lockstep, run_worker
+    from .serve.limits import RequestLimits
     from .serve.server import serve
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("SKYMOE_API_KEY")
@@ -202,12 +203,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for flag in ("max_batch", "max_queue", "max_prefill_tokens", "tp"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1")
-    max_request_bytes = parse_size(args.max_request_bytes) if args.max_request_bytes else None
-    if max_request_bytes is not None and max_request_bytes < 1:
-        raise UsageError("--max-request-bytes must be at least 1 byte")
-    for flag in ("header_timeout", "body_timeout"):
-        if not getattr(args, flag) > 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be > 0 seconds")
+    limits = RequestLimits(
+        parse_size(args.max_request_bytes) if args.max_request_bytes else None,
+        args.header_timeout, args.body_timeout)
+    try:
+        limits.check()  # before the model loads
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if not Path(args.model).is_dir():
         raise UsageError(f"{args.model}: not a checkpoint directory")
     if args.threads:
@@ -239,9 +241,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      host=args.host, port=args.port, api_key=api_key or None,
                      max_batch=args.max_batch, max_model_len=max_model_len,
                      max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens,
-                     log_level=args.log_level, lockstep=lockstep,
-                     max_request_bytes=max_request_bytes, header_timeout_s=args.header_timeout,
-                     body_timeout_s=args.body_timeout)
+                     log_level=args.log_level, lockstep=lockstep, limits=limits)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

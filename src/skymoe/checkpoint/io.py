@@ -124,13 +124,16 @@ def pickle_refusal(exc: BaseException) -> str:
     """One line for a ``.bin`` that ``torch.load(weights_only=True)`` refused: the object it
     would have had to create, and the safe way on (never loading it with code execution)."""
     text = str(exc)
-    found = re.search(r"(unsupported GLOBAL [^\s]+|Unsupported global: GLOBAL [^\s]+)", text)
+    found = re.search(r"unsupported (?:global: )?GLOBAL \S+", text, re.IGNORECASE)
     if found:
-        return (f"refused: it holds pickled objects other than tensors ({found.group(1)}), "
+        return (f"refused: it holds pickled objects other than tensors ({found.group(0)}), "
                 "which would run code when loaded; if you trust its source, convert it to "
                 "safetensors with the tool that wrote it")
-    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
-    return f"cannot be read as a weights-only PyTorch file, truncated or corrupt ({first})"
+    # torch's own lines around the reason advise weights_only=False: unsafe, left out.
+    reasons = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(
+        ("Weights only load failed", "Check the documentation"))]
+    return ("cannot be read as a weights-only PyTorch file, truncated or corrupt "
+            f"({reasons[0] if reasons else type(exc).__name__})")
 
 
 def tensor_infos(directory: str | Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], Path]]:

@@ -26,11 +26,12 @@ from ..infer.engine import QueueFullError, Request
 from ..infer.generate import SamplingParams
 from .chat import ChatTemplate
 from .engine_thread import EngineLoop, EngineUnavailable, Event
-from .limits import BodyLimit, RequestLimits, default_max_request_bytes
+from .limits import BodyLimit, RequestLimits
 from .metrics import Metrics
 from .output import LogprobFormatter
+from .prompts import check_length, encode_chat, encode_prompts
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, bad_request,
-                       check_chat, check_completion, message_text, parse, stop_strings)
+                       check_chat, check_completion, parse, stop_strings)
 
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
 
@@ -48,12 +49,11 @@ class ServerState:
     chat_template: ChatTemplate
     metrics: Metrics
     api_key: str | None = None
-    limits: RequestLimits | None = None  # None: the defaults for max_model_len
+    limits: RequestLimits | None = None  # None: the defaults; resolved for max_model_len
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
-        if self.limits is None:
-            self.limits = RequestLimits(default_max_request_bytes(self.max_model_len))
+        self.limits = (self.limits or RequestLimits()).for_context(self.max_model_len)
 
 
 # ------------------------------------------------------------------------------- the app
@@ -324,77 +324,11 @@ def _sampling(state: ServerState, req: CompletionRequest | ChatCompletionRequest
     return seqs
 
 
-def _check_prompt(state: ServerState, ids: list[int]) -> None:
-    """A 400 if the prompt leaves no room for an output token."""
-    limit = state.max_model_len
-    if len(ids) >= limit:
-        raise bad_request(f"the prompt has {len(ids)} tokens; this model's context is {limit} "
-                          f"tokens, which must also hold at least one output token", "prompt")
-
-
-def _check_length(state: ServerState, ids: list[int], max_tokens: int | None,
-                  param: str) -> int:
-    """``max_tokens``, or all the context left when None; a 400 naming the limit if the
-    prompt and the output do not fit."""
-    limit = state.max_model_len
-    _check_prompt(state, ids)
-    if max_tokens is None:
-        return limit - len(ids)
-    if len(ids) + max_tokens > limit:
-        raise bad_request(f"{param} ({max_tokens}) + the prompt ({len(ids)} tokens) exceeds "
-                          f"this model's context of {limit} tokens; ask for at most "
-                          f"{limit - len(ids)}", param)
-    return max_tokens
-
-
 # --------------------------------------------------------------------------- completions
-def _certainly_too_long(state: ServerState, text: str) -> bool:
-    """True when ``text`` cannot fit the context whatever it tokenizes to, decided without
-    tokenizing: no token covers more than ``max_token_bytes`` bytes, so ``text`` has at least
-    bytes / max_token_bytes tokens. The factor 4 leaves room for normalizers that shorten text
-    before tokenizing (Unicode composition); the exact check follows tokenization."""
-    bound = 4 * state.tokenizer.max_token_bytes * state.max_model_len
-    return len(text) > bound or len(text.encode("utf-8", "surrogatepass")) > bound
-
-
-def _too_long(state: ServerState, what: str, param: str) -> APIError:
-    return bad_request(f"{what} longer than this model's context of {state.max_model_len} "
-                       "tokens", param)
-
-
-def _encode_prompts(state: ServerState, prompt) -> list[list[int]]:
-    """Token ids of each prompt, each checked against the context as soon as it is known."""
-    if isinstance(prompt, str):
-        items: list = [prompt]
-    elif prompt and isinstance(prompt[0], int):
-        items = [prompt]
-    else:
-        items = list(prompt)
-    prompts = []
-    for i, item in enumerate(items):
-        if isinstance(item, str):
-            if not item:
-                raise bad_request(f"prompt {i} is empty; send at least one character", "prompt")
-            if _certainly_too_long(state, item):
-                raise _too_long(state, f"prompt {i} ({len(item)} characters) is", "prompt")
-            ids = state.tokenizer.encode(item)
-        else:
-            ids = list(item)
-            bad = [t for t in ids if not 0 <= t < state.vocab_size]
-            if bad:
-                raise bad_request(f"prompt {i}: token id {bad[0]} is outside the vocabulary "
-                                  f"(0 to {state.vocab_size - 1})", "prompt")
-        if not ids:
-            raise bad_request(f"prompt {i} is empty (no tokens)", "prompt")
-        _check_prompt(state, ids)
-        prompts.append(ids)
-    return prompts
-
-
 async def _completion(state: ServerState, http: HTTPRequest, req: CompletionRequest,
                       arrival: float) -> Response:
-    prompts = await _off_loop(_encode_prompts, state, req.prompt)
-    max_tokens = [_check_length(state, ids, req.max_tokens, "max_tokens") for ids in prompts]
+    prompts = await _off_loop(encode_prompts, state, req.prompt)
+    max_tokens = [check_length(state, ids, req.max_tokens, "max_tokens") for ids in prompts]
     prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
     seqs = _sampling(state, req, prompts, req.logprobs, prompt_lp, stop_strings(req),
                      max_tokens, echo=req.echo)
@@ -470,27 +404,14 @@ def _stream(gen: "_Generation", seqs: list[_Seq], head: dict,
 
 
 # ---------------------------------------------------------------------------------- chat
-def _encode_chat(state: ServerState, req: ChatCompletionRequest) -> list[int]:
-    """The messages rendered by the chat template and tokenized."""
-    template = state.chat_template
-    messages = [{"role": m.role, "content": message_text(m, i)}
-                for i, m in enumerate(req.messages)]
-    if _certainly_too_long(state, "".join(m["content"] for m in messages)):
-        raise _too_long(state, "the messages are", "messages")
-    ids = state.tokenizer.encode(template.render(messages), add_bos=template.add_bos)
-    if not ids:
-        raise bad_request("the messages render to an empty prompt", "messages")
-    return ids
-
-
 async def _chat(state: ServerState, http: HTTPRequest, req: ChatCompletionRequest,
                 arrival: float) -> Response:
     template = state.chat_template
-    ids = await _off_loop(_encode_chat, state, req)
+    ids = await _off_loop(encode_chat, state, req)
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else \
         req.max_tokens
-    max_tokens = _check_length(state, ids, limit, param)
+    max_tokens = check_length(state, ids, limit, param)
     top = (req.top_logprobs or 0) if req.logprobs else None
     stop = tuple(dict.fromkeys(stop_strings(req) + template.stop))
     seqs = _sampling(state, req, [ids], top, None, stop, [max_tokens])

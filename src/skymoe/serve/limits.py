@@ -6,7 +6,7 @@ socket forever)."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anyio
 import h11
@@ -17,32 +17,40 @@ from .protocol import MAX_PROMPTS, APIError
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
 _BYTES_PER_PROMPT_TOKEN = 8  # the most a token id takes in JSON: "1234567, "
-MIN_REQUEST_BYTES = 1 << 20
+_MIN_REQUEST_BYTES = 1 << 20
 
 
 def default_max_request_bytes(max_model_len: int) -> int:
     """A body that holds ``MAX_PROMPTS`` full-context prompts as token-id lists, at least
     1 MiB: any request the server could accept fits, a 50 MB body does not."""
-    return max(MIN_REQUEST_BYTES, MAX_PROMPTS * max_model_len * _BYTES_PER_PROMPT_TOKEN)
+    return max(_MIN_REQUEST_BYTES, MAX_PROMPTS * max_model_len * _BYTES_PER_PROMPT_TOKEN)
 
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """``max_request_bytes`` per body, ``header_timeout_s`` from the connection (or the end of
-    the previous response) to a request's last header line, ``body_timeout_s`` from the
-    headers to the body's last byte."""
+    """``max_request_bytes`` per body (None: ``default_max_request_bytes`` of the served
+    context, see ``for_context``), ``header_timeout_s`` from the connection (or the end of the
+    previous response) to a request's last header line, ``body_timeout_s`` from the headers to
+    the body's last byte."""
 
-    max_request_bytes: int
+    max_request_bytes: int | None = None
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
 
     def check(self) -> None:
-        if self.max_request_bytes < 1:
+        """A ValueError naming the flag of a limit that cannot work."""
+        if self.max_request_bytes is not None and self.max_request_bytes < 1:
             raise ValueError(f"--max-request-bytes must be >= 1, got {self.max_request_bytes}")
         for flag, value in (("--header-timeout", self.header_timeout_s),
                             ("--body-timeout", self.body_timeout_s)):
             if not value > 0:
                 raise ValueError(f"{flag} must be > 0 seconds, got {value}")
+
+    def for_context(self, max_model_len: int) -> RequestLimits:
+        """These limits with the body cap filled in for a server of ``max_model_len``."""
+        if self.max_request_bytes is not None:
+            return self
+        return replace(self, max_request_bytes=default_max_request_bytes(max_model_len))
 
 
 class BodyLimit:
@@ -59,6 +67,7 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         cap = self.limits.max_request_bytes
+        assert cap is not None, "give BodyLimit limits resolved with for_context"
         declared = _content_length(scope)
         if declared is not None and declared > cap:
             await _refuse(scope, receive, send, _too_large(f"is {declared} bytes", cap))
@@ -124,7 +133,7 @@ class HeaderTimeoutProtocol(H11Protocol):
     (uvicorn's keep-alive timeout covers an idle connection after a response, but no timer
     runs once a client has started a request.)"""
 
-    header_timeout_s = 10.0  # set on the subclass that ``with_header_timeout`` makes
+    header_timeout_s = RequestLimits.header_timeout_s  # ``with_header_timeout`` sets another
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

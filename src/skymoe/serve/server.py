@@ -16,7 +16,7 @@ from ..infer.engine import Engine
 from .app import ServerState, build_app
 from .chat import ChatTemplate
 from .engine_thread import EngineLoop, Lockstep
-from .limits import RequestLimits, default_max_request_bytes, with_header_timeout
+from .limits import RequestLimits, with_header_timeout
 from .metrics import Metrics
 
 
@@ -48,13 +48,11 @@ def serve(model: torch.nn.Module, tokenizer: Tokenizer, checkpoint: str, *, mode
           host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, max_model_len: int | None = None, max_queue: int = 256,
           max_prefill_tokens: int = 2048, log_level: str = "info",
-          lockstep: Lockstep | None = None, max_request_bytes: int | None = None,
-          header_timeout_s: float = RequestLimits.header_timeout_s,
-          body_timeout_s: float = RequestLimits.body_timeout_s) -> int:
+          lockstep: Lockstep | None = None, limits: RequestLimits | None = None) -> int:
     """Serve ``model`` over HTTP until SIGINT or SIGTERM; returns the exit code (1 if the
-    engine died). ``checkpoint`` is the directory the chat template is read from;
-    ``max_request_bytes`` None takes ``default_max_request_bytes(max_model_len)``. Call it from
-    the main thread: it runs the engine there and uvicorn on a second thread."""
+    engine died). ``checkpoint`` is the directory the chat template is read from; ``limits``
+    (default ``RequestLimits()``) bound what one client may send. Call it from the main
+    thread: it runs the engine there and uvicorn on a second thread."""
     import uvicorn
 
     config = model.config
@@ -65,8 +63,7 @@ def serve(model: torch.nn.Module, tokenizer: Tokenizer, checkpoint: str, *, mode
                          f"{limit} tokens, got {max_model_len}")
     if max_batch < 1 or max_queue < 1 or max_prefill_tokens < 1:
         raise ServeError("--max-batch, --max-queue and --max-prefill-tokens must be >= 1")
-    limits = RequestLimits(max_request_bytes or default_max_request_bytes(max_model_len),
-                           header_timeout_s, body_timeout_s)
+    limits = (limits or RequestLimits()).for_context(max_model_len)
     try:
         limits.check()
     except ValueError as exc:
@@ -91,7 +88,7 @@ def serve(model: torch.nn.Module, tokenizer: Tokenizer, checkpoint: str, *, mode
                         config.vocab_size, eos, chat_template, metrics, api_key, limits)
     app = build_app(state)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,
-                                           http=with_header_timeout(header_timeout_s)))
+                                           http=with_header_timeout(limits.header_timeout_s)))
     cache_mb = sum(t.numel() * t.element_size() for t in engine.cache.keys + engine.cache.values)
     shown = f"[{host}]" if ":" in host else host
     print(f"skymoe serve: '{model_name}' on http://{shown}:{sock.getsockname()[1]}/v1 "
