@@ -37,7 +37,8 @@ from skymoe.parallel.apply import parallelize, parameter_placements
 from skymoe.parallel.data_parallel import DataParallel
 from skymoe.parallel.layout import ParallelLayout, split_range
 from skymoe.parallel.mesh import ParallelMesh, build_mesh
-from skymoe.parallel.pipeline import PipelineStageModel, build_schedule, stages_of_rank
+from skymoe.parallel.pipeline import PipelineStageModel, build_schedule
+from skymoe.parallel.schedules import stages_of_rank
 from skymoe.parallel.pipeline_layout import PipelineLayout
 from skymoe.train.metrics import MoEStepStats
 from skymoe.train.step import accumulate_gradients, pipeline_accumulate_gradients

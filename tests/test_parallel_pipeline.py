@@ -26,7 +26,8 @@ from skymoe.parallel.apply import parallelize, parameter_placements
 from skymoe.parallel.data_parallel import DataParallel
 from skymoe.parallel.layout import ParallelLayout, split_range
 from skymoe.parallel.mesh import build_mesh, local_mesh
-from skymoe.parallel.pipeline import PipelineStageModel, build_schedule, stages_of_rank
+from skymoe.parallel.pipeline import PipelineStageModel, build_schedule
+from skymoe.parallel.schedules import stages_of_rank
 from skymoe.parallel.pipeline_layout import PipelineLayout
 from skymoe.train import config as train_config
 from skymoe.train.metrics import MoEStepStats

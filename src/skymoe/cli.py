@@ -292,7 +292,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         trainer.close()
     if not trainer.is_main:  # under torchrun, rank 0 reports
-        return 128 + trainer._stop_signal if summary.interrupted else 0
+        return 128 + trainer.stop_signal if summary.interrupted else 0
     plots = plot_run(summary.run_dir)
     where = summary.checkpoint or "(none)"
     print(f"checkpoint: {where}\nmetrics:    {summary.run_dir / 'metrics.jsonl'}\n"
@@ -300,7 +300,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if summary.interrupted:
         print(f"interrupted at step {summary.steps}; continue with: skymoe train --resume "
               f"--run-dir {summary.run_dir}", file=sys.stderr)
-        return 128 + (trainer._stop_signal or signal.SIGINT)
+        return 128 + (trainer.stop_signal or signal.SIGINT)
     if summary.val_loss is not None:
         print(f"final validation loss {summary.val_loss:.3f} "
               f"(perplexity {math.exp(min(summary.val_loss, 50)):.1f})")

@@ -22,10 +22,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
-                                          ScheduleInterleaved1F1B,
-                                          ScheduleInterleavedZeroBubble, ScheduleLoopedBFS,
-                                          ScheduleZBVZeroBubble)
+from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 from torch.utils.checkpoint import checkpoint
 
@@ -35,44 +32,7 @@ from ..model.transformer import SkyworkForCausalLM
 from .comm import CollectiveOrder, CommGroup, all_reduce_
 from .mesh import ParallelMesh
 from .pipeline_layout import PipelineLayout
-
-
-@dataclass(frozen=True)
-class ScheduleKind:
-    """A torch.distributed.pipelining schedule and how it places stages on ranks: one stage
-    per rank, several in a loop (rank r holds r, r + P, r + 2P, ...), or two in a V (rank r
-    holds r and 2P - 1 - r)."""
-
-    cls: type
-    placement: str  # "single", "loop" or "v"
-
-
-SCHEDULES: dict[str, ScheduleKind] = {
-    "1f1b": ScheduleKind(Schedule1F1B, "single"),
-    "gpipe": ScheduleKind(ScheduleGPipe, "single"),
-    "interleaved-1f1b": ScheduleKind(ScheduleInterleaved1F1B, "loop"),
-    "looped-bfs": ScheduleKind(ScheduleLoopedBFS, "loop"),
-    "zero-bubble": ScheduleKind(ScheduleInterleavedZeroBubble, "loop"),
-    "zbv": ScheduleKind(ScheduleZBVZeroBubble, "v"),
-}
-
-
-def stages_of_rank(schedule: str, rank: int, ranks: int, stages: int) -> list[int]:
-    """The pipeline stages ``schedule`` runs on pipeline rank ``rank`` of ``ranks`` when the
-    model is cut into ``stages`` stages (raises ``ConfigError`` when they do not fit)."""
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"unknown pipeline schedule {schedule!r}; use one of "
-                          f"{', '.join(SCHEDULES)}")
-    kind = SCHEDULES[schedule].placement
-    per_rank, extra = divmod(stages, ranks)
-    if extra or (kind == "single" and per_rank != 1) or (kind == "v" and per_rank != 2):
-        want = {"single": "one stage", "v": "two stages", "loop": "the same number of stages"}
-        raise ConfigError(f"the {schedule} schedule runs {want[kind]} per pipeline rank, but "
-                          f"the layout has {stages} stages for {ranks} ranks; set "
-                          "parallel.pp_stages_per_rank (and parallel.pp_layers) to match")
-    if kind == "v":
-        return [rank, 2 * ranks - 1 - rank]
-    return [rank + k * ranks for k in range(per_rank)]
+from .schedules import SCHEDULES, rank_of_stage, stages_of_rank
 
 
 class AttachAuxLoss(torch.autograd.Function):
@@ -294,9 +254,7 @@ def _tied_embedding_group(stage_model: PipelineStageModel, mesh: ParallelMesh,
     the pipeline rank holding stage 0 and the one holding the last stage. Every rank creates
     every group (``new_group`` is collective); None when both ends are on one rank."""
     layout = mesh.layout
-    last = next(r for r in range(layout.pp)
-                if stage_model.num_stages - 1 in stages_of_rank(schedule, r, layout.pp,
-                                                                stage_model.num_stages))
+    last = rank_of_stage(schedule, stage_model.num_stages - 1, layout.pp, stage_model.num_stages)
     if last == 0:
         return None
     mine = None
@@ -344,7 +302,7 @@ def build_schedule(stage_model: PipelineStageModel, mesh: ParallelMesh, micro_ba
                                     output_args=example_out, group=mesh.pp.pg))
     kind = SCHEDULES[schedule]
     try:  # the schedule checks the micro-batch count against its stages
-        return kind.cls(stages[0] if kind.placement == "single" else stages,
+        return kind.torch_class()(stages[0] if kind.placement == "single" else stages,
                         n_microbatches=micro_batches, loss_fn=loss_fn)
     except ValueError as exc:
         raise ConfigError(f"the {schedule} schedule with {micro_batches} micro-batches per "

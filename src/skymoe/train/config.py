@@ -18,7 +18,7 @@ import tomli_w
 
 from ..errors import ConfigError
 from ..parallel.layout import ParallelLayout, parse_layout
-from ..parallel.pipeline import SCHEDULES
+from ..parallel.schedules import SCHEDULES
 from ..parallel.pipeline_layout import PipelineLayout, parse_counts
 
 

@@ -38,7 +38,8 @@ from ..parallel.data_parallel import DataParallel
 from ..parallel.health import guard_collectives
 from ..parallel.layout import split_range
 from ..parallel.mesh import build_mesh, init_distributed
-from ..parallel.pipeline import PipelineStageModel, build_schedule, stages_of_rank
+from ..parallel.pipeline import PipelineStageModel, build_schedule
+from ..parallel.schedules import stages_of_rank
 from ..runtime import keep_freed_memory
 from . import checkpointing, data
 from . import step as step_ops
@@ -388,6 +389,11 @@ class Trainer:
         self._barrier()
         self.last_checkpoint = path
         return path
+
+    @property
+    def stop_signal(self) -> int | None:
+        """The signal (SIGINT/SIGTERM) that stopped the run early, if one did."""
+        return self._stop_signal
 
     def _on_signal(self, signum: int, frame) -> None:
         self._stop_signal = signum
