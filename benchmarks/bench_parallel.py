@@ -50,7 +50,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from skymoe.config import resolve_config
-    from skymoe.model.moe import MoETrainingOptions
+    from skymoe.model.moe import MoEBalance, MoETrainingOptions
     from skymoe.model.transformer import build_model
     from skymoe.parallel.apply import parallelize, parameter_placements
     from skymoe.parallel.data_parallel import DataParallel
@@ -67,14 +67,15 @@ def worker(args: argparse.Namespace) -> None:
     mesh = build_mesh(layout)
     config = resolve_config("bench")
     model = build_model(config, seed=0, dtype=torch.float32).train()
-    model.configure_moe_training(MoETrainingOptions(capacity_factor=1.0))
-    model.set_aux_coefs([0.001] * len(model.moe_blocks()))
+    moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    balance = MoEBalance.for_layers(MoETrainingOptions(capacity_factor=1.0), moe_layers,
+                                    [0.001] * len(moe_layers))
     placements = parameter_placements(model, mesh)
     numel = {n: p.numel() for n, p in model.named_parameters()}
     parallelize(model, mesh, args.chunks)
     dp = DataParallel(model, mesh, placements, numel, zero=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    stats = MoEStepStats(list(range(len(model.moe_blocks()))))
+    stats = MoEStepStats(moe_layers)
     batch = torch.randint(config.vocab_size, (GLOBAL_BATCH, SEQ_LEN),
                           generator=torch.Generator().manual_seed(0))
     rows = split_range(GLOBAL_BATCH, layout.dp, mesh.coords.dp)
@@ -84,6 +85,8 @@ def worker(args: argparse.Namespace) -> None:
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16)
 
+    strategy = step_ops.MicroBatchLoop(model, GLOBAL_BATCH, autocast, device)
+
     times, traffic, drops = [], {}, []
     for step in range(args.warmup + args.steps):
         mesh.traffic.reset()
@@ -92,7 +95,7 @@ def worker(args: argparse.Namespace) -> None:
         began = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         stats.reset()
-        step_ops.accumulate_gradients(model, local, GLOBAL_BATCH, dp, stats, autocast, device)
+        step_ops.accumulate_gradients(strategy, local, balance, dp, stats)
         dp.clip_grad_norm(1.0)
         step_ops.apply_update(optimizer, dp, 1e-4)
         elapsed = time.perf_counter() - began

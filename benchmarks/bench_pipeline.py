@@ -46,13 +46,13 @@ def _config():
 def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
-    from skymoe.model.moe import MoETrainingOptions
+    from skymoe.model.moe import MoEBalance, MoETrainingOptions
     from skymoe.model.transformer import build_model
     from skymoe.parallel.apply import parallelize, parameter_placements
     from skymoe.parallel.data_parallel import DataParallel
     from skymoe.parallel.layout import ParallelLayout
     from skymoe.parallel.mesh import build_mesh, init_distributed
-    from skymoe.parallel.pipeline import PipelineStageModel, build_schedule
+    from skymoe.parallel.pipeline import PipelineStages, build_schedule
     from skymoe.parallel.pipeline_layout import PipelineLayout
     from skymoe.runtime import keep_freed_memory
     from skymoe.train import step as step_ops
@@ -65,18 +65,19 @@ def worker(args: argparse.Namespace) -> None:
     mesh = build_mesh(ParallelLayout(pp=pipe.stages))
     config = _config()
     model = build_model(config, seed=0, dtype=torch.float32).train()
-    model.configure_moe_training(MoETrainingOptions(capacity_factor=1.0))
-    model.set_aux_coefs([0.001] * len(model.moe_blocks()))
     moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
-    stage = PipelineStageModel(model, pipe, mesh.coords.pp).train()
-    stage.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    balance = MoEBalance.for_layers(MoETrainingOptions(capacity_factor=1.0), moe_layers,
+                                    [0.001] * len(moe_layers))
+    stages = PipelineStages(model, pipe, mesh.coords.pp)
+    stage = stages.model
     placements = parameter_placements(stage, mesh)
     numel = {n: p.numel() for n, p in stage.named_parameters()}
     parallelize(stage, mesh)
     dp = DataParallel(stage, mesh, placements, numel, zero=True)
     optimizer = torch.optim.AdamW(stage.parameters(), lr=1e-4, fused=True)
-    schedule = build_schedule(stage, mesh, MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ_LEN, "1f1b",
-                              torch.bfloat16)
+    schedule = build_schedule(stages, mesh, MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ_LEN, "1f1b",
+                              torch.bfloat16,
+                              autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     stats = MoEStepStats(moe_layers)
     batch = torch.randint(config.vocab_size, (MICRO_BATCHES * MICRO_BATCH_SIZE, SEQ_LEN),
                           generator=torch.Generator().manual_seed(0))
@@ -86,8 +87,7 @@ def worker(args: argparse.Namespace) -> None:
         began = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         stats.reset()
-        step_ops.pipeline_accumulate_gradients(schedule, stage, batch, MICRO_BATCHES,
-                                               moe_layers, dp, stats, torch.device("cpu"))
+        step_ops.accumulate_gradients(schedule, batch, balance, dp, stats)
         dp.clip_grad_norm(1.0)
         step_ops.apply_update(optimizer, dp, 1e-4)
         dist.barrier()

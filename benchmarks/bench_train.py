@@ -48,16 +48,16 @@ def _peak_rss_bytes() -> int:
 
 
 def _skymoe_step(ckpt: Path, device: str, compile_layers: bool):
-    from skymoe.model.moe import MoETrainingOptions
+    from skymoe.model.moe import MoEBalance, MoETrainingOptions
 
     model = skymoe.load_model(ckpt, dtype=torch.float32, device=device).train()
-    model.configure_moe_training(MoETrainingOptions(capacity_factor=1.0))
-    model.set_aux_coefs([0.001] * len(model.moe_blocks()))
+    balance = MoEBalance(MoETrainingOptions(capacity_factor=1.0),
+                         dict.fromkeys(range(model.config.num_hidden_layers), 0.001))
     if compile_layers:
         model.compile_layers()
 
     def loss_of(ids):
-        out = model(ids, labels=ids)
+        out = model(ids, labels=ids, balance=balance)
         return out.loss + out.aux_loss
     return model, loss_of
 

@@ -31,17 +31,17 @@ import torch.distributed as dist
 from skymoe.config import SkyworkMoeConfig
 from skymoe.errors import ConfigError
 from skymoe.model import balance
-from skymoe.model.moe import MoETrainingOptions
+from skymoe.model.moe import MoEBalance, MoETrainingOptions
 from skymoe.model.transformer import build_model
 from skymoe.parallel.apply import parallelize, parameter_placements
 from skymoe.parallel.data_parallel import DataParallel
 from skymoe.parallel.layout import ParallelLayout, split_range
 from skymoe.parallel.mesh import ParallelMesh, build_mesh
-from skymoe.parallel.pipeline import PipelineStageModel, build_schedule
+from skymoe.parallel.pipeline import PipelineStages, build_schedule
 from skymoe.parallel.schedules import stages_of_rank
 from skymoe.parallel.pipeline_layout import PipelineLayout
 from skymoe.train.metrics import MoEStepStats
-from skymoe.train.step import accumulate_gradients, pipeline_accumulate_gradients
+from skymoe.train.step import MicroBatchLoop, accumulate_gradients
 
 STEPS = 2
 TOLERANCE = 1e-5
@@ -173,8 +173,6 @@ class StepRecord:
 
 def _base_model(case: Case, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     model = build_model(case.config, seed=case.seed, dtype=dtype).train()
-    model.configure_moe_training(case.options)
-    model.set_aux_coefs(case.aux_coefs)
     model.activation_checkpointing = case.recompute
     with torch.no_grad():
         for block in model.moe_blocks():
@@ -195,6 +193,10 @@ def _batches(case: Case) -> list[torch.Tensor]:
 
 def _moe_layers(case: Case) -> list[int]:
     return [i for i in range(case.config.num_hidden_layers) if case.config.is_moe_layer(i)]
+
+
+def _balance(case: Case) -> MoEBalance:
+    return MoEBalance.for_layers(case.options, _moe_layers(case), case.aux_coefs)
 
 
 def _decision_margin(probs_TE: torch.Tensor, case: Case, seqs: int) -> float:
@@ -237,7 +239,7 @@ def reference(case: Case, dtype: torch.dtype = torch.float32) -> StepRecord:
         optimizer.zero_grad(set_to_none=True)
         stats, total = MoEStepStats(_moe_layers(case)), 0.0
         for micro in batch.split(case.micro):
-            out = model(micro, labels=micro)
+            out = model(micro, labels=micro, balance=_balance(case))
             loss = (out.loss + out.aux_loss) * (micro.shape[0] / batch.shape[0])
             loss.backward()
             total += float(loss.detach())
@@ -252,40 +254,35 @@ def reference(case: Case, dtype: torch.dtype = torch.float32) -> StepRecord:
     return record
 
 
-def _pipeline_model(case: Case, mesh: ParallelMesh) -> PipelineStageModel:
+def _pipeline_stages(case: Case, mesh: ParallelMesh) -> PipelineStages:
     on_rank = stages_of_rank(case.schedule, mesh.coords.pp, mesh.layout.pp, case.pipe.stages)
-    stage = PipelineStageModel(_base_model(case), case.pipe, on_rank).train()
-    stage.set_aux_coefs(case.aux_coefs)
-    return stage
+    return PipelineStages(_base_model(case), case.pipe, on_rank)
 
 
 def sharded_run(case: Case, mesh: ParallelMesh) -> tuple[StepRecord, dict]:
     """The case under ``mesh``'s layout through the trainer's step functions: the rank's
     gradients (those it owns) and its placements."""
     layout = mesh.layout
-    pipelined = layout.pp > 1
-    model = _pipeline_model(case, mesh) if pipelined else _base_model(case)
+    stages = _pipeline_stages(case, mesh) if layout.pp > 1 else None
+    model = stages.model if stages is not None else _base_model(case)
     placements = parameter_placements(model, mesh)
     numel = {n: p.numel() for n, p in model.named_parameters()}
     parallelize(model, mesh)
     dp = DataParallel(model, mesh, placements, numel,
-                      counted_elsewhere=model.tied_copies if pipelined else frozenset())
+                      counted_elsewhere=stages.tied_copies if stages else frozenset())
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     rows = split_range(case.rows, layout.dp, mesh.coords.dp)
     micro_batches = (rows[1] - rows[0]) // case.micro
-    schedule = (build_schedule(model, mesh, micro_batches, case.micro, case.seq_len,
-                               case.schedule) if pipelined else None)
+    strategy = (build_schedule(stages, mesh, micro_batches, case.micro, case.seq_len,
+                               case.schedule) if stages is not None
+                else MicroBatchLoop(model, case.micro, contextlib.nullcontext,
+                                    torch.device("cpu")))
     record = StepRecord()
     for batch in _batches(case):
         optimizer.zero_grad(set_to_none=True)
         stats = MoEStepStats(_moe_layers(case))
-        local = batch[rows[0]:rows[1]]
-        if pipelined:
-            loss, _ = pipeline_accumulate_gradients(schedule, model, local, micro_batches,
-                                                    _moe_layers(case), dp, stats, "cpu")
-        else:
-            loss, _ = accumulate_gradients(model, local, case.micro, dp, stats,
-                                           contextlib.nullcontext, torch.device("cpu"))
+        loss, _ = accumulate_gradients(strategy, batch[rows[0]:rows[1]], _balance(case), dp,
+                                       stats)
         record.losses.append(loss)
         record.norms.append(float(dp.grad_norm()))
         record.drops.append(stats.drop_rates())

@@ -142,16 +142,15 @@ def _block(num_experts=8, seed=0):
 def test_block_training_forward_drop_rate_and_grouped_equals_loop():
     block = _block()
     block.train()
-    block.training_options = MoETrainingOptions(capacity_factor=1.0, routing_group_size=1)
-    block.aux_coef = 0.01
+    options = MoETrainingOptions(capacity_factor=1.0, routing_group_size=1)
     x = torch.randn(3, 20, 32, dtype=torch.float64, requires_grad=True)
     outs, grads = [], []
     for impl in ("loop", "grouped"):
         block.experts.impl = impl
         x.grad = None
         block.zero_grad()
-        y = block(x)
-        (y.square().sum() + block.last_aux).backward()
+        y, moe = block(x, options, aux_coef=0.01)
+        (y.square().sum() + moe.aux).backward()
         outs.append(y.detach())
         grads.append([x.grad.clone()] + [p.grad.clone() for p in block.parameters()])
     torch.testing.assert_close(outs[0], outs[1])
@@ -161,19 +160,18 @@ def test_block_training_forward_drop_rate_and_grouped_equals_loop():
     # ceil(2 * 20 / 8) = 5 per expert; assignments beyond 5 per (sequence, expert) are dropped.
     ids = block.routing(x.detach().reshape(-1, 32)).expert_ids_TK.view(3, 20 * 2)
     dropped = sum(max(0, int((seq == e).sum()) - 5) for seq in ids for e in range(8))
-    stats = block.last_stats
-    assert stats["dropped"].item() == dropped > 0
-    assert stats["load"].sum().item() == 3 * 20 * 2
+    stats = moe.stats
+    assert stats.dropped.item() == dropped > 0
+    assert stats.load.sum().item() == 3 * 20 * 2
 
 
 def test_eval_mode_and_dropless_route_everything():
     block = _block()
-    block.training_options = MoETrainingOptions(capacity_factor=0.5)
     x = torch.randn(2, 16, 32, dtype=torch.float64)
     block.eval()
-    reference = block(x)
-    assert block.last_stats is None  # inference: no dropping, no statistics
+    reference, moe = block(x, MoETrainingOptions(capacity_factor=0.5))
+    assert moe is None  # inference: no dropping, no statistics
     block.train()
-    block.training_options = MoETrainingOptions(capacity_factor=0.0)
-    torch.testing.assert_close(block(x), reference)
-    assert block.last_stats["dropped"].item() == 0
+    y, moe = block(x, MoETrainingOptions(capacity_factor=0.0))
+    torch.testing.assert_close(y, reference)
+    assert moe.stats.dropped.item() == 0

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from skymoe.config import SkyworkMoeConfig
-from skymoe.model.moe import MoETrainingOptions
+from skymoe.model.moe import MoEBalance, MoETrainingOptions
 from skymoe.model.transformer import build_model
 from skymoe.parallel.apply import parallelize, parameter_placements
 from skymoe.parallel.comm import all_reduce_
@@ -44,14 +44,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def _train(model, batches, optimizer, after_backward=None, after_step=None, loss_of=None,
-           norm_of=None):
+def _train(model, batches, optimizer, balance, after_backward=None, after_step=None,
+           loss_of=None, norm_of=None):
     """AdamW steps over ``batches``; returns per-step losses, the gradients of the first and
     last step, and the gradient norm of each step."""
     losses, grads, norms = [], [], []
     for batch in batches:
         optimizer.zero_grad(set_to_none=True)
-        out = model(batch, labels=batch)
+        out = model(batch, labels=batch, balance=balance)
         loss = out.loss + out.aux_loss
         loss.backward()
         if after_backward:
@@ -71,14 +71,15 @@ def _parity_worker(rank: int, world: int, layout: ParallelLayout, capacity_facto
                    heads: int, kv_heads: int, a2a_chunks: int = 1, zero: bool = True) -> None:
     config = tiny_config(heads, kv_heads)
     full = build_model(config, seed=0, dtype=torch.float32)
-    full.configure_moe_training(MoETrainingOptions(capacity_factor=capacity_factor))
-    full.set_aux_coefs([0.01] * len(full.moe_blocks()))
+    moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    balance = MoEBalance.for_layers(MoETrainingOptions(capacity_factor=capacity_factor),
+                                    moe_layers, [0.01] * len(moe_layers))
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, config.vocab_size, (4, 16), generator=gen) for _ in range(STEPS)]
     sharded = copy.deepcopy(full)
 
     ref_losses, ref_grads, ref_norms = _train(full, batches,
-                                              torch.optim.AdamW(full.parameters(), lr=1e-3))
+                                              torch.optim.AdamW(full.parameters(), lr=1e-3), balance)
 
     mesh = build_mesh(layout)
     placements = parameter_placements(sharded, mesh)
@@ -92,7 +93,7 @@ def _parity_worker(rank: int, world: int, layout: ParallelLayout, capacity_facto
     def global_loss(loss):
         return float(all_reduce_(loss.detach().clone(), mesh.dp)) / layout.dp
 
-    losses, grads, norms = _train(sharded, local, optimizer, dp.reduce_gradients,
+    losses, grads, norms = _train(sharded, local, optimizer, balance, dp.reduce_gradients,
                                   dp.broadcast_parameters, global_loss,
                                   lambda: float(dp.grad_norm()))
 

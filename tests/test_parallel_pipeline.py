@@ -1,4 +1,4 @@
-"""Pipeline parallelism (torch.distributed.pipelining schedules over ``PipelineStageModel``)
+"""Pipeline parallelism (torch.distributed.pipelining schedules over ``PipelineStages``)
 gives the single-process training step: losses, gradient norms, gradients and MoE drop rates
 of three steps match (fp32, relative error < 1e-5) for uneven layouts over 2 and 4 stages,
 with and without recomputation, with tensor/expert parallelism inside stages, and with two
@@ -20,18 +20,18 @@ import torch.distributed as dist
 
 from skymoe.config import SkyworkMoeConfig
 from skymoe.errors import ConfigError
-from skymoe.model.moe import MoETrainingOptions, zero_moe_stats
+from skymoe.model.moe import MoEBalance, MoEStats, MoETrainingOptions
 from skymoe.model.transformer import build_model
 from skymoe.parallel.apply import parallelize, parameter_placements
 from skymoe.parallel.data_parallel import DataParallel
 from skymoe.parallel.layout import ParallelLayout, split_range
 from skymoe.parallel.mesh import build_mesh, local_mesh
-from skymoe.parallel.pipeline import PipelineStageModel, build_schedule
+from skymoe.parallel.pipeline import PipelineStages, build_schedule
 from skymoe.parallel.schedules import stages_of_rank
 from skymoe.parallel.pipeline_layout import PipelineLayout
 from skymoe.train import config as train_config
 from skymoe.train.metrics import MoEStepStats
-from skymoe.train.step import pipeline_accumulate_gradients
+from skymoe.train.step import accumulate_gradients
 
 from distributed import spawn
 
@@ -54,17 +54,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def _reference(model, batches, micro):
+def _reference(model, batches, micro, balance):
     """Single-process steps: micro-batches of ``micro`` rows, each loss scaled by its share."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     losses, grads, norms, drops = [], [], [], []
-    moe_count = len(model.moe_blocks())
+    moe_layers = sorted(balance.coefs)
     for batch in batches:
         optimizer.zero_grad(set_to_none=True)
-        total, stats = 0.0, MoEStepStats(list(range(moe_count)))
+        total, stats = 0.0, MoEStepStats(moe_layers)
         parts = batch.split(micro)
         for part in parts:
-            out = model(part, labels=part)
+            out = model(part, labels=part, balance=balance)
             loss = (out.loss + out.aux_loss) / len(parts)
             loss.backward()
             total += float(loss.detach())
@@ -81,35 +81,32 @@ def _pipeline_worker(rank: int, world: int, layout: ParallelLayout, stages: Pipe
                      schedule: str, tied: bool = False) -> None:
     config = pipeline_config(tied)
     full = build_model(config, seed=0, dtype=torch.float32)
-    full.configure_moe_training(MoETrainingOptions(capacity_factor=1.0))
-    coefs = [0.01 * (j + 1) for j in range(len(full.moe_blocks()))]
-    full.set_aux_coefs(coefs)
+    moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    balance = MoEBalance.for_layers(MoETrainingOptions(capacity_factor=1.0), moe_layers,
+                                    [0.01 * (j + 1) for j in range(len(moe_layers))])
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, config.vocab_size, (ROWS, SEQ), generator=gen)
                for _ in range(STEPS)]
-    moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
     staged = copy.deepcopy(full)
-    ref_losses, ref_grads, ref_norms, ref_drops = _reference(full, batches, MICRO)
+    ref_losses, ref_grads, ref_norms, ref_drops = _reference(full, batches, MICRO, balance)
 
     mesh = build_mesh(layout)
-    staged.set_aux_coefs([0.0] * len(coefs))
     on_rank = stages_of_rank(schedule, mesh.coords.pp, layout.pp, stages.stages)
-    stage = PipelineStageModel(staged, stages, on_rank).train()
-    stage.set_aux_coefs(coefs)  # each stage picks its layers' coefficients
+    pipeline = PipelineStages(staged, stages, on_rank)
+    stage = pipeline.model.train()  # each stage picks its layers' coefficients
     placements = parameter_placements(stage, mesh)
     numel = {n: p.numel() for n, p in stage.named_parameters()}
     parallelize(stage, mesh)
-    dp = DataParallel(stage, mesh, placements, numel, counted_elsewhere=stage.tied_copies)
+    dp = DataParallel(stage, mesh, placements, numel, counted_elsewhere=pipeline.tied_copies)
     optimizer = torch.optim.SGD(stage.parameters(), lr=0.1)
     rows = split_range(ROWS, layout.dp, mesh.coords.dp)
     micro_batches = (rows[1] - rows[0]) // MICRO
-    pipe = build_schedule(stage, mesh, micro_batches, MICRO, SEQ, schedule)
+    pipe = build_schedule(pipeline, mesh, micro_batches, MICRO, SEQ, schedule)
     stats = MoEStepStats(moe_layers)
     for step, batch in enumerate(batches):
         optimizer.zero_grad(set_to_none=True)
         stats.reset()
-        loss, _ = pipeline_accumulate_gradients(pipe, stage, batch[rows[0]:rows[1]],
-                                                micro_batches, moe_layers, dp, stats, "cpu")
+        loss, _ = accumulate_gradients(pipe, batch[rows[0]:rows[1]], balance, dp, stats)
         norm = float(dp.grad_norm())
         assert abs(loss - ref_losses[step]) / abs(ref_losses[step]) < TOLERANCE, \
             (stages, step, loss, ref_losses[step])
@@ -175,25 +172,25 @@ def test_pipeline_parity_four_processes(case):
 def test_zero_stats_match_a_real_forward():
     config = pipeline_config()
     model = build_model(config, seed=0, dtype=torch.float32).train()
-    model.configure_moe_training(MoETrainingOptions(capacity_factor=1.0))
-    out = model(torch.randint(0, config.vocab_size, (2, 8)), labels=None)
-    real, zeros = out.moe_stats[0], zero_moe_stats(config.num_experts)
-    assert {k: v.shape for k, v in real.items()} == {k: v.shape for k, v in zeros.items()}
+    balance = MoEBalance(MoETrainingOptions(capacity_factor=1.0), {})
+    out = model(torch.randint(0, config.vocab_size, (2, 8)), labels=None, balance=balance)
+    real, zeros = out.moe_stats[1], MoEStats.zeros(config.num_experts)
+    assert [t.shape for t in real.tensors()] == [t.shape for t in zeros.tensors()]
 
 
 def test_stage_model_rejects_bad_layouts():
     model = build_model(pipeline_config(), seed=0)
     with pytest.raises(ConfigError, match="sum to 5"):
-        PipelineStageModel(model, PipelineLayout((3, 3)), 0)
+        PipelineStages(model, PipelineLayout((3, 3)), 0)
     with pytest.raises(ConfigError, match="stage 1 .* has no layers"):
-        PipelineStageModel(model, PipelineLayout((3, 0, 2)), 0)
+        PipelineStages(model, PipelineLayout((3, 0, 2)), 0)
     with pytest.raises(ConfigError, match="recomputes 3 layers but holds 2"):
-        PipelineStageModel(model, PipelineLayout((3, 2), (0, 3)), 0)
+        PipelineStages(model, PipelineLayout((3, 2), (0, 3)), 0)
 
 
 def test_schedules_place_stages_on_ranks():
     model = build_model(pipeline_config(), seed=0)
-    stage = PipelineStageModel(model, PipelineLayout((3, 2)), 0)
+    stage = PipelineStages(model, PipelineLayout((3, 2)), 0)
     mesh = local_mesh()
     with pytest.raises(ConfigError, match="unknown pipeline schedule 'zb'"):
         build_schedule(stage, mesh, 4, MICRO, SEQ, "zb")

@@ -165,7 +165,9 @@ class NativeMoEDecoderLayer(_Wrapper):
                 and layer.input_layernorm.weight.dtype == layer.self_attn.wqkv.dtype)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | SlotKVCache | None, start: int | None) -> torch.Tensor:
+                cache: KVCache | SlotKVCache | None = None, start: int | None = None,
+                balance: None = None) -> tuple[torch.Tensor, None]:
+        """``DecoderLayer.forward`` for inference (no MoE training output)."""
         layer = self.inner
         step = layer.self_attn.decode_args(x, cos, sin, cache, start or 0)
         if step is None or x.dtype != self.weight_args[0].dtype:
@@ -173,7 +175,7 @@ class NativeMoEDecoderLayer(_Wrapper):
         b, _, hidden = x.shape
         out = self.kernels.moe_layer_decode(x.reshape(b, hidden).contiguous(), *step,
                                             *self.weight_args)
-        return out.view(b, 1, hidden)
+        return out.view(b, 1, hidden), None
 
 
 def apply_native_kernels(model: SkyworkForCausalLM, kernels: ModuleType) -> SkyworkForCausalLM:

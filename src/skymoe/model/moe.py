@@ -13,8 +13,8 @@ Two expert implementations compute the same function from the same parameters:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from dataclasses import dataclass, fields
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -236,14 +236,66 @@ class MoETrainingOptions:
             raise ValueError("routing_group_size must be >= 0 (0: the whole micro-batch)")
 
 
-def zero_moe_stats(num_experts: int) -> dict[str, torch.Tensor]:
-    """Zeros with the keys and shapes of the statistics a training forward of ``MoEBlock``
-    leaves in ``last_stats`` (for layers a process does not hold, e.g. on other pipeline
-    stages, so sums over processes line up)."""
-    stats = {k: torch.zeros(()) for k in ("tokens", "dropped", "aux_loss", "z_loss",
-                                          "max1_max2", "max2_max3")}
-    stats["load"] = torch.zeros(num_experts)
-    return stats
+@dataclass
+class MoEStats:
+    """The one schema of an MoE layer's training statistics: detached sums over the tokens of
+    one or more forwards (divide by ``tokens`` for means). ``load[e]`` counts the assignments
+    routed to expert e before capacity; ``dropped`` those capacity removed."""
+
+    tokens: torch.Tensor
+    dropped: torch.Tensor
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    load: torch.Tensor
+    max1_max2: torch.Tensor
+    max2_max3: torch.Tensor
+
+    @classmethod
+    def zeros(cls, num_experts: int, device: torch.device | str = "cpu") -> "MoEStats":
+        """Zero sums (for layers a process does not hold, e.g. on other pipeline stages, so
+        sums over processes line up)."""
+        return cls(*(torch.zeros((), device=device) for _ in range(4)),
+                   torch.zeros(num_experts, device=device),
+                   torch.zeros((), device=device), torch.zeros((), device=device))
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The sums in one fixed order (every rank reduces them in the same order)."""
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def add_(self, other: "MoEStats") -> "MoEStats":
+        for mine, theirs in zip(self.tensors(), other.tensors()):
+            mine += theirs.to(mine.device)
+        return self
+
+    def clone(self) -> "MoEStats":
+        return MoEStats(*(t.detach().clone() for t in self.tensors()))
+
+
+@dataclass(frozen=True)
+class MoEBalance:
+    """What a training forward needs to balance the MoE layers: the routing options and each
+    MoE layer's balance-loss coefficient by global layer index (from the adaptive
+    controller). Passed to the model's forward; nothing is kept on the modules."""
+
+    options: MoETrainingOptions
+    coefs: dict[int, float]
+
+    @classmethod
+    def for_layers(cls, options: MoETrainingOptions, moe_layers: Sequence[int],
+                   coefs: Sequence[float]) -> "MoEBalance":
+        """Coefficients given in MoE-layer order (``moe_layers``: their global indices)."""
+        if len(coefs) != len(moe_layers):
+            raise ValueError(f"got {len(coefs)} coefficients for {len(moe_layers)} MoE layers")
+        return cls(options, {i: float(c) for i, c in zip(moe_layers, coefs)})
+
+
+class MoEOutput(NamedTuple):
+    """What one training forward of an MoE block yields beside its hidden states: ``aux``,
+    coefficient * balance loss + z-coefficient * z-loss (differentiable: add it to the loss),
+    and the layer's detached statistics."""
+
+    aux: torch.Tensor
+    stats: MoEStats
 
 
 class MoEBlock(nn.Module):
@@ -252,9 +304,10 @@ class MoEBlock(nn.Module):
     With ``use_logits_norm=False``, ``two_layer_gate=False`` and ``mul_topk=False`` this is
     Mixtral's sparse MoE block.
 
-    In training mode with ``training_options`` set, assignments beyond capacity are dropped and
-    each forward leaves ``last_aux`` (``aux_coef`` * balance loss + z-loss, differentiable;
-    the model adds it to its output) and ``last_stats`` (detached per-layer metrics).
+    ``forward(x)`` routes every assignment (inference) and returns ``(y, None)``. A training
+    forward, ``forward(x, options, aux_coef)`` in training mode, drops assignments beyond
+    capacity and returns ``(y, MoEOutput)``: the aux term and the statistics flow out of the
+    call, so recomputation in backward (whose outputs are discarded) cannot rewrite them.
     """
 
     def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, *,
@@ -271,10 +324,6 @@ class MoEBlock(nn.Module):
         else:
             self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.experts = SwiGLUExperts(num_experts, hidden, ffn)
-        self.training_options: MoETrainingOptions | None = None
-        self.aux_coef = 0.0
-        self.last_aux: torch.Tensor | None = None
-        self.last_stats: dict[str, torch.Tensor] | None = None
 
     def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
         """Gate logits in fp32 (the router never runs in low precision), normalized when the
@@ -292,22 +341,25 @@ class MoEBlock(nn.Module):
     def routing(self, x_TH: torch.Tensor) -> Routing:
         return route(self.router_logits(x_TH), self.top_k)
 
-    def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTH: torch.Tensor, options: MoETrainingOptions | None = None,
+                aux_coef: float = 0.0) -> tuple[torch.Tensor, MoEOutput | None]:
         shape = x_BTH.shape
         x_TH = x_BTH.reshape(-1, shape[-1])
         logits_TE = self.router_logits(x_TH)
         r = route(logits_TE, self.top_k)
         expert_in = x_TH * self.top_k if self.mul_topk else x_TH
-        opts = self.training_options if self.training else None
-        if opts is None:  # inference transforms may swap ``experts`` for a dropless module
-            return self.experts(expert_in, r.expert_ids_TK, r.weights_TK).view(shape)
+        if options is None or not self.training:  # evaluation always routes dropless
+            return self.experts(expert_in, r.expert_ids_TK, r.weights_TK).view(shape), None
         num_seqs = shape[0] if len(shape) == 3 else 1
-        keep_TK = self._balance(logits_TE, r, num_seqs, opts)
-        return self.experts(expert_in, r.expert_ids_TK, r.weights_TK, keep_TK).view(shape)
+        keep_TK, out = self._balance(logits_TE, r, num_seqs, options, aux_coef)
+        y = self.experts(expert_in, r.expert_ids_TK, r.weights_TK, keep_TK).view(shape)
+        return y, out
 
     def _balance(self, logits_TE: torch.Tensor, r: Routing, num_seqs: int,
-                 opts: MoETrainingOptions) -> torch.Tensor | None:
-        """Capacity, balance losses and metrics of one training forward; returns the keep mask."""
+                 opts: MoETrainingOptions, aux_coef: float
+                 ) -> tuple[torch.Tensor | None, MoEOutput]:
+        """Capacity, balance losses and statistics of one training forward: the keep mask
+        (None: dropless) and the layer's output record."""
         t, k = r.expert_ids_TK.shape
         group_seqs = opts.routing_group_size or num_seqs
         num_groups = math.ceil(num_seqs / group_seqs)
@@ -322,17 +374,15 @@ class MoEBlock(nn.Module):
                 torch.tensor(capacities, device=logits_TE.device), opts.drop_policy)
         aux = balance.aux_loss(r.probs_TE, r.expert_ids_TK, opts.aux_loss, group_T, num_groups)
         z = balance.router_z_loss(logits_TE)
-        self.last_aux = self.aux_coef * aux + opts.z_loss_coef * z
         with torch.no_grad():
             max12, max23 = (balance.gate_sharpness(r.probs_TE) if self.num_experts >= 3
                             else (torch.tensor(float("nan")),) * 2)
-            self.last_stats = {
-                "tokens": torch.tensor(float(t)),
-                "dropped": (t * k - keep_TK.sum()).float() if keep_TK is not None
-                else torch.zeros(()),
-                "aux_loss": aux.detach() * t, "z_loss": z.detach() * t,
-                "load": torch.bincount(r.expert_ids_TK.reshape(-1),
-                                       minlength=self.num_experts).float(),
-                "max1_max2": max12, "max2_max3": max23,
-            }
-        return keep_TK
+            stats = MoEStats(
+                tokens=torch.tensor(float(t)),
+                dropped=((t * k - keep_TK.sum()).float() if keep_TK is not None
+                         else torch.zeros(())),
+                aux_loss=aux.detach() * t, z_loss=z.detach() * t,
+                load=torch.bincount(r.expert_ids_TK.reshape(-1),
+                                    minlength=self.num_experts).float(),
+                max1_max2=max12, max2_max3=max23)
+        return keep_TK, MoEOutput(aux_coef * aux + opts.z_loss_coef * z, stats)

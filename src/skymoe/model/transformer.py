@@ -8,6 +8,7 @@ one-to-one, except the stacked expert weights (see ``skymoe.checkpoint.names``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import SkyworkMoeConfig
 from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding, SlotKVCache
 from .loss import causal_lm_loss
-from .moe import EXPERT_IMPLS, MoEBlock, MoETrainingOptions
+from .moe import EXPERT_IMPLS, MoEBalance, MoEBlock, MoEOutput, MoEStats
 
 
 class DenseMLP(nn.Module):
@@ -34,11 +35,17 @@ class DenseMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention and FFN (dense MLP or MoE block), each with a residual connection."""
+    """Pre-norm attention and FFN (dense MLP or MoE block), each with a residual connection.
+
+    Returns ``(hidden, moe)``: ``moe`` is the MoE block's ``MoEOutput`` in a training forward
+    (``options`` given, training mode), else None. ``recompute`` marks the layer for activation
+    checkpointing in training."""
 
     def __init__(self, config: SkyworkMoeConfig, layer_idx: int) -> None:
         super().__init__()
         c = config
+        self.layer_idx = layer_idx
+        self.recompute = False
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
                                    c.head_size, layer_idx, c.sliding_window)
@@ -56,60 +63,116 @@ class DecoderLayer(nn.Module):
         return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | SlotKVCache | None, start: int | None) -> torch.Tensor:
+                cache: KVCache | SlotKVCache | None = None, start: int | None = None,
+                balance: MoEBalance | None = None) -> tuple[torch.Tensor, MoEOutput | None]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
-        return x + self.ffn(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        if not hasattr(self, "block_sparse_moe"):
+            return x + self.mlp(h), None
+        options = balance.options if balance is not None else None
+        coef = balance.coefs.get(self.layer_idx, 0.0) if balance is not None else 0.0
+        y, moe = self.block_sparse_moe(h, options, coef)
+        return x + y, moe
+
+
+class LayerStack(nn.ModuleDict):
+    """Decoder layers keyed by their index in the whole model, so a model part holding some of
+    them (a pipeline stage) keeps the parameter names ``model.layers.{i}.*``. Iterates over
+    the layers in model order; indexable by that index."""
+
+    def __init__(self, layers: Iterable[DecoderLayer] = ()) -> None:
+        super().__init__({str(layer.layer_idx): layer for layer in layers})
+
+    def __iter__(self) -> Iterator[DecoderLayer]:
+        return iter(self.values())
+
+    def __getitem__(self, index: int | str) -> DecoderLayer:
+        return super().__getitem__(str(index))
+
+    def __setitem__(self, index: int | str, layer: nn.Module) -> None:
+        super().__setitem__(str(index), layer)
+
+    def indices(self) -> list[int]:
+        return [int(k) for k in self.keys()]
 
 
 class DecoderStack(nn.Module):
-    """Embedding, decoder layers and final norm (HF's ``model.*`` prefix)."""
+    """Embedding, decoder layers and final norm (HF's ``model.*`` prefix). A model part
+    (pipeline stage) holds some layers, and the embedding / norm only at its ends (None
+    elsewhere)."""
 
-    def __init__(self, config: SkyworkMoeConfig) -> None:
+    def __init__(self, config: SkyworkMoeConfig, layer_ids: Iterable[int], embedding: bool,
+                 norm: bool) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.embed_tokens = (nn.Embedding(config.vocab_size, config.hidden_size)
+                             if embedding else None)
+        self.layers = LayerStack(DecoderLayer(config, i) for i in layer_ids)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if norm else None
 
 
 @dataclass
 class CausalLMOutput:
     """``logits`` [B, T, V] (only the last position when ``last_only``); ``loss`` with labels.
+    A model part without the LM head (a pipeline stage) returns its hidden states [B, T, H]
+    in ``logits``' place.
 
-    When training with MoE training options: ``aux_loss``, the sum over MoE layers of
-    coefficient * balance loss + z-loss (add it to the loss), and ``moe_stats``, one dict of
-    detached per-layer sums per MoE layer (see ``MoEBlock``).
+    In a training forward (``balance`` given, training mode): ``aux_loss``, the sum over the
+    MoE layers of coefficient * balance loss + z-loss (add it to the loss), and
+    ``moe_stats``, each MoE layer's ``MoEStats`` by global layer index.
     """
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
-    moe_stats: list[dict[str, torch.Tensor]] | None = None
+    moe_stats: dict[int, MoEStats] | None = None
 
 
 class SkyworkForCausalLM(nn.Module):
-    """Causal language model: Skywork-MoE, Mixtral (normalization off) or dense Llama."""
+    """Causal language model: Skywork-MoE, Mixtral (normalization off) or dense Llama.
 
-    def __init__(self, config: SkyworkMoeConfig) -> None:
+    ``layer_ids`` (default: all), ``embedding`` and ``head`` build a part of the model, as a
+    pipeline stage holds it: a part without the embedding takes hidden states instead of token
+    ids, one without the head returns hidden states. Parameter names are those of the whole
+    model either way.
+    """
+
+    def __init__(self, config: SkyworkMoeConfig, layer_ids: Iterable[int] | None = None,
+                 embedding: bool = True, head: bool = True) -> None:
         super().__init__()
         self.config = config
-        self.model = DecoderStack(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        ids = range(config.num_hidden_layers) if layer_ids is None else sorted(layer_ids)
+        self.model = DecoderStack(config, ids, embedding, head)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if head else None
         self.tie_weights()
         self.rotary = RotaryEmbedding(config.head_size, config.rope_theta)
-        # Recompute each layer's activations in backward instead of storing them (training).
-        self.activation_checkpointing = False
         # Next-token loss from (logits, labels); tensor parallelism swaps in a vocab-parallel one.
         self.loss_function = causal_lm_loss
 
     # ------------------------------------------------------------------------------ utilities
-    # The embedding is never swapped by inference transforms, so it defines device and dtype.
+    # Inference transforms never swap the embedding (or, on a part without it, the first
+    # norm), so it defines device and dtype.
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self._reference_weight().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self._reference_weight().dtype
+
+    def _reference_weight(self) -> torch.Tensor:
+        if self.model.embed_tokens is not None:
+            return self.model.embed_tokens.weight
+        return next(self.parameters())
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Whether every layer recomputes its activations in backward (training)."""
+        return all(layer.recompute for layer in self.model.layers)
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on: bool) -> None:
+        for layer in self.model.layers:
+            layer.recompute = bool(on)
 
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.block_sparse_moe for layer in self.model.layers
@@ -118,8 +181,24 @@ class SkyworkForCausalLM(nn.Module):
     def tie_weights(self) -> None:
         """Share the LM head with the input embedding when the config ties them (call again
         after anything that re-creates parameters, such as ``to_empty``)."""
-        if self.config.tie_word_embeddings:
+        if (self.config.tie_word_embeddings and self.lm_head is not None
+                and self.model.embed_tokens is not None):
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def part(self, layer_ids: Iterable[int], embedding: bool, head: bool
+             ) -> "SkyworkForCausalLM":
+        """A model holding some of this model's modules (shared, not copied): the layers
+        ``layer_ids``, and the embedding / final norm and LM head if asked (a pipeline
+        stage's part)."""
+        with torch.device("meta"):  # the shell's own modules are replaced below
+            part = SkyworkForCausalLM(self.config, (), embedding=False, head=False)
+        part.model.layers = LayerStack(self.model.layers[i] for i in layer_ids)
+        if embedding:
+            part.model.embed_tokens = self.model.embed_tokens
+        if head:
+            part.model.norm, part.lm_head = self.model.norm, self.lm_head
+        part.loss_function = self.loss_function
+        return part.train(self.training)
 
     def set_expert_impl(self, impl: str) -> None:
         """Select ``"grouped"`` (default) or ``"loop"`` (reference) for every MoE block."""
@@ -128,20 +207,6 @@ class SkyworkForCausalLM(nn.Module):
                              f"{sorted(EXPERT_IMPLS)}")
         for block in self.moe_blocks():
             block.experts.impl = impl
-
-    def configure_moe_training(self, options: MoETrainingOptions | None) -> None:
-        """Capacity, drop policy and balance losses for training forwards (None: dropless,
-        no aux loss). Evaluation mode always routes dropless."""
-        for block in self.moe_blocks():
-            block.training_options = options
-
-    def set_aux_coefs(self, coefs: list[float]) -> None:
-        """Per-MoE-layer balance-loss coefficients (from the adaptive controller)."""
-        blocks = self.moe_blocks()
-        if len(coefs) != len(blocks):
-            raise ValueError(f"got {len(coefs)} coefficients for {len(blocks)} MoE layers")
-        for block, coef in zip(blocks, coefs):
-            block.aux_coef = float(coef)
 
     def compile_layers(self, **compile_kwargs) -> "SkyworkForCausalLM":
         """``torch.compile`` each decoder layer in place (as torchtitan does per block).
@@ -169,22 +234,26 @@ class SkyworkForCausalLM(nn.Module):
     def new_slot_cache(self, slots: int, max_len: int) -> SlotKVCache:
         """A cache of ``slots`` independent sequences of up to ``max_len`` positions."""
         c = self.config
-        return SlotKVCache(c.num_hidden_layers, slots, self.model.layers[0].self_attn.kv_heads,
-                           max_len, c.head_size, self.dtype, self.device)
+        return SlotKVCache(c.num_hidden_layers, slots, self._kv_heads(), max_len, c.head_size,
+                           self.dtype, self.device)
 
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
         """A cache for this model's KV heads (under tensor parallelism: this rank's)."""
         c = self.config
-        kv_heads = self.model.layers[0].self_attn.kv_heads
-        return KVCache(c.num_hidden_layers, batch, kv_heads, max_len, c.head_size,
+        return KVCache(c.num_hidden_layers, batch, self._kv_heads(), max_len, c.head_size,
                        self.dtype, self.device)
+
+    def _kv_heads(self) -> int:
+        return next(iter(self.model.layers)).self_attn.kv_heads
 
     # -------------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 cache: KVCache | SlotKVCache | None = None, start: int | None = None,
                 last_only: bool = False, slots: torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None) -> CausalLMOutput:
-        """Logits for ``input_ids`` [B, T].
+                logits_at: torch.Tensor | None = None,
+                balance: MoEBalance | None = None) -> CausalLMOutput:
+        """Logits for ``input_ids`` [B, T] (a part without the embedding: hidden states
+        [B, T, H]).
 
         With a ``cache`` the tokens are placed at positions ``start ..`` (default: the cache's
         current length) and the cache advances. ``labels`` [B, T] give the next-token loss
@@ -192,9 +261,11 @@ class SkyworkForCausalLM(nn.Module):
         in cache slot ``slots[i]`` from that slot's own length. ``last_only`` computes the
         logits of the last position only, ``logits_at`` [B] those of position ``logits_at[i]``
         of row i only (rows of different lengths, right-padded); either gives [B, 1, V].
+        ``balance`` (training) drops assignments beyond capacity and returns the MoE layers'
+        aux loss and statistics.
         """
-        b, t = input_ids.shape
-        x = self.model.embed_tokens(input_ids)
+        x = self.embed(input_ids)
+        b, t = x.shape[:2]
         if isinstance(cache, SlotKVCache):  # each row continues its own sequence
             if slots is None:
                 raise ValueError("a SlotKVCache forward needs slots= (the cache slot of each row)")
@@ -204,12 +275,7 @@ class SkyworkForCausalLM(nn.Module):
                 start = cache.length
             start = start or 0
             cos, sin = self.rotary.cos_sin(start, t, x.device, x.dtype)
-        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.model.layers:
-            if recompute:
-                x = checkpoint(layer, x, cos, sin, cache, start, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, cache, start)
+        x, moe = self.run_layers(x, cos, sin, cache, start, balance)
         if isinstance(cache, SlotKVCache):
             cache.finish()
         elif cache is not None:
@@ -218,21 +284,46 @@ class SkyworkForCausalLM(nn.Module):
             x = x[torch.arange(b, device=x.device), logits_at][:, None]
         elif last_only:
             x = x[:, -1:]
-        x = self.model.norm(x)
-        logits = self.lm_head(x)
+        logits = self.head(x)
         loss = self.loss_function(logits, labels) if labels is not None else None
         out = CausalLMOutput(logits=logits, loss=loss)
-        if self.training:
-            self._collect_moe_training_outputs(out)
+        if moe:
+            out.aux_loss = torch.stack([m.aux for m in moe.values()]).sum()
+            out.moe_stats = {i: m.stats for i, m in moe.items()}
         return out
 
-    def _collect_moe_training_outputs(self, out: CausalLMOutput) -> None:
-        blocks = [b for b in self.moe_blocks() if b.last_aux is not None]
-        if blocks:
-            out.aux_loss = torch.stack([b.last_aux for b in blocks]).sum()
-            out.moe_stats = [b.last_stats for b in blocks]
-        for b in blocks:  # release the graph references; the output owns them now
-            b.last_aux = b.last_stats = None
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (a part without the embedding: its input, hidden states)."""
+        embed = self.model.embed_tokens
+        return embed(input_ids) if embed is not None else input_ids
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head (a part without them: ``x`` unchanged)."""
+        if self.lm_head is None:
+            return x
+        return self.lm_head(self.model.norm(x))
+
+    def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   cache: KVCache | SlotKVCache | None = None, start: int | None = 0,
+                   balance: MoEBalance | None = None, layer_ids: Iterable[int] | None = None
+                   ) -> tuple[torch.Tensor, dict[int, MoEOutput]]:
+        """The decoder layers (``layer_ids``: a subset of those held, in order), with
+        activation checkpointing for layers marked ``recompute`` in training; returns the
+        hidden states and the MoE layers' training outputs by layer index. (A recomputed
+        layer's outputs are discarded by checkpointing, so they are counted once.)"""
+        recompute = self.training and torch.is_grad_enabled()
+        layers = (self.model.layers if layer_ids is None
+                  else [self.model.layers[i] for i in layer_ids])
+        moe: dict[int, MoEOutput] = {}
+        for layer in layers:
+            if recompute and layer.recompute:
+                x, out = checkpoint(layer, x, cos, sin, cache, start, balance,
+                                    use_reentrant=False)
+            else:
+                x, out = layer(x, cos, sin, cache, start, balance)
+            if out is not None:
+                moe[layer.layer_idx] = out
+        return x, moe
 
 
 def build_model(config: SkyworkMoeConfig, device: torch.device | str = "cpu",

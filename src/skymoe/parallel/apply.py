@@ -20,7 +20,6 @@ from .comm import CollectiveOrder, CommGroup, copy_to, gather_rows, reduce_from,
 from .experts import ExpertParallel
 from .layout import split_sizes
 from .mesh import ParallelMesh
-from .pipeline import PipelineStageModel
 from .placement import Placement, attention_heads, padded_vocab, placement, vocab_rows
 from .vocab import VocabParallelEmbedding, VocabParallelLoss
 
@@ -65,17 +64,11 @@ def _column_row_parallel(module: nn.Module, group: CommGroup) -> None:
     module.register_forward_hook(lambda _, __, out: reduce_from(out, group))
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers a full model or a pipeline stage holds, in model order."""
-    layers = model.model.layers
-    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
-
-
-def parallelize(model: SkyworkForCausalLM | PipelineStageModel, mesh: ParallelMesh,
+def parallelize(model: SkyworkForCausalLM, mesh: ParallelMesh,
                 a2a_chunks: int = 1, gather_logits: bool = False,
                 vocab_multiple: int = 1) -> nn.Module:
     """Shard ``model`` (a full model, identical on every rank, or with pipeline parallelism
-    this rank's ``PipelineStageModel``) for ``mesh`` in place; ``a2a_chunks > 1`` overlaps the
+    the part of it this rank's ``PipelineStages`` hold) for ``mesh`` in place; ``a2a_chunks > 1`` overlaps the
     expert all-to-all with expert compute. With ``gather_logits`` (inference) the output
     logits are gathered to the full vocabulary on every rank; otherwise they stay
     vocabulary-sharded and the loss is vocabulary-parallel. ``vocab_multiple`` (inference
@@ -89,16 +82,18 @@ def parallelize(model: SkyworkForCausalLM | PipelineStageModel, mesh: ParallelMe
                           "mask padding rows")
     if layout.world_size == 1:
         return model
-    if layout.pp > 1 and not isinstance(model, PipelineStageModel):
-        raise ConfigError(f"layout {layout.name}: with pipeline parallelism parallelize this "
-                          "rank's PipelineStageModel, not the whole model")
+    whole = (model.model.embed_tokens is not None and model.lm_head is not None
+             and len(model.model.layers) == config.num_hidden_layers)
+    if layout.pp > 1 and whole:
+        raise ConfigError(f"layout {layout.name}: with pipeline parallelism parallelize the "
+                          "model part of this rank's PipelineStages, not the whole model")
     _shard_tensors(model, parameter_placements(model, mesh, vocab_multiple))
     tp = mesh.tp
     if tp.active:
         _vocab_parallel(model, config, tp, gather_logits, vocab_multiple)
         q_heads, kv_heads = attention_heads(config, tp.size, tp.rank)
     token_group = tp if layout.slices_tokens else single(mesh.traffic, order=mesh.order)
-    for layer in decoder_layers(model):
+    for layer in model.model.layers:
         if tp.active:
             layer.self_attn.heads, layer.self_attn.kv_heads = len(q_heads), len(kv_heads)
             _column_row_parallel(layer.self_attn, tp)
@@ -108,20 +103,21 @@ def parallelize(model: SkyworkForCausalLM | PipelineStageModel, mesh: ParallelMe
         elif isinstance(ffn, MoEBlock) and (layout.ep > 1 or layout.etp > 1 or tp.active):
             ffn.experts.parallel = ExpertParallel(ffn.num_experts, mesh.ep, mesh.etp,
                                                   token_group, a2a_chunks)
-    _order_collectives(model, mesh.order)
+    _order_collectives(model, mesh.order, whole_forward=layout.pp == 1)
     return model
 
 
-def _order_collectives(model: SkyworkForCausalLM | PipelineStageModel,
-                       order: CollectiveOrder) -> None:
+def _order_collectives(model: SkyworkForCausalLM, order: CollectiveOrder,
+                       whole_forward: bool) -> None:
     """Chain the backward collectives of every training forward (``CollectiveOrder``): each
     forward begins a chain and attaches its end to the loss (a pipeline stage: to its
-    output), and each decoder layer's output is a recompute point, so a recomputed layer
-    re-issues its forward collectives at the same place of the backward on every rank."""
-    for layer in decoder_layers(model):
-        layer.register_forward_hook(lambda _, __, out: order.recompute_point(out))
-    if isinstance(model, PipelineStageModel):
-        model.collective_order = order
+    output, see ``StageChunk``), and each decoder layer's output is a recompute point, so a
+    recomputed layer re-issues its forward collectives at the same place of the backward on
+    every rank."""
+    for layer in model.model.layers:
+        layer.register_forward_hook(
+            lambda _, __, out: (order.recompute_point(out[0]), *out[1:]))
+    if not whole_forward:  # the pipeline's stages begin and finish their own chains
         return
     model.register_forward_pre_hook(lambda m, _: order.begin(m.device))
 
@@ -140,10 +136,10 @@ def _vocab_parallel(model: nn.Module, config: SkyworkMoeConfig, tp: CommGroup,
     """Embedding rows and LM-head rows split over TP (where this model or stage has them);
     the loss becomes vocabulary-parallel unless the logits are gathered."""
     vocab_start = vocab_rows(config.vocab_size, tp.size, tp.rank, vocab_multiple)[0]
-    if hasattr(model.model, "embed_tokens"):
+    if model.model.embed_tokens is not None:
         embed = model.model.embed_tokens
         model.model.embed_tokens = VocabParallelEmbedding(embed.weight, vocab_start, tp)
-    if not hasattr(model, "lm_head"):
+    if model.lm_head is None:
         return
     model.lm_head.register_forward_pre_hook(lambda _, args: (copy_to(args[0], tp),))
     if gather_logits:

@@ -1,11 +1,12 @@
 """Pipeline stages of a Skywork-MoE model, run by ``torch.distributed.pipelining``'s schedules.
 
-``PipelineStageModel`` takes this rank's stages out of a full model (a ``PipelineLayout`` says
-which decoder layers each stage holds; the first stage also holds the embedding, the last the
-final norm, LM head and loss). A rank holds one stage under 1F1B and GPipe and several under
-the interleaved and zero-bubble schedules. Parameter names stay those of the full model
-(``model.layers.12.…``), so placements, tensor/expert parallelism (``parallelize``), data
-parallelism and checkpoints work on a rank's stages unchanged.
+``PipelineStages`` takes this rank's stages out of a full model as a part of it: the same
+``SkyworkForCausalLM`` class holding only the stages' decoder layers (a ``PipelineLayout``
+says which each stage holds; the first stage also holds the embedding, the last the final
+norm, LM head and loss). A rank holds one stage under 1F1B and GPipe and several under the
+interleaved and zero-bubble schedules. ``build_schedule`` wraps each stage for the schedule
+(``StageChunk``, which runs the part's own layer loop) and returns the trainer's step strategy
+(``PipelineSchedule``).
 
 The MoE balance losses of a stage's layers never reach the last stage's loss: their sum is
 attached to the stage's output by ``AttachAuxLoss`` (a copy forward; in backward it hands the
@@ -16,7 +17,6 @@ as a single process does; the schedule divides every gradient by the micro-batch
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -24,15 +24,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
-from ..model.moe import MoEBlock, zero_moe_stats
+from ..model.moe import MoEBalance, MoEOutput, MoEStats
 from ..model.transformer import SkyworkForCausalLM
 from .comm import CollectiveOrder, CommGroup, all_reduce_
 from .mesh import ParallelMesh
 from .pipeline_layout import PipelineLayout
-from .schedules import SCHEDULES, rank_of_stage, stages_of_rank
+from .schedules import rank_of_stage, schedule_kind, stages_of_rank
 
 
 class AttachAuxLoss(torch.autograd.Function):
@@ -53,52 +52,43 @@ class AttachAuxLoss(torch.autograd.Function):
         return grad, torch.ones_like(aux)
 
 
-class PipelineStageModel(nn.Module):
-    """The pipeline stages one rank runs, taken from a full ``SkyworkForCausalLM`` (whose
-    modules it takes over).
+class PipelineStages:
+    """The pipeline stages one rank runs: ``model``, the part of the whole model holding the
+    stages' layers (a ``SkyworkForCausalLM``, built by taking the modules of ``full`` it
+    owns, as torchtitan builds the model and drops what a stage does not hold), and which
+    layers each stage runs.
 
-    ``run_stage(s, x)`` maps token ids (stage 0) or hidden states [B, T, H] to hidden states,
-    or to logits on the last stage; ``chunks()`` gives one module per stage for the schedule.
-    In training the aux terms of a stage's MoE layers are attached to its output and their
-    statistics summed into ``step_stats`` / ``step_aux`` for the step.
+    The part takes the embedding if it runs the first stage, the final norm and LM head if it
+    runs the last. Parameter names stay those of the whole model (``model.layers.12.…``), so
+    placements, tensor/expert parallelism (``parallelize``), data parallelism and checkpoints
+    work on the part unchanged.
     """
 
-    def __init__(self, model: SkyworkForCausalLM, layout: PipelineLayout,
+    def __init__(self, full: SkyworkForCausalLM, layout: PipelineLayout,
                  stages: int | Sequence[int]) -> None:
-        super().__init__()
-        layout.validate(model.config.num_hidden_layers)
-        self.config = model.config
+        layout.validate(full.config.num_hidden_layers)
+        self.layout = layout
         self.stage_ids = sorted([stages] if isinstance(stages, int) else stages)
         self.num_stages = layout.stages
         # Whether this rank feeds the tokens in / computes the loss.
         self.is_first, self.is_last = 0 in self.stage_ids, layout.stages - 1 in self.stage_ids
         self.stage_layers = {s: list(layout.stage_layers(s)) for s in self.stage_ids}
-        self.layer_ids = sorted(i for s in self.stage_ids for i in self.stage_layers[s])
-        self.recompute_ids = {i for s in self.stage_ids for i in layout.recomputed_layers(s)}
-        stack = nn.Module()  # keeps the HF prefix ``model.`` of every parameter name
-        if self.is_first:
-            stack.embed_tokens = model.model.embed_tokens
-        stack.layers = nn.ModuleDict({str(i): model.model.layers[i] for i in self.layer_ids})
-        if self.is_last:
-            stack.norm = model.model.norm
-            self.lm_head = model.lm_head
-            if self.tied_copies and self.is_first:
-                # Both ends in different chunks of this rank: the schedule handles each
-                # chunk's parameters on its own (scaling, zero-bubble weight gradients), so the
-                # head gets its own copy, kept equal by summing the two gradients.
-                self.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
-        self.model = stack
-        self.rotary = model.rotary
-        self.loss_function = model.loss_function
-        # Entered around each stage's forward (bf16 autocast in training); the schedule calls it.
-        self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-        self.step_aux = torch.zeros((), dtype=torch.float64)
-        self.step_stats: dict[int, dict[str, torch.Tensor]] = {}
+        layer_ids = sorted(i for s in self.stage_ids for i in self.stage_layers[s])
+        self.model = full.part(layer_ids, embedding=self.is_first, head=self.is_last)
+        recomputed = {i for s in self.stage_ids for i in layout.recomputed_layers(s)}
+        for layer in self.model.model.layers:
+            layer.recompute = layer.layer_idx in recomputed
+        if self.tied_copies:
+            # The head and the embedding are in different stages (on another rank, or another
+            # chunk of this one): the schedule handles each stage's parameters on its own
+            # (scaling, zero-bubble weight gradients), so the head gets its own copy, kept
+            # equal by summing the two gradients (``sync_tied_gradients``).
+            self.model.lm_head = nn.Linear(full.config.hidden_size, full.config.vocab_size,
+                                           bias=False, device=full.device, dtype=full.dtype)
+            self.model.lm_head.weight = nn.Parameter(full.lm_head.weight.detach().clone())
         # With tied embeddings on different ranks: the group of the two copies (set by
         # ``build_schedule``), over which their gradients are summed.
         self.tied_group: CommGroup | None = None
-        # Chains the backward collectives of each stage forward (set by ``parallelize``).
-        self.collective_order: CollectiveOrder | None = None
 
     @property
     def tied_copies(self) -> frozenset[str]:
@@ -106,141 +96,107 @@ class PipelineStageModel(nn.Module):
         apart because the first and the last stage are different stages (on another rank, or
         another chunk of this one)."""
         apart = not self.is_first or len(self.stage_ids) > 1
-        tied = self.config.tie_word_embeddings and self.is_last and apart
+        tied = self.model.config.tie_word_embeddings and self.is_last and apart
         return frozenset({"lm_head.weight"}) if tied else frozenset()
 
     def sync_tied_gradients(self) -> None:
         """Sum the tied embedding / LM head gradient over its copies (the single-process
         gradient of the shared weight is the sum of both uses)."""
+        model = self.model
         if self.is_first and self.is_last:
             if self.tied_copies:  # both copies on this rank
-                copies = (self.model.embed_tokens.weight, self.lm_head.weight)
+                copies = (model.model.embed_tokens.weight, model.lm_head.weight)
                 total = sum(w.grad if w.grad is not None else torch.zeros_like(w)
                             for w in copies)
                 for w in copies:
                     w.grad = total.clone()
             return
         if self.tied_group is not None:
-            weight = self.model.embed_tokens.weight if self.is_first else self.lm_head.weight
+            weight = model.model.embed_tokens.weight if self.is_first else model.lm_head.weight
             if weight.grad is None:
                 weight.grad = torch.zeros_like(weight)
             all_reduce_(weight.grad, self.tied_group)
 
-    @property
-    def layers(self) -> list[nn.Module]:
-        return list(self.model.layers.values())
 
-    def moe_blocks(self) -> dict[int, MoEBlock]:
-        """This rank's MoE blocks by global layer index."""
-        return {i: layer.block_sparse_moe for i, layer in zip(self.layer_ids, self.layers)
-                if hasattr(layer, "block_sparse_moe")}
+class StepInputs:
+    """What the stages of one pipeline step share beside the activations the schedule passes:
+    the MoE balance settings going in, the MoE layers' aux values and statistics coming out
+    (summed over the step's micro-batches). The schedule calls the stages with activations
+    only, so ``PipelineSchedule.step`` sets this before running it."""
 
-    def set_aux_coefs(self, coefs: list[float]) -> None:
-        """Balance-loss coefficients of every MoE layer of the whole model, in layer order
-        (as ``SkyworkForCausalLM.set_aux_coefs``); this rank takes its own."""
-        moe_layers = [i for i in range(self.config.num_hidden_layers)
-                      if self.config.is_moe_layer(i)]
-        if len(coefs) != len(moe_layers):
-            raise ValueError(f"got {len(coefs)} coefficients for {len(moe_layers)} MoE layers")
-        by_layer = dict(zip(moe_layers, coefs))
-        for i, block in self.moe_blocks().items():
-            block.aux_coef = float(by_layer[i])
+    def __init__(self) -> None:
+        self.balance: MoEBalance | None = None
+        self.aux = torch.zeros((), dtype=torch.float64)
+        self.stats: dict[int, MoEStats] = {}
 
-    def compile_layers(self, **compile_kwargs) -> "PipelineStageModel":
-        """``torch.compile`` each of the rank's decoder layers in place (see
-        ``SkyworkForCausalLM.compile_layers``)."""
-        for layer in self.layers:
-            layer.compile(**compile_kwargs)
-        return self
+    def reset(self, balance: MoEBalance | None) -> None:
+        self.balance = balance
+        self.aux.zero_()
+        self.stats = {}
 
-    def chunks(self) -> list["StageChunk"]:
-        """One module per stage of this rank, in stage order, for ``PipelineStage``."""
-        return [StageChunk(self, s) for s in self.stage_ids]
-
-    def run_stage(self, stage: int, x: torch.Tensor) -> torch.Tensor:
-        """Stage ``stage``'s forward of one micro-batch."""
-        order = self.collective_order
-        with self.autocast():
-            if order is not None:
-                order.begin(x.device)
-            if stage == 0:
-                x = self.model.embed_tokens(x)
-            cos, sin = self.rotary.cos_sin(0, x.shape[1], x.device, x.dtype)
-            recompute = self.training and torch.is_grad_enabled()
-            aux_terms = []
-            for i in self.stage_layers[stage]:
-                layer = self.model.layers[str(i)]
-                if recompute and i in self.recompute_ids:
-                    x = checkpoint(layer, x, cos, sin, None, 0, use_reentrant=False)
-                else:
-                    x = layer(x, cos, sin, None, 0)
-                aux_terms += self._take_moe_outputs(i, layer)
-            if aux_terms and torch.is_grad_enabled():  # one attachment for the stage's terms
-                x = AttachAuxLoss.apply(x, torch.stack(aux_terms).sum())
-            if order is not None:  # what follows (the LM head) is on the loss's data path
-                x = order.finish(x)
-            if stage == self.num_stages - 1:
-                x = self.lm_head(self.model.norm(x))
-        return x
-
-    def _take_moe_outputs(self, index: int, layer: nn.Module) -> list[torch.Tensor]:
-        """The aux term a training forward of ``layer`` left (empty for dense layers and in
-        evaluation); its statistics are added to the step's sums."""
-        block = getattr(layer, "block_sparse_moe", None)
-        if block is None or block.last_aux is None:
-            return []
-        aux, stats = block.last_aux, block.last_stats
-        block.last_aux = block.last_stats = None
-        self.step_aux += float(aux.detach())
-        # Keys in one fixed order on every rank: the sums are all-reduced key by key.
-        sums = self.step_stats.setdefault(index, zero_moe_stats(self.config.num_experts))
-        for k, v in stats.items():
-            sums[k] += v.to(sums[k].device)
-        return [aux]
-
-    def reset_step(self) -> None:
-        self.step_aux.zero_()
-        self.step_stats.clear()
-
-    def all_layer_stats(self, moe_layers: list[int]) -> list[dict[str, torch.Tensor]]:
-        """This rank's summed statistics for every MoE layer of the model, zeros for layers
-        on other ranks (so summing over the pipeline group gives every layer's)."""
-        return [self.step_stats.get(i) or zero_moe_stats(self.config.num_experts)
-                for i in moe_layers]
+    def record(self, moe: dict[int, MoEOutput]) -> None:
+        for index, out in moe.items():
+            self.aux += float(out.aux.detach())
+            if index in self.stats:
+                self.stats[index].add_(out.stats)
+            else:
+                self.stats[index] = out.stats.clone()
 
 
 class StageChunk(nn.Module):
-    """One stage of a ``PipelineStageModel``: registers only that stage's modules (the
-    schedule scales their gradients) and runs the owner's ``run_stage``."""
+    """One stage of a rank's model part, as the schedule runs it: registers only that stage's
+    modules (the schedule scales their gradients) and runs the part's embedding, layers and
+    head for the stage. In training the stage's MoE aux terms are attached to its output
+    (``AttachAuxLoss``) and their values and statistics recorded in ``inputs``."""
 
-    def __init__(self, owner: PipelineStageModel, stage: int) -> None:
+    def __init__(self, stages: PipelineStages, stage: int, inputs: StepInputs,
+                 order: CollectiveOrder | None,
+                 autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
         super().__init__()
-        self.stage = stage
-        self.layers = nn.ModuleList(owner.model.layers[str(i)] for i in owner.stage_layers[stage])
-        if stage == 0:
-            self.embed_tokens = owner.model.embed_tokens
-        if stage == owner.num_stages - 1:
-            self.norm, self.lm_head = owner.model.norm, owner.lm_head
-        # Not a submodule: the owner's parameters include the other stages'.
-        object.__setattr__(self, "owner", owner)
+        part = stages.model
+        self.stage, self.layer_ids = stage, stages.stage_layers[stage]
+        self.first, self.last = stage == 0, stage == stages.num_stages - 1
+        self.layers = nn.ModuleList(part.model.layers[i] for i in self.layer_ids)
+        if self.first:
+            self.embed_tokens = part.model.embed_tokens
+        if self.last:
+            self.norm, self.lm_head = part.model.norm, part.lm_head
+        # Not submodules: the part's parameters include the other stages'.
+        object.__setattr__(self, "part", part)
+        self.inputs, self.order, self.autocast = inputs, order, autocast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.owner.run_stage(self.stage, x)
+        part = self.part
+        with self.autocast():
+            if self.order is not None:
+                self.order.begin(x.device)
+            if self.first:
+                x = part.embed(x)
+            cos, sin = part.rotary.cos_sin(0, x.shape[1], x.device, x.dtype)
+            x, moe = part.run_layers(x, cos, sin, None, 0, self.inputs.balance, self.layer_ids)
+            if moe and torch.is_grad_enabled():  # one attachment for the stage's terms
+                self.inputs.record(moe)
+                x = AttachAuxLoss.apply(x, torch.stack([m.aux for m in moe.values()]).sum())
+            if self.order is not None:  # what follows (the LM head) is on the loss's data path
+                x = self.order.finish(x)
+            if self.last:
+                x = part.head(x)
+        return x
 
 
-def _example_io(owner: PipelineStageModel, stage: int, micro_batch_size: int, seq_len: int,
+def _example_io(stages: PipelineStages, stage: int, micro_batch_size: int, seq_len: int,
                 logits_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Meta tensors with the shapes and dtypes of one micro-batch's input and output of
     ``stage``: token ids into the first stage, hidden states (the weights' dtype: the residual
     stream stays there under autocast) between stages, logits (this rank's vocabulary shard)
     out of the last."""
-    hidden_dtype = next(owner.parameters()).dtype
+    part = stages.model
     # requires_grad tells the stage which gradients travel back between stages.
-    hidden = torch.empty(micro_batch_size, seq_len, owner.config.hidden_size,
-                         dtype=hidden_dtype, device="meta", requires_grad=True)
+    hidden = torch.empty(micro_batch_size, seq_len, part.config.hidden_size,
+                         dtype=part.dtype, device="meta", requires_grad=True)
     tokens = torch.empty(micro_batch_size, seq_len, dtype=torch.long, device="meta")
-    if stage == owner.num_stages - 1:
-        vocab = owner.lm_head.weight.shape[0]
+    if stage == stages.num_stages - 1:
+        vocab = part.lm_head.weight.shape[0]
         out = torch.empty(micro_batch_size, seq_len, vocab, dtype=logits_dtype, device="meta",
                           requires_grad=True)
     else:
@@ -248,13 +204,13 @@ def _example_io(owner: PipelineStageModel, stage: int, micro_batch_size: int, se
     return (tokens if stage == 0 else hidden), out
 
 
-def _tied_embedding_group(stage_model: PipelineStageModel, mesh: ParallelMesh,
+def _tied_embedding_group(stages: PipelineStages, mesh: ParallelMesh,
                           schedule: str) -> CommGroup | None:
     """The group of this rank's tied embedding / LM head copies: for each (DP, TP) position,
     the pipeline rank holding stage 0 and the one holding the last stage. Every rank creates
     every group (``new_group`` is collective); None when both ends are on one rank."""
     layout = mesh.layout
-    last = rank_of_stage(schedule, stage_model.num_stages - 1, layout.pp, stage_model.num_stages)
+    last = rank_of_stage(schedule, stages.num_stages - 1, layout.pp, stages.num_stages)
     if last == 0:
         return None
     mine = None
@@ -268,43 +224,114 @@ def _tied_embedding_group(stage_model: PipelineStageModel, mesh: ParallelMesh,
     return mine
 
 
-def build_schedule(stage_model: PipelineStageModel, mesh: ParallelMesh, micro_batches: int,
+class PipelineSchedule:
+    """One training step's forward and backward over a rank's pipeline stages, by
+    ``torch.distributed.pipelining``'s schedule: the trainer's step strategy under pipeline
+    parallelism (the other strategy runs micro-batches through the whole model in a loop)."""
+
+    def __init__(self, stages: PipelineStages, schedule: PipelineScheduleSingle
+                 | PipelineScheduleMulti, inputs: StepInputs, micro_batches: int,
+                 micro_batch_size: int, pp: CommGroup) -> None:
+        self.stages, self.schedule, self.inputs = stages, schedule, inputs
+        self.micro_batches, self.micro_batch_size, self.pp = micro_batches, micro_batch_size, pp
+
+    def forward_backward(self, local_batch: torch.Tensor, balance: MoEBalance | None
+                         ) -> tuple[torch.Tensor, dict[int, MoEStats]]:
+        """Fill ``.grad`` with the gradient of the data-parallel rank's rows (run as the
+        schedule's equal micro-batches; the rank holding the first stage feeds the tokens,
+        the one holding the last computes the loss). Returns the (loss, CE loss) of the
+        rank's rows and the MoE statistics of every MoE layer, each summed over the pipeline
+        ranks (so every rank of the pipeline sees the whole model's)."""
+        stages, inputs = self.stages, self.inputs
+        inputs.reset(balance)
+        micro_losses: list[torch.Tensor] = []
+        self.schedule.step(*((local_batch,) if stages.is_first else ()),
+                           target=local_batch if stages.is_last else None,
+                           losses=micro_losses if stages.is_last else None,
+                           return_outputs=False)
+        stages.sync_tied_gradients()
+        ce = sum(float(loss.detach()) for loss in micro_losses) / self.micro_batches
+        sums = torch.tensor([ce + float(inputs.aux) / self.micro_batches, ce],
+                            dtype=torch.float64)
+        return all_reduce_(sums, self.pp), self._whole_model_stats()
+
+    @property
+    def eval_rows(self) -> int:
+        """Rows per evaluation call: a whole schedule step (its shapes are fixed)."""
+        return self.micro_batches * self.micro_batch_size
+
+    def loss_sums(self, batch: torch.Tensor) -> torch.Tensor:
+        """(sum of loss * sequences, sequences) of ``batch`` through the pipeline, forward
+        only; zeros except on the last stage's ranks, and for a batch of another size."""
+        stages = self.stages
+        if batch.shape[0] != self.eval_rows:
+            return torch.zeros(2, dtype=torch.float64)
+        self.inputs.reset(None)
+        losses: list[torch.Tensor] = []
+        self.schedule.eval(*((batch,) if stages.is_first else ()),
+                           target=batch if stages.is_last else None,
+                           losses=losses if stages.is_last else None, return_outputs=False)
+        total = sum(float(loss) for loss in losses) * self.micro_batch_size
+        return torch.tensor([total, self.micro_batch_size * len(losses)], dtype=torch.float64)
+
+    def _whole_model_stats(self) -> dict[int, MoEStats]:
+        """This rank's statistics, zeros for MoE layers held elsewhere, summed over the
+        pipeline ranks layer by layer (every rank reduces the same tensors in one order)."""
+        part = self.stages.model
+        config = part.config
+        stats = {i: self.inputs.stats.get(i) or MoEStats.zeros(config.num_experts, part.device)
+                 for i in range(config.num_hidden_layers) if config.is_moe_layer(i)}
+        for layer_stats in stats.values():
+            for t in layer_stats.tensors():
+                all_reduce_(t, self.pp)
+        return stats
+
+
+def build_schedule(stages: PipelineStages, mesh: ParallelMesh, micro_batches: int,
                    micro_batch_size: int, seq_len: int, schedule: str = "1f1b",
                    logits_dtype: torch.dtype | None = None,
-                   device: torch.device | str = "cpu"
-                   ) -> PipelineScheduleSingle | PipelineScheduleMulti:
+                   device: torch.device | str = "cpu",
+                   autocast: Callable[[], contextlib.AbstractContextManager]
+                   = contextlib.nullcontext) -> PipelineSchedule:
     """``torch.distributed.pipelining``'s ``schedule`` over this rank's (already
-    parallelized) stages for micro-batches of ``micro_batch_size`` x ``seq_len`` tokens. The
-    loss is the model's (vocabulary-parallel under TP), computed under the stages' autocast;
-    ``logits_dtype`` is what the last stage's forward returns (the autocast dtype in mixed
-    precision; default the weights' dtype).
+    parallelized) stages for micro-batches of ``micro_batch_size`` x ``seq_len`` tokens. Each
+    stage runs under ``autocast`` (bf16 in mixed-precision training); the loss is the model's
+    (vocabulary-parallel under TP), computed under it too; ``logits_dtype`` is what the last
+    stage's forward returns (the autocast dtype in mixed precision; default the weights'
+    dtype).
 
     Stage inputs and outputs are declared up front, so no metadata-inference forward runs on
     placeholder data (it would route garbage through the MoE layers and count it)."""
-    expected = stages_of_rank(schedule, mesh.coords.pp, mesh.layout.pp, stage_model.num_stages)
-    if stage_model.stage_ids != expected:
+    kind = schedule_kind(schedule)
+    expected = stages_of_rank(schedule, mesh.coords.pp, mesh.layout.pp, stages.num_stages)
+    if stages.stage_ids != expected:
         raise ConfigError(f"the {schedule} schedule runs stages {expected} on pipeline rank "
-                          f"{mesh.coords.pp}, but this rank's model holds {stage_model.stage_ids}")
-    if stage_model.config.tie_word_embeddings and mesh.world.active:
-        stage_model.tied_group = _tied_embedding_group(stage_model, mesh, schedule)
+                          f"{mesh.coords.pp}, but this rank's model holds {stages.stage_ids}")
+    part = stages.model
+    if part.config.tie_word_embeddings and mesh.world.active:
+        stages.tied_group = _tied_embedding_group(stages, mesh, schedule)
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with stage_model.autocast():
-            return stage_model.loss_function(logits, labels)
+        with autocast():
+            return part.loss_function(logits, labels)
 
-    logits_dtype = logits_dtype or next(stage_model.parameters()).dtype
-    stages = []
-    for chunk in stage_model.chunks():
-        example_in, example_out = _example_io(stage_model, chunk.stage, micro_batch_size,
-                                              seq_len, logits_dtype)
-        stages.append(PipelineStage(chunk, chunk.stage, stage_model.num_stages,
-                                    torch.device(device), input_args=example_in,
-                                    output_args=example_out, group=mesh.pp.pg))
-    kind = SCHEDULES[schedule]
+    logits_dtype = logits_dtype or part.dtype
+    inputs = StepInputs()
+    order = mesh.order if mesh.world.active else None
+    torch_stages = []
+    for s in stages.stage_ids:
+        chunk = StageChunk(stages, s, inputs, order, autocast)
+        example_in, example_out = _example_io(stages, s, micro_batch_size, seq_len,
+                                              logits_dtype)
+        torch_stages.append(PipelineStage(chunk, s, stages.num_stages, torch.device(device),
+                                          input_args=example_in, output_args=example_out,
+                                          group=mesh.pp.pg))
     try:  # the schedule checks the micro-batch count against its stages
-        return kind.torch_class()(stages[0] if kind.placement == "single" else stages,
-                        n_microbatches=micro_batches, loss_fn=loss_fn)
+        runner = kind.torch_class()(torch_stages[0] if kind.placement == "single"
+                                    else torch_stages,
+                                    n_microbatches=micro_batches, loss_fn=loss_fn)
     except ValueError as exc:
         raise ConfigError(f"the {schedule} schedule with {micro_batches} micro-batches per "
                           f"step: {' '.join(str(exc).split())} (micro-batches = a data-parallel "
                           "rank's rows / train.micro_batch_size)") from None
+    return PipelineSchedule(stages, runner, inputs, micro_batches, micro_batch_size, mesh.pp)

@@ -328,7 +328,7 @@ def measure_profile(config: SkyworkMoeConfig, seq_len: int, micro_batch_size: in
     """
     from torch.utils.checkpoint import checkpoint
 
-    from ..model.moe import MoETrainingOptions
+    from ..model.moe import MoEBalance, MoEOutput, MoETrainingOptions
     from ..model.transformer import build_model
 
     if precision not in PRECISIONS:
@@ -345,9 +345,8 @@ def measure_profile(config: SkyworkMoeConfig, seq_len: int, micro_batch_size: in
     # Only the layers up to the first of each kind are built (an MoE layer may come second).
     small = dataclasses.replace(c, num_hidden_layers=max(first_of.values()) + 1)
     model = build_model(small, device=dev, dtype=torch.float32, seed=seed).train()
-    model.configure_moe_training(MoETrainingOptions(capacity_factor=1.0))
-    for block in model.moe_blocks():
-        block.aux_coef = 0.01
+    balance = MoEBalance(MoETrainingOptions(capacity_factor=1.0),
+                         {i: 0.01 for i in range(small.num_hidden_layers)})
     params = list(model.parameters())
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" \
         else contextlib.nullcontext
@@ -375,18 +374,14 @@ def measure_profile(config: SkyworkMoeConfig, seq_len: int, micro_batch_size: in
             model.zero_grad(set_to_none=True)
         return statistics.median(fwd), statistics.median(bwd)
 
-    def layer_backward(layer: torch.nn.Module) -> Callable[[torch.Tensor], None]:
-        block = getattr(layer, "block_sparse_moe", None)
-
-        def run(y: torch.Tensor) -> None:
-            outputs, grads = [y], [grad]
-            if block is not None and block.last_aux is not None:
-                # The pipeline attaches the balance loss to the activations: it backpropagates.
-                outputs.append(block.last_aux)
-                grads.append(torch.ones_like(block.last_aux))
-                block.last_aux = block.last_stats = None
-            torch.autograd.backward(outputs, grads)
-        return run
+    def layer_backward(out: tuple[torch.Tensor, MoEOutput | None]) -> None:
+        y, moe = out
+        outputs, grads = [y], [grad]
+        if moe is not None:
+            # The pipeline attaches the balance loss to the activations: it backpropagates.
+            outputs.append(moe.aux)
+            grads.append(torch.ones_like(moe.aux))
+        torch.autograd.backward(outputs, grads)
 
     per_kind: dict[bool, _LayerCost] = {}
     for kind, index in first_of.items():
@@ -394,7 +389,7 @@ def measure_profile(config: SkyworkMoeConfig, seq_len: int, micro_batch_size: in
 
         def plain(x: torch.Tensor, layer=layer) -> torch.Tensor:
             with autocast():
-                return layer(x, cos, sin, None, 0)
+                return layer(x, cos, sin, None, 0, balance)
 
         recompute_times: list[float] = []
 
@@ -412,19 +407,18 @@ def measure_profile(config: SkyworkMoeConfig, seq_len: int, micro_batch_size: in
 
         def recomputed(x: torch.Tensor) -> torch.Tensor:
             with autocast():
-                return checkpoint(timed_layer, x, cos, sin, None, 0, use_reentrant=False)
+                return checkpoint(timed_layer, x, cos, sin, None, 0, balance,
+                                  use_reentrant=False)
 
-        fwd, bwd = median_times(plain, layer_backward(layer))
+        fwd, bwd = median_times(plain, layer_backward)
         for _ in range(warmup + repeats):
             y = recomputed(x0.detach().requires_grad_())
             recompute_times.pop()  # the forward call
-            layer_backward(layer)(y)
+            layer_backward(y)
             model.zero_grad(set_to_none=True)
         recompute = statistics.median(recompute_times[warmup:])
         x = x0.detach().requires_grad_()
         act = _saved_bytes(lambda: plain(x), shared)
-        for block in model.moe_blocks():  # release the counting forward's aux graph
-            block.last_aux = block.last_stats = None
         per_kind[kind] = _LayerCost(fwd, bwd, recompute, act, x.untyped_storage().nbytes(),
                                     sum(p.numel() for p in layer.parameters()))
 

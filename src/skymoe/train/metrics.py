@@ -10,37 +10,43 @@ from typing import Any, Callable
 
 import torch
 
+from ..model.moe import MoEStats
+
 
 class MoEStepStats:
-    """Sums of the per-layer statistics that ``MoEBlock`` leaves for each training forward;
+    """Sums of the per-layer statistics (``MoEStats``) of one step's training forwards;
     ``summary`` turns them into the step's metrics (one list entry per MoE layer)."""
 
     def __init__(self, layer_indices: list[int]) -> None:
         self.layers = layer_indices
-        self._sums: list[dict[str, torch.Tensor]] | None = None
+        self._sums: dict[int, MoEStats] | None = None
 
-    def add(self, stats: list[dict[str, torch.Tensor]] | None) -> None:
+    def add(self, stats: dict[int, MoEStats] | None) -> None:
+        """Add one forward's statistics (every MoE layer's, by global layer index)."""
         if not stats:
             return
-        if len(stats) != len(self.layers):
-            raise ValueError(f"stats for {len(stats)} layers, expected {len(self.layers)}")
+        if sorted(stats) != sorted(self.layers):
+            raise ValueError(f"stats for layers {sorted(stats)}, expected {self.layers}")
         if self._sums is None:
-            self._sums = [{k: v.detach().clone() for k, v in s.items()} for s in stats]
+            self._sums = {i: stats[i].clone() for i in self.layers}
         else:
-            for acc, s in zip(self._sums, stats):
-                for k, v in s.items():
-                    acc[k] += v
+            for i in self.layers:
+                self._sums[i].add_(stats[i])
 
     def apply_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Apply ``fn`` in place to every accumulated sum (e.g. an all-reduce over
-        data-parallel ranks, so every rank sees the whole step's statistics)."""
-        for s in self._sums or []:
-            for v in s.values():
+        """Apply ``fn`` in place to every accumulated sum, layer by layer in one fixed order
+        (e.g. an all-reduce over data-parallel ranks, so every rank sees the whole step's
+        statistics)."""
+        for s in self._layer_sums():
+            for v in s.tensors():
                 fn(v)
+
+    def _layer_sums(self) -> list[MoEStats]:
+        return [self._sums[i] for i in self.layers] if self._sums is not None else []
 
     def drop_rates(self) -> list[float]:
         """Dropped assignments / (k * tokens) per layer over the whole step."""
-        return [float(s["dropped"] / s["load"].sum()) for s in self._sums or []]
+        return [float(s.dropped / s.load.sum()) for s in self._layer_sums()]
 
     def summary(self) -> dict[str, Any]:
         """The step's per-layer metrics; loads are fractions of the k*T routed assignments
@@ -49,18 +55,17 @@ class MoEStepStats:
         rows: dict[str, list] = {k: [] for k in ("drop_rate", "aux_loss", "z_loss", "load_min",
                                                   "load_max", "load_cv", "dead_experts",
                                                   "max1_max2", "max2_max3")}
-        for s in self._sums or []:
-            load = s["load"] / s["load"].sum()
-            tokens = s["tokens"]
-            rows["drop_rate"].append(float(s["dropped"] / s["load"].sum()))
-            rows["aux_loss"].append(float(s["aux_loss"] / tokens))
-            rows["z_loss"].append(float(s["z_loss"] / tokens))
+        for s in self._layer_sums():
+            load = s.load / s.load.sum()
+            rows["drop_rate"].append(float(s.dropped / s.load.sum()))
+            rows["aux_loss"].append(float(s.aux_loss / s.tokens))
+            rows["z_loss"].append(float(s.z_loss / s.tokens))
             rows["load_min"].append(float(load.min()))
             rows["load_max"].append(float(load.max()))
             rows["load_cv"].append(float(load.std(correction=0) / load.mean()))
-            rows["dead_experts"].append(int((s["load"] == 0).sum()))
-            rows["max1_max2"].append(float(s["max1_max2"] / tokens))
-            rows["max2_max3"].append(float(s["max2_max3"] / tokens))
+            rows["dead_experts"].append(int((s.load == 0).sum()))
+            rows["max1_max2"].append(float(s.max1_max2 / s.tokens))
+            rows["max2_max3"].append(float(s.max2_max3 / s.tokens))
         out.update(rows)
         return out
 

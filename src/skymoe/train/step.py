@@ -1,75 +1,89 @@
 """The collective parts of one optimizer step, shared by the trainer and the benchmarks.
 
-A step on a data-parallel rank: its rows of the global batch in micro-batches, each loss
-(CE + the MoE aux terms) scaled by its share so the gradient is that of the rank's mean loss;
-then gradients reduced over the replica groups, MoE statistics and losses summed over DP (so
-every rank sees the whole step), and after the caller's checks, the update and the ZeRO-1
-broadcast. With one process every collective is a no-op.
+A step on a data-parallel rank: its rows of the global batch through a step strategy, which
+fills ``.grad`` with the gradient of the rank's mean loss (CE + the MoE aux terms), either by
+running micro-batches through the whole model (``MicroBatchLoop``) or by a pipeline schedule
+over the rank's stages (``skymoe.parallel.pipeline.PipelineSchedule``); then gradients reduced
+over the replica groups, MoE statistics and losses summed over DP (so every rank sees the whole
+step), and after the caller's checks, the update and the ZeRO-1 broadcast. With one process
+every collective is a no-op.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
-from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 
+from ..model.moe import MoEBalance, MoEStats
+from ..model.transformer import SkyworkForCausalLM
 from ..parallel.comm import all_reduce_
 from ..parallel.data_parallel import DataParallel
-from ..parallel.pipeline import PipelineStageModel
 from .metrics import MoEStepStats
 
 
-def accumulate_gradients(model: torch.nn.Module, local_batch: torch.Tensor,
-                         micro_batch_size: int, dp: DataParallel, stats: MoEStepStats,
-                         autocast: Callable[[], contextlib.AbstractContextManager],
-                         device: torch.device) -> tuple[float, float]:
-    """Fill ``.grad`` with the step's gradient; returns the step's (loss, CE loss), averaged
+class StepStrategy(Protocol):
+    """How a rank's rows become gradients: returns the (loss, CE loss) sums of the rows (a
+    float64 tensor of 2) and every MoE layer's statistics."""
+
+    def forward_backward(self, local_batch: torch.Tensor, balance: MoEBalance | None
+                         ) -> tuple[torch.Tensor, dict[int, MoEStats]]: ...
+
+    @property
+    def eval_rows(self) -> int:
+        """How many rows ``loss_sums`` takes at a time."""
+
+    def loss_sums(self, batch: torch.Tensor) -> torch.Tensor:
+        """(sum of loss * sequences, sequences) of an evaluation batch (forward only)."""
+
+
+class MicroBatchLoop:
+    """The step strategy without pipeline parallelism: the rank's rows in micro-batches of
+    ``micro_batch_size`` through the whole model, each loss scaled by its share of the rows so
+    the gradient is that of their mean loss."""
+
+    def __init__(self, model: SkyworkForCausalLM, micro_batch_size: int,
+                 autocast: Callable[[], contextlib.AbstractContextManager],
+                 device: torch.device) -> None:
+        self.model, self.micro_batch_size = model, micro_batch_size
+        self.autocast, self.device = autocast, device
+
+    def forward_backward(self, local_batch: torch.Tensor, balance: MoEBalance | None
+                         ) -> tuple[torch.Tensor, dict[int, MoEStats]]:
+        sums = torch.zeros(2, dtype=torch.float64)
+        stats: dict[int, MoEStats] = {}
+        for micro in local_batch.split(min(self.micro_batch_size, local_batch.shape[0])):
+            micro = micro.to(self.device)
+            share = micro.shape[0] / local_batch.shape[0]
+            with self.autocast():
+                out = self.model(micro, labels=micro, balance=balance)
+            loss = out.loss + out.aux_loss if out.aux_loss is not None else out.loss
+            (loss * share).backward()
+            for i, layer_stats in (out.moe_stats or {}).items():
+                stats[i] = stats[i].add_(layer_stats) if i in stats else layer_stats.clone()
+            sums += torch.tensor([float(loss.detach()), float(out.loss.detach())]) * share
+        return sums, stats
+
+    @property
+    def eval_rows(self) -> int:
+        return self.micro_batch_size
+
+    def loss_sums(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device)
+        with self.autocast():
+            loss = float(self.model(batch, labels=batch).loss)
+        return torch.tensor([loss * batch.shape[0], batch.shape[0]], dtype=torch.float64)
+
+
+def accumulate_gradients(strategy: StepStrategy, local_batch: torch.Tensor,
+                         balance: MoEBalance | None, dp: DataParallel, stats: MoEStepStats
+                         ) -> tuple[float, float]:
+    """Fill ``.grad`` with the step's gradient (reduced over the replica groups) and
+    ``stats`` with the step's MoE statistics; returns the step's (loss, CE loss), averaged
     over every data-parallel rank."""
-    sums = torch.zeros(2, dtype=torch.float64)
-    for micro in local_batch.split(min(micro_batch_size, local_batch.shape[0])):
-        micro = micro.to(device)
-        share = micro.shape[0] / local_batch.shape[0]
-        with autocast():
-            out = model(micro, labels=micro)
-        loss = out.loss + out.aux_loss if out.aux_loss is not None else out.loss
-        (loss * share).backward()
-        stats.add(out.moe_stats)
-        sums += torch.tensor([float(loss.detach()), float(out.loss.detach())]) * share
-    return _reduce_over_replicas(dp, stats, sums)
-
-
-def pipeline_accumulate_gradients(schedule: PipelineScheduleSingle | PipelineScheduleMulti,
-                                  stage: PipelineStageModel, local_batch: torch.Tensor,
-                                  micro_batches: int, moe_layers: list[int], dp: DataParallel,
-                                  stats: MoEStepStats, device: torch.device
-                                  ) -> tuple[float, float]:
-    """The same as ``accumulate_gradients`` for one pipeline rank: the schedule runs the
-    data-parallel rank's rows as ``micro_batches`` equal micro-batches (the rank holding the
-    first stage feeds the tokens, the one holding the last computes the loss); losses and MoE
-    statistics are then summed over the pipeline ranks."""
-    stage.reset_step()
-    micro_losses: list[torch.Tensor] = []
-    batch = local_batch.to(device)
-    schedule.step(*((batch,) if stage.is_first else ()),
-                  target=batch if stage.is_last else None,
-                  losses=micro_losses if stage.is_last else None, return_outputs=False)
-    stage.sync_tied_gradients()
-    ce = sum(float(loss.detach()) for loss in micro_losses) / micro_batches
-    sums = torch.tensor([ce + float(stage.step_aux) / micro_batches, ce], dtype=torch.float64)
-    pp = dp.mesh.pp
-    all_reduce_(sums, pp)
-    if moe_layers:
-        stats.add(stage.all_layer_stats(moe_layers))
-        stats.apply_(lambda t: all_reduce_(t, pp))
-    return _reduce_over_replicas(dp, stats, sums)
-
-
-def _reduce_over_replicas(dp: DataParallel, stats: MoEStepStats, sums: torch.Tensor
-                          ) -> tuple[float, float]:
-    """Gradients reduced over the replica groups, statistics summed and (loss, CE) averaged
-    over data-parallel ranks."""
+    sums, moe = strategy.forward_backward(local_batch, balance)
+    stats.add(moe)
     dp.reduce_gradients()
     stats.apply_(lambda t: all_reduce_(t, dp.mesh.dp))
     all_reduce_(sums, dp.mesh.dp).div_(dp.mesh.layout.dp)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 from tqdm import tqdm
 
 from ..checkpoint import load_model, load_tokenizer
@@ -29,7 +28,7 @@ from ..config import SkyworkMoeConfig, resolve_config
 from ..errors import ConfigError, TrainingError
 from ..infer.generate import SamplingParams, generate
 from ..model.balance import AuxCoefController
-from ..model.moe import MoETrainingOptions
+from ..model.moe import MoEBalance, MoETrainingOptions
 from ..model.transformer import SkyworkForCausalLM, build_model
 from ..parallel import checkpoint as parallel_checkpoint
 from ..parallel.apply import parallelize, parameter_placements
@@ -38,7 +37,7 @@ from ..parallel.data_parallel import DataParallel
 from ..parallel.health import guard_collectives
 from ..parallel.layout import split_range
 from ..parallel.mesh import build_mesh, init_distributed
-from ..parallel.pipeline import PipelineStageModel, build_schedule
+from ..parallel.pipeline import PipelineSchedule, PipelineStages, build_schedule
 from ..parallel.schedules import stages_of_rank
 from ..runtime import keep_freed_memory
 from . import checkpointing, data
@@ -105,32 +104,35 @@ class Trainer:
         self.tokenizer = self._tokenizer_and_data()
         self.model = self._build_model()
         layout.validate(config=self.model.config)
-        self.moe_layers = [i for i, layer in enumerate(self.model.model.layers)
-                           if hasattr(layer, "block_sparse_moe")]
+        config = self.model.config
+        self.moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
         m = cfg.moe
         self.controller = AuxCoefController(len(self.moe_layers), m.aux_coef, m.adaptive, m.xi,
                                             m.alpha_max, m.beta)
+        self.moe_options = MoETrainingOptions(
+            capacity_factor=m.capacity_factor, drop_policy=m.drop_policy, aux_loss=m.aux_loss,
+            z_loss_coef=m.z_loss_coef, routing_group_size=m.routing_group_size)
         self.step = 0
         self.last_checkpoint: Path | None = None
         if resume:
             self._resume_model()
         self.full_groups = _param_groups(
             parallel_checkpoint.full_shapes(self.model.config).items())
-        self.schedule = None
-        if layout.pp > 1:  # from here on ``model`` is this rank's pipeline stage
-            self.model = self._pipeline_stage()
-        # Shard the model (or stage) for this rank (a no-op for one process).
+        stages = self._pipeline_stages() if layout.pp > 1 else None
+        if stages is not None:  # from here on ``model`` is this rank's part of the model
+            self.model = stages.model
+        # Shard the model (or part) for this rank (a no-op for one process).
         placements = parameter_placements(self.model, self.mesh)
         numel = {n: p.numel() for n, p in self.model.named_parameters()}
         parallelize(self.model, self.mesh, cfg.parallel.a2a_chunks)
-        if layout.pp > 1:
-            self.schedule = self._pipeline_schedule()
+        self.steps: step_ops.StepStrategy = (
+            self._pipeline_schedule(stages) if stages is not None else step_ops.MicroBatchLoop(
+                self.model, cfg.train.micro_batch_size, self._autocast, self.device))
         self.dp = DataParallel(self.model, self.mesh, placements, numel, cfg.parallel.zero,
-                               self.model.tied_copies if layout.pp > 1 else frozenset())
+                               stages.tied_copies if stages is not None else frozenset())
         self.optimizer = self._build_optimizer()
         if resume:
             self._resume_optimizer()
-        self.model.set_aux_coefs(self.controller.alphas)
         if cfg.train.compile:
             self.model.compile_layers()
         if self.is_main:
@@ -215,14 +217,10 @@ class Trainer:
             model = build_model(config, device=self.device, dtype=torch.float32,
                                 seed=self.cfg.train.seed)
         model.config = config  # keeps overrides (e.g. gating normalization) for saving
-        m = self.cfg.moe
-        model.configure_moe_training(MoETrainingOptions(
-            capacity_factor=m.capacity_factor, drop_policy=m.drop_policy, aux_loss=m.aux_loss,
-            z_loss_coef=m.z_loss_coef, routing_group_size=m.routing_group_size))
         model.activation_checkpointing = self.cfg.train.activation_checkpointing
         return model.train()
 
-    def _pipeline_stage(self) -> PipelineStageModel:
+    def _pipeline_stages(self) -> PipelineStages:
         """This rank's stages of the full model under ``parallel.pp_layers``/``pp_recompute``."""
         config = self.model.config
         pipe = self.cfg.pipeline_layout(config.num_hidden_layers)
@@ -235,17 +233,16 @@ class Trainer:
         stages = stages_of_rank(p.pp_schedule, self.mesh.coords.pp, p.pp, pipe.stages)
         self._log(f"pipeline: {pipe.describe()} over {pipe.stages} stages on {p.pp} ranks, "
                   f"{p.pp_schedule} schedule")
-        stage = PipelineStageModel(self.model, pipe, stages).train()
-        stage.autocast = self._autocast
-        return stage
+        return PipelineStages(self.model, pipe, stages)
 
-    def _pipeline_schedule(self) -> PipelineScheduleSingle | PipelineScheduleMulti:
+    def _pipeline_schedule(self, stages: PipelineStages) -> PipelineSchedule:
         t = self.cfg.train
         rows = self.local_rows[1] - self.local_rows[0]
         return build_schedule(
-            self.model, self.mesh, rows // t.micro_batch_size, t.micro_batch_size,
+            stages, self.mesh, rows // t.micro_batch_size, t.micro_batch_size,
             self.cfg.data.seq_len, self.cfg.parallel.pp_schedule,
-            torch.bfloat16 if t.precision == "bf16" else torch.float32, self.device)
+            torch.bfloat16 if t.precision == "bf16" else torch.float32, self.device,
+            self._autocast)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         params = dict(self.model.named_parameters())
@@ -299,13 +296,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.stats.reset()
         local = batch[self.local_rows[0]:self.local_rows[1]]  # this data-parallel rank's rows
-        t = self.cfg.train
-        if self.schedule is not None:
-            return step_ops.pipeline_accumulate_gradients(
-                self.schedule, self.model, local, local.shape[0] // t.micro_batch_size,
-                self.moe_layers, self.dp, self.stats, self.device)
-        return step_ops.accumulate_gradients(self.model, local, t.micro_batch_size, self.dp,
-                                             self.stats, self._autocast, self.device)
+        return step_ops.accumulate_gradients(self.steps, local.to(self.device), self.balance(),
+                                             self.dp, self.stats)
+
+    def balance(self) -> MoEBalance:
+        """The MoE routing options and the controller's current coefficients, for a step."""
+        return MoEBalance.for_layers(self.moe_options, self.moe_layers, self.controller.alphas)
 
     def train_step(self, batch: torch.Tensor) -> StepResult:
         """Gradients of one batch, clipping and the AdamW update. A non-finite loss or gradient
@@ -334,9 +330,7 @@ class Trainer:
             return None
         t = self.cfg.train
         dp = self.mesh.dp
-        # A pipeline evaluates a whole schedule step (a data-parallel rank's rows) at a time.
-        rows = (self.local_rows[1] - self.local_rows[0] if self.schedule is not None
-                else t.micro_batch_size)
+        rows = self.steps.eval_rows  # a pipeline evaluates a whole schedule step at a time
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64)  # sum of loss * sequences, sequences
         try:
@@ -345,30 +339,12 @@ class Trainer:
                                                   // rows)]):
                 if i % dp.size != dp.rank:  # data-parallel ranks share the batches
                     continue
-                batch = self.val_seqs[start:start + rows].to(self.device)
-                if self.schedule is None:
-                    with self._autocast():
-                        loss = float(self.model(batch, labels=batch).loss)
-                    sums += torch.tensor([loss * batch.shape[0], batch.shape[0]])
-                elif batch.shape[0] == rows:  # the schedule's shapes are fixed
-                    sums += self._pipeline_eval_sums(batch)
+                sums += self.steps.loss_sums(self.val_seqs[start:start + rows].to(self.device))
         finally:
             self.model.train()
         all_reduce_(sums, self.mesh.pp)
         all_reduce_(sums, dp)
         return float(sums[0] / sums[1]) if sums[1] else None
-
-    def _pipeline_eval_sums(self, batch: torch.Tensor) -> torch.Tensor:
-        """(sum of loss * sequences, sequences) of ``batch`` through the pipeline, forward
-        only; zeros except on the last stage."""
-        stage = self.model
-        losses: list[torch.Tensor] = []
-        self.schedule.eval(*((batch,) if stage.is_first else ()),
-                           target=batch if stage.is_last else None,
-                           losses=losses if stage.is_last else None, return_outputs=False)
-        micro = self.cfg.train.micro_batch_size
-        total = sum(float(loss) for loss in losses) * micro
-        return torch.tensor([total, micro * len(losses)], dtype=torch.float64)
 
     def save(self) -> Path:
         """Write a checkpoint of the whole model (gathered from every rank onto rank 0), so
@@ -448,7 +424,7 @@ class Trainer:
             moe = self.stats.summary()
             moe["aux_coef"] = list(self.controller.alphas)  # the ones this step used
             record["moe"] = moe
-            self.model.set_aux_coefs(self.controller.step(self.stats.drop_rates()))
+            self.controller.step(self.stats.drop_rates())
         self._write_metrics(record)
         postfix = {"loss": f"{last.loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
         if self.moe_layers:
