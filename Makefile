@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch is pinned here so CPU-only machines take the local CPU wheel; pyproject.toml keeps a
-# range (torch>=2.6) so GPU users can bring their own CUDA build (see README).
+# range (torch>=2.10) so GPU users can bring their own CUDA build (see README).
 TORCH_PIN ?= torch==2.13.0
 RUN_DIR ?= runs/default
 

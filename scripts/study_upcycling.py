@@ -27,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
-from skymoe.train.checkpointing import latest_checkpoint  # noqa: E402
+from skymoe.train.run_state import latest_checkpoint  # noqa: E402
 from skymoe.train.plots import load_metrics  # noqa: E402
 
 DENSE_LR, DENSE_MIN_LR = 2e-3, 2e-4

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from skymoe.errors import ConfigError, TrainingError
-from skymoe.train import checkpointing
+from skymoe.train import run_state
 from skymoe.train import config as train_config
 from skymoe.train import step as step_ops
 from skymoe.train.trainer import Trainer, lr_at
@@ -131,7 +131,7 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert proc.returncode == 128 + signal.SIGINT, err
     assert "Traceback" not in err and "--resume" in err
     steps = [s for s, _, _ in _losses(tmp_path / "run")]
-    latest = checkpointing.latest_checkpoint(tmp_path / "run")
+    latest = run_state.latest_checkpoint(tmp_path / "run")
     assert latest is not None and latest.name == f"step-{steps[-1]:08d}"
     resumed = Trainer(train_config.load(tmp_path / "run" / "config.toml",
                                         [f"train.steps={steps[-1] + 1}"]),
@@ -149,7 +149,7 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tmp_path):
     trainer.cfg.train.steps = 4
     with pytest.raises(TrainingError, match="not finite.*step-00000002"):
         trainer.run()
-    latest = checkpointing.latest_checkpoint(tmp_path / "run")
+    latest = run_state.latest_checkpoint(tmp_path / "run")
     assert latest.name == "step-00000002"
     reloaded = Trainer(train_config.load(tmp_path / "run" / "config.toml"), resume=True,
                        quiet=True)

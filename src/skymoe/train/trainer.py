@@ -30,7 +30,7 @@ from ..infer.generate import SamplingParams, generate
 from ..model.balance import AuxCoefController
 from ..model.moe import MoEBalance, MoETrainingOptions
 from ..model.transformer import SkyworkForCausalLM, build_model
-from ..parallel import checkpoint as parallel_checkpoint
+from ..parallel import full_state
 from ..parallel.apply import parallelize, parameter_placements
 from ..parallel.comm import all_reduce_
 from ..parallel.data_parallel import DataParallel
@@ -40,7 +40,7 @@ from ..parallel.mesh import build_mesh, init_distributed
 from ..parallel.pipeline import PipelineSchedule, PipelineStages, build_schedule
 from ..parallel.schedules import stages_of_rank
 from ..runtime import keep_freed_memory
-from . import checkpointing, data
+from . import data, run_state
 from . import step as step_ops
 from .bpe import train_bpe_tokenizer
 from .config import TrainConfig
@@ -117,7 +117,7 @@ class Trainer:
         if resume:
             self._resume_model()
         self.full_groups = _param_groups(
-            parallel_checkpoint.full_shapes(self.model.config).items())
+            full_state.full_shapes(self.model.config).items())
         stages = self._pipeline_stages() if layout.pp > 1 else None
         if stages is not None:  # from here on ``model`` is this rank's part of the model
             self.model = stages.model
@@ -145,7 +145,7 @@ class Trainer:
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise TrainingError(f"{self.run_dir}: is a file, not a run directory; set run.dir "
                                 "(--run-dir) to a directory")
-        has_checkpoints = bool(checkpointing.list_checkpoints(self.run_dir))
+        has_checkpoints = bool(run_state.list_checkpoints(self.run_dir))
         if resume and not has_checkpoints:
             raise TrainingError(f"{self.run_dir}: no checkpoint to resume from; start the run "
                                 "without --resume")
@@ -256,8 +256,8 @@ class Trainer:
 
     def _resume_model(self) -> None:
         """Weights (into the full model, before sharding), RNG and trainer state."""
-        path = checkpointing.latest_checkpoint(self.run_dir)
-        state = checkpointing.load_checkpoint(path, self.model)
+        path = run_state.latest_checkpoint(self.run_dir)
+        state = run_state.load_checkpoint(path, self.model)
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
         self.controller.load_state_dict(state["controller"])
@@ -266,10 +266,10 @@ class Trainer:
 
     def _resume_optimizer(self) -> None:
         """This rank's part of the saved (whole-model) optimizer state."""
-        file = self.last_checkpoint / checkpointing.TRAINING / checkpointing.OPTIMIZER
-        saved = checkpointing.read_optimizer_state(file)
+        file = self.last_checkpoint / run_state.TRAINING / run_state.OPTIMIZER
+        saved = run_state.read_optimizer_state(file)
         try:
-            parallel_checkpoint.restore_optimizer_state(self.optimizer, saved, self.model,
+            full_state.restore_optimizer_state(self.optimizer, saved, self.model,
                                                         self.dp, self.mesh, self.full_groups)
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise TrainingError(f"{file}: does not match this run's optimizer ({exc}); resume "
@@ -353,13 +353,13 @@ class Trainer:
                  "controller": self.controller.state_dict(),
                  "tokens_seen": self.step * self.cfg.train.batch_size * self.cfg.data.seq_len,
                  "layout": self.mesh.layout.name}
-        full_model = parallel_checkpoint.gather_model(self.model, self.mesh)
-        optimizer_state = parallel_checkpoint.gather_optimizer_state(
+        full_model = full_state.gather_model(self.model, self.mesh)
+        optimizer_state = full_state.gather_optimizer_state(
             self.optimizer, self.model, self.dp, self.mesh, self.full_groups)
-        path = (self.run_dir / checkpointing.CHECKPOINTS
-                / checkpointing.step_dir_name(self.step))
+        path = (self.run_dir / run_state.CHECKPOINTS
+                / run_state.step_dir_name(self.step))
         if self.is_main:
-            path = checkpointing.save_checkpoint(
+            path = run_state.save_checkpoint(
                 self.run_dir, self.step, full_model, optimizer_state, state,
                 tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.train.keep_last)
         self._barrier()

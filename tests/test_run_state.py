@@ -23,7 +23,7 @@ import torch
 import skymoe
 from skymoe import CheckpointError, SkyworkMoeConfig, build_model
 from skymoe.checkpoint import load_tokenizer, save_byte_tokenizer
-from skymoe.train.checkpointing import (latest_checkpoint, list_checkpoints, load_checkpoint,
+from skymoe.train.run_state import (latest_checkpoint, list_checkpoints, load_checkpoint,
                                         save_checkpoint)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,7 +233,7 @@ CHILD = textwrap.dedent("""
     import torch
     from skymoe import SkyworkMoeConfig, build_model
     from skymoe.checkpoint import io
-    from skymoe.train import checkpointing as ck
+    from skymoe.train import run_state as ck
 
     run, point = Path(sys.argv[1]), sys.argv[2]
     config = SkyworkMoeConfig.from_hf_dict(json.loads(sys.argv[3]))
