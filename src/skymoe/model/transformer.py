@@ -92,9 +92,6 @@ class LayerStack(nn.ModuleDict):
     def __setitem__(self, index: int | str, layer: nn.Module) -> None:
         super().__setitem__(str(index), layer)
 
-    def indices(self) -> list[int]:
-        return [int(k) for k in self.keys()]
-
 
 class DecoderStack(nn.Module):
     """Embedding, decoder layers and final norm (HF's ``model.*`` prefix). A model part
