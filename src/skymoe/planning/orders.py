@@ -97,6 +97,7 @@ def stage_ranks(schedule: str, ranks: int, stages_per_rank: int) -> tuple[int, .
     return tuple(owner)
 
 
+@lru_cache(maxsize=64)
 def rank_stages(schedule: str, ranks: int, stages_per_rank: int) -> tuple[tuple[int, ...], ...]:
     """Per pipeline rank, its stages in the registry's order."""
     stages = ranks * stages_per_rank
