@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 import skymoe
+from skymoe.arithmetic import flops_per_token
 from skymoe.config import SkyworkMoeConfig
 from skymoe.infer import generate
 from skymoe.infer.cpu_kernels import prepare_for_cpu_inference
-from skymoe.model.transformer import flops_per_token
 
 BENCH_CONFIG = Path(skymoe.__file__).parent / "configs" / "bench.json"
 

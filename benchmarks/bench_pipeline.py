@@ -136,9 +136,10 @@ def main() -> None:
         worker(args)
         return
 
-    from skymoe.parallel.pipeline_cost import measure_profile
     from skymoe.parallel.pipeline_layout import PipelineLayout
-    from skymoe.parallel.pipeline_planner import plan_pipeline, simulate
+    from skymoe.planning.measure import measure_profile
+    from skymoe.planning.search import plan_pipeline
+    from skymoe.planning.simulate import simulate
 
     torch.set_num_threads(1)  # profile as each pipeline process runs
     config = _config()

@@ -15,12 +15,15 @@ import torch
 from skymoe.cli import main
 from skymoe.config import resolve_config
 from skymoe.errors import ConfigError
-from skymoe.model.transformer import SkyworkForCausalLM, flops_per_token
-from skymoe.parallel.pipeline_cost import (DEVICE_PRESETS, GIB, CostProfile, analytical_profile,
-                                           measure_profile)
+from skymoe.arithmetic import flops_per_token
+from skymoe.model.transformer import SkyworkForCausalLM
 from skymoe.parallel.pipeline_layout import PipelineLayout
-from skymoe.parallel.pipeline_planner import (BACKWARD, FORWARD, evaluate_layout, format_plan,
-                                              in_flight, plan_pipeline, rank_order, simulate)
+from skymoe.planning.cost import DEVICE_PRESETS, GIB, CostProfile, analytical_profile
+from skymoe.planning.measure import measure_profile
+from skymoe.planning.orders import BACKWARD, FORWARD, in_flight, rank_order
+from skymoe.planning.report import format_plan
+from skymoe.planning.search import evaluate_layout, plan_pipeline
+from skymoe.planning.simulate import simulate
 
 
 

@@ -10,9 +10,9 @@ import torch
 
 from skymoe.config import SkyworkMoeConfig, resolve_config
 from skymoe.errors import ConfigError
-from skymoe.infer.planner import (GIB, GPU_PRESETS, GpuSpec, decode_step_s, padded_vocab,
-                                  plan_serve)
 from skymoe.model.transformer import SkyworkForCausalLM
+from skymoe.planning.serving import (GIB, GPU_PRESETS, GpuSpec, decode_step_s, padded_vocab,
+                                     plan_serve)
 
 RTX_4090 = GPU_PRESETS["4090"]
 

@@ -20,9 +20,9 @@ import torch
 from .config import SkyworkMoeConfig, format_count, parameter_counts, resolve_config
 from .errors import ConfigError, SkymoeError, describe_os_error
 from .checkpoint.fp8 import FP8_MODES
-from .infer.planner import GPU_PRESETS
-from .parallel.pipeline_cost import DEVICE_PRESETS
-from .parallel.pipeline_planner import SCHEDULES as PIPELINE_SCHEDULES
+from .planning.serving import GPU_PRESETS
+from .parallel.schedules import SCHEDULES as PIPELINE_SCHEDULES
+from .planning.cost import DEVICE_PRESETS
 from .units import parse_size
 
 _DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -638,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences per micro-batch (default 1)")
     p.add_argument("--micro-batches", type=int,
                    help="micro-batches per step on each pipeline (default 4 x stages)")
-    p.add_argument("--schedule", choices=PIPELINE_SCHEDULES, default="1f1b",
+    p.add_argument("--schedule", choices=list(PIPELINE_SCHEDULES), default="1f1b",
                    help="pipeline schedule (default 1f1b)")
     p.add_argument("--stages-per-rank", type=int, default=1,
                    help="stages V on each pipeline rank: the layout has P x V stages, rank r "
@@ -776,7 +776,7 @@ FP8_HELP = ("FP8 checkpoints: auto (FP8 modules; FP8 matmuls on sm_89+ GPUs), ke
 def cmd_plan_serve(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from .infer.planner import format_plan, plan_serve
+    from .planning.serving import format_plan, plan_serve
 
     gpu = GPU_PRESETS[args.gpu]
     changes = {"reserve": parse_size(args.reserve)}
@@ -793,9 +793,12 @@ def cmd_plan_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_plan_pipeline(args: argparse.Namespace) -> None:
-    from .parallel.pipeline_cost import analytical_profile, measure_profile
+    from .planning.cost import analytical_profile
+    from .planning.measure import measure_profile
+    from .planning.orders import check_plannable
     from .parallel.pipeline_layout import PipelineLayout
-    from .parallel.pipeline_planner import evaluate_layout, format_plan, plan_pipeline
+    from .planning.report import format_plan
+    from .planning.search import evaluate_layout, plan_pipeline
 
     if args.recompute and not args.layout:
         raise UsageError("--recompute needs --layout (the layers per stage it applies to)")
@@ -808,12 +811,18 @@ def cmd_plan_pipeline(args: argparse.Namespace) -> None:
     per_rank = args.stages_per_rank
     if per_rank < 1:
         raise UsageError(f"--stages-per-rank must be >= 1, got {per_rank}")
-    if args.schedule == "interleaved-1f1b" and per_rank < 2:
-        raise UsageError("--schedule interleaved-1f1b runs several stages per pipeline rank; "
+    try:
+        check_plannable(args.schedule)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    looped = PIPELINE_SCHEDULES[args.schedule].placement != "single"
+    if looped and per_rank < 2:
+        raise UsageError(f"--schedule {args.schedule} runs several stages per pipeline rank; "
                          "give --stages-per-rank 2 or more (or use --schedule 1f1b)")
-    if args.schedule != "interleaved-1f1b" and per_rank != 1:
+    if not looped and per_rank != 1:
         raise UsageError(f"--schedule {args.schedule} runs one stage per pipeline rank; "
-                         "--stages-per-rank > 1 needs --schedule interleaved-1f1b")
+                         "--stages-per-rank > 1 needs --schedule interleaved-1f1b or "
+                         "looped-bfs")
     if layout is not None:
         if layout.stages % per_rank or (args.stages is not None
                                         and args.stages * per_rank != layout.stages):

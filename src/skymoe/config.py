@@ -322,35 +322,15 @@ def resolve_config(spec: str | Path) -> SkyworkMoeConfig:
 
 
 def parameter_counts(config: SkyworkMoeConfig) -> dict[str, int]:
-    """Parameter counts computed from the config alone.
+    """Parameter counts computed from the config alone (``skymoe.arithmetic.parameter_counts``).
 
     Returns ``total``, ``embedding`` (input embedding + untied LM head), ``active`` (parameters
     one token passes through: attention, norms, router, ``top_k`` experts or the dense MLP, plus
     embeddings) and ``active_non_embedding``.
     """
-    c = config
-    h, hd = c.hidden_size, c.head_size
-    attn = h * c.num_attention_heads * hd * 2 + h * c.num_key_value_heads * hd * 2
-    norms = 2 * h
-    ffn_one = 3 * h * c.intermediate_size
-    if c.moe_2layer_gate:
-        router = h * 8 * c.num_experts + 8 * c.num_experts * c.num_experts
-    else:
-        router = h * c.num_experts
-    total = active = 0
-    for i in range(c.num_hidden_layers):
-        base = attn + norms
-        if c.is_moe_layer(i):
-            total += base + router + c.num_experts * ffn_one
-            active += base + router + c.num_experts_per_tok * ffn_one
-        else:
-            total += base + ffn_one
-            active += base + ffn_one
-    embedding = c.vocab_size * h * (1 if c.tie_word_embeddings else 2)
-    total += embedding + h
-    active += h
-    return {"total": total, "embedding": embedding, "active_non_embedding": active,
-            "active": active + embedding}
+    from .arithmetic import parameter_counts as counts  # it imports this module
+
+    return counts(config)
 
 
 def format_count(n: float) -> str:

@@ -333,18 +333,3 @@ def build_model(config: SkyworkMoeConfig, device: torch.device | str = "cpu",
     if expert_impl:
         model.set_expert_impl(expert_impl)
     return model
-
-
-def flops_per_token(config: SkyworkMoeConfig, seq_len: int) -> float:
-    """Forward matmul FLOPs per token (2 per multiply-add), attention scores included."""
-    c = config
-    hd = c.head_size
-    attn_proj = 2 * c.hidden_size * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-    attn_scores = 2 * 2 * c.num_attention_heads * hd * seq_len / 2  # causal: half the keys
-    ffn_one = 2 * 3 * c.hidden_size * c.intermediate_size
-    total = 0.0
-    for i in range(c.num_hidden_layers):
-        ffn = ffn_one * (c.num_experts_per_tok if c.is_moe_layer(i) else 1)
-        router = 2 * c.hidden_size * c.num_experts if c.is_moe_layer(i) else 0
-        total += attn_proj + attn_scores + ffn + router
-    return total + 2 * c.hidden_size * c.vocab_size

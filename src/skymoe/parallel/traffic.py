@@ -14,13 +14,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-import torch
-
+from ..arithmetic import rank_shard
 from ..config import SkyworkMoeConfig
-from ..model.transformer import SkyworkForCausalLM
 from .comm import collective_bytes
 from .layout import ParallelLayout, split_sizes
-from .placement import placement
 
 FP32, BF16, INT64 = 4, 2, 8
 
@@ -37,21 +34,9 @@ class StepShape:
 
 
 def _local_param_bytes(config: SkyworkMoeConfig, layout: ParallelLayout) -> tuple[int, int]:
-    """(dense, expert) fp32 bytes of rank 0's parameters."""
-    with torch.device("meta"):
-        model = SkyworkForCausalLM(config)
-    coords = layout.coords(0)
-    dense = expert = 0
-    for name, p in model.named_parameters():
-        part = placement(name, config, layout, coords)
-        n = 1
-        for size in part.local_shape(tuple(p.shape)):
-            n *= size
-        if part.expert:
-            expert += n * FP32
-        else:
-            dense += n * FP32
-    return dense, expert
+    """(dense, expert) fp32 bytes of rank 0's parameters (``skymoe.arithmetic``)."""
+    shard = rank_shard(config, layout, 0)
+    return shard.dense * FP32, shard.expert * FP32
 
 
 def step_traffic(config: SkyworkMoeConfig, layout: ParallelLayout,

@@ -15,15 +15,19 @@ non-uniform TP):
 Decode is memory-bound: a step streams the rank's weights (for MoE layers only the experts some
 token of the batch routes to: ``1 - (1 - k/E)^batch`` of them on average) and the batch's KV
 cache, plus two all-reduces of the batch's hidden states per layer over the GPU link.
+
+Shard sizes and weight bytes come from ``skymoe.arithmetic`` under the serving layout: TP and
+ETP over all GPUs (``serving_layout``), the vocabulary padded to 24.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..arithmetic import RankShard, layer_shard, rank_shard, rank_weight_bytes
 from ..config import SkyworkMoeConfig
 from ..errors import ConfigError
-from ..parallel.layout import split_sizes
+from ..parallel.layout import ParallelLayout
 from ..parallel.placement import VOCAB_MULTIPLE, padded_vocab
 
 GIB = 2**30
@@ -57,9 +61,8 @@ def head_split(config: SkyworkMoeConfig, ranks: int) -> tuple[list[int], list[in
     if ranks > config.num_key_value_heads:
         raise ConfigError(f"{ranks} GPUs exceed the {config.num_key_value_heads} KV heads; "
                           "tensor parallelism splits at head boundaries")
-    kv = split_sizes(config.num_key_value_heads, ranks)
-    group = config.num_attention_heads // config.num_key_value_heads
-    return [n * group for n in kv], kv
+    layers = [layer_shard(config, 0, tp=ranks, tp_rank=r) for r in range(ranks)]
+    return [a.q_heads for a in layers], [a.kv_heads for a in layers]
 
 
 @dataclass
@@ -106,24 +109,21 @@ class ServePlan:
         return min(r.kv_tokens for r in self.ranks)
 
 
-def _rank_weight_bytes(c: SkyworkMoeConfig, gpus: int, rank: int, q_heads: int, kv_heads: int,
-                       vocab: int, wbytes: int) -> int:
-    h, hd = c.hidden_size, c.head_size
-    quantized = wbytes == 1  # fp8: an fp32 scale per quantized tensor
-    attn = (2 * q_heads + 2 * kv_heads) * hd * h * wbytes + (4 * FP32 if quantized else 0)
-    ffn = split_sizes(c.intermediate_size, gpus)[rank]
-    total = 0
-    for i in range(c.num_hidden_layers):
-        total += attn + 2 * h * BF16  # two norms
-        if c.is_moe_layer(i):
-            e = c.num_experts
-            router = (h * 8 * e + 8 * e * e) if c.moe_2layer_gate else h * e
-            total += router * BF16 + e * 3 * h * ffn * wbytes + (e * 3 * FP32 if quantized else 0)
-        else:
-            total += 3 * h * ffn * wbytes + (3 * FP32 if quantized else 0)
-    rows = split_sizes(vocab, gpus)[rank]
-    total += rows * h * BF16 * (1 if c.tie_word_embeddings else 2) + h * BF16
-    return total
+def serving_layout(gpus: int) -> ParallelLayout:
+    """Tensor parallelism over ``gpus``, each expert cut along its intermediate size over
+    all of them (ETP = TP, no expert parallelism)."""
+    return ParallelLayout(tp=gpus, etp=gpus)
+
+
+def _rank_shard(config: SkyworkMoeConfig, gpus: int, rank: int) -> RankShard:
+    return rank_shard(config, serving_layout(gpus), rank, VOCAB_MULTIPLE)
+
+
+def _rank_weight_bytes(config: SkyworkMoeConfig, gpus: int, rank: int, wbytes: int) -> int:
+    """Attention and expert (and dense MLP) projections in the weight dtype, fp8 with an fp32
+    scale per tensor; router, norms, embedding and LM head in bf16."""
+    return rank_weight_bytes(_rank_shard(config, gpus, rank), wbytes, BF16,
+                             FP32 if wbytes == 1 else 0)
 
 
 def _all_reduce_s(nbytes: float, gpus: int, gpu: GpuSpec) -> float:
@@ -138,12 +138,10 @@ def decode_step_s(plan: ServePlan, batch: int) -> float:
     tokens on average (the slowest rank sets the pace)."""
     c, gpu = plan.config, plan.gpu
     wbytes = WEIGHT_BYTES[plan.weight_dtype]
-    moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
     touched = 1.0 - (1.0 - c.num_experts_per_tok / max(c.num_experts, 1)) ** batch
     worst = 0.0
     for r in plan.ranks:
-        ffn = split_sizes(c.intermediate_size, plan.gpus)[r.rank]
-        expert_bytes = moe_layers * c.num_experts * 3 * c.hidden_size * ffn * wbytes
+        expert_bytes = _rank_shard(c, plan.gpus, r.rank).expert * wbytes
         streamed = r.weight_bytes - expert_bytes * (1.0 - touched)
         kv_read = batch * plan.context * r.kv_bytes_per_token
         worst = max(worst, (streamed + kv_read) / gpu.bandwidth)
@@ -167,8 +165,7 @@ def plan_serve(config: SkyworkMoeConfig, gpus: int, gpu: GpuSpec, weight_dtype: 
     vocab = padded_vocab(config.vocab_size)
     ranks = []
     for r in range(gpus):
-        weights = _rank_weight_bytes(config, gpus, r, q_split[r], kv_split[r], vocab,
-                                     WEIGHT_BYTES[weight_dtype])
+        weights = _rank_weight_bytes(config, gpus, r, WEIGHT_BYTES[weight_dtype])
         kv_per_token = 2 * config.num_hidden_layers * kv_split[r] * config.head_size \
             * KV_BYTES[kv_dtype]
         ranks.append(RankPlan(r, q_split[r], kv_split[r], weights, kv_per_token,
@@ -190,8 +187,9 @@ def format_plan(plan: ServePlan) -> str:
         f"model: {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_experts} experts "
         f"top-{c.num_experts_per_tok}, {c.num_attention_heads} heads / {c.num_key_value_heads} "
         f"KV heads, vocab {c.vocab_size} (padded to {plan.vocab})",
-        f"deployment: {plan.gpus} GPU(s) x {gpu.memory / GIB:.1f} GiB, weights {plan.weight_dtype}, "
-        f"KV cache {plan.kv_dtype}, {gpu.reserve / GIB:.1f} GiB per GPU kept for "
+        f"deployment: {plan.gpus} GPU(s) x {gpu.memory / GIB:.1f} GiB, weights "
+        f"{plan.weight_dtype}, KV cache {plan.kv_dtype}, {gpu.reserve / GIB:.1f} GiB per GPU "
+        "kept for "
         "context/activations",
         f"head split: query {q}; KV {kv}",
         f"{'rank':>4} {'heads':>5} {'weights GiB':>11} {'free for KV GiB':>15} "
