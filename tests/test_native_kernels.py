@@ -17,11 +17,12 @@ from skymoe.config import SkyworkMoeConfig
 from skymoe.infer import generate
 from skymoe.infer.cpu_kernels import prepare_for_cpu_inference
 from skymoe.infer.engine import Engine, Request
-from skymoe.native import native_kernels
 from skymoe.infer.native_modules import NativeMoEDecoderLayer
+from skymoe.kernels import native as native_build
+from skymoe.kernels import load_native
 from skymoe.model.moe import experts_loop
 
-kernels = native_kernels()
+kernels = load_native()
 pytestmark = pytest.mark.skipif(kernels is None, reason="native kernels cannot be built here")
 
 BF16_RTOL = 2 ** -7  # two bf16 ulps
@@ -167,10 +168,9 @@ def test_cache_overflow_is_a_clear_error():
 
 
 def test_without_native_kernels_inference_falls_back_to_onednn_packing(monkeypatch):
-    import skymoe.native as native
     from skymoe.infer.cpu_kernels import PackedLinear, can_pack
 
-    monkeypatch.setattr(native, "native_kernels", lambda: None)
+    monkeypatch.setenv("SKYMOE_NATIVE", "0")
     model = skymoe.build_model(SkyworkMoeConfig(**CONFIG, **VARIANTS["skywork"]), seed=0)
     if not can_pack(model):
         pytest.skip("oneDNN packing unavailable on this CPU")
@@ -179,17 +179,16 @@ def test_without_native_kernels_inference_falls_back_to_onednn_packing(monkeypat
     assert not any(isinstance(m, NativeMoEDecoderLayer) for m in prepared.modules())
 
 
-def test_a_failed_build_warns_and_returns_none(monkeypatch, tmp_path):
-    import skymoe.native as native
-
+def test_a_failed_build_warns_and_returns_none(monkeypatch, tmp_path, capsys):
     broken = tmp_path / "broken.cpp"
     broken.write_text('#error "this source does not compile"\n')
-    monkeypatch.setattr(native, "SOURCES", [broken])
+    monkeypatch.setattr(native_build, "SOURCES", [broken])
     monkeypatch.setenv("SKYMOE_CACHE", str(tmp_path / "cache"))
     with pytest.warns(UserWarning, match="native CPU kernels unavailable"):
-        assert native.native_kernels.__wrapped__() is None
+        assert native_build.build_native(progress=native_build.to_stderr) is None
+    assert "building skymoe's native CPU kernels" in capsys.readouterr().err
     monkeypatch.setenv("SKYMOE_NATIVE", "0")
-    assert native.native_kernels.__wrapped__() is None  # disabled: no attempt, no warning
+    assert load_native() is None  # disabled: no attempt, no warning
 
 
 def test_preparing_twice_changes_nothing():

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import UsesKernels, load_kernels
 from ..model.moe import SwiGLUExperts, dispatch_sorted
 from ..model.transformer import SkyworkForCausalLM
 
@@ -46,12 +47,13 @@ class PackedLinear(nn.Module):
         return _packed_linear(x, self.packed)
 
 
-class PackedExperts(nn.Module):
+class PackedExperts(UsesKernels, nn.Module):
     """SwiGLU experts with one packed weight per expert; tokens grouped by expert."""
 
     def __init__(self, experts: SwiGLUExperts) -> None:
         super().__init__()
         self.num_experts = experts.num_experts
+        self.kernels = experts.kernels
         self.w13 = [_pack(w) for w in experts.w13]
         self.w2 = [_pack(w) for w in experts.w2]
 
@@ -59,7 +61,8 @@ class PackedExperts(nn.Module):
                 weights_TK: torch.Tensor) -> torch.Tensor:
         if expert_ids_TK.shape[0] == 1:
             return self._single_token(x_TH, expert_ids_TK[0].tolist(), weights_TK[0])
-        return dispatch_sorted(x_TH, expert_ids_TK, weights_TK, self.num_experts, self._ffn)
+        return dispatch_sorted(x_TH, expert_ids_TK, weights_TK, self.num_experts, self._ffn,
+                               kernels=self.kernels)
 
     def _ffn(self, x_sorted_SH: torch.Tensor, counts: list[int]) -> torch.Tensor:
         out = torch.empty_like(x_sorted_SH)
@@ -108,15 +111,15 @@ def prepare_for_cpu_inference(model: SkyworkForCausalLM) -> SkyworkForCausalLM:
     otherwise oneDNN packing (``pack_for_cpu_inference``). Models on other devices are returned
     unchanged. The result is for inference only (no gradients; save before preparing).
     """
-    from ..native import native_kernels
     from .native_modules import apply_native_kernels
 
     if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
         return model
-    kernels = native_kernels()
-    if kernels is None:
+    kernels = load_kernels(model.device)
+    model.use_kernels(kernels)
+    if kernels.native is None:
         return pack_for_cpu_inference(model)
-    return apply_native_kernels(model, kernels)
+    return apply_native_kernels(model, kernels.native)
 
 
 def _is_gate_part(module: nn.Module) -> bool:

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.fp8 import FP8_DTYPE, FP8_MAX
-from ..model.moe import dispatch_sorted, grouped_linear, swiglu
+from ..kernels import UsesKernels
+from ..model.moe import dispatch_sorted, grouped_linear
 from ..model.transformer import DenseMLP, SkyworkForCausalLM
 
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -80,7 +81,7 @@ class Fp8Linear(nn.Module):
         return (y.float() * scale).to(x.dtype)
 
 
-class Fp8Experts(nn.Module):
+class Fp8Experts(UsesKernels, nn.Module):
     """``SwiGLUExperts`` from FP8 values: ``w13`` [E, 2F, H] with ``w13_scale`` [E, 2] (the w1
     and w3 scale of each expert) and ``w2`` [E, H, F] with ``w2_scale`` [E]."""
 
@@ -102,7 +103,7 @@ class Fp8Experts(nn.Module):
         if self.parallel is not None:
             return self.parallel(self, x_TH, expert_ids_TK, weights_TK, keep_TK)
         return dispatch_sorted(x_TH, expert_ids_TK, weights_TK, self.num_experts,
-                               self.sorted_ffn, keep_TK)
+                               self.sorted_ffn, keep_TK, self.kernels)
 
     def sorted_ffn(self, x_SH: torch.Tensor, counts: list[int], first: int = 0) -> torch.Tensor:
         """The FFN of rows sorted by expert for experts ``first, first + 1, ...``."""
@@ -115,7 +116,7 @@ class Fp8Experts(nn.Module):
         ffn = self.w13.shape[1] // 2  # this rank's share under expert tensor parallelism
         h = grouped_linear(x_SH, _widen(self.w13[first:last], dtype).to(dtype), counts).float()
         h = h * self.w13_scale[expert_S].repeat_interleave(ffn, dim=1)
-        h = swiglu(h).to(dtype)
+        h = self.kernels.swiglu(h).to(dtype)
         y = grouped_linear(h, _widen(self.w2[first:last], dtype).to(dtype), counts).float()
         return (y * self.w2_scale[expert_S, None]).to(dtype)
 
