@@ -28,6 +28,8 @@ HEADERS = [CSRC / "common.h", CSRC / "kernels.h"]
 
 
 def cache_root() -> Path:
+    """Where builds are kept: ``$SKYMOE_CACHE``, else ``$XDG_CACHE_HOME/skymoe`` or
+    ``~/.cache/skymoe``."""
     if os.environ.get("SKYMOE_CACHE"):
         return Path(os.environ["SKYMOE_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
