@@ -107,9 +107,9 @@ class Skymoe:
 
     def __init__(self, checkpoint: Path) -> None:
         from skymoe.checkpoint import load_model
-        from skymoe.infer.cpu_kernels import prepare_for_cpu_inference
+        from skymoe.infer.prepare import prepare
 
-        self.model = prepare_for_cpu_inference(load_model(checkpoint, dtype=torch.bfloat16))
+        self.model = prepare(load_model(checkpoint, dtype=torch.bfloat16))
 
     @torch.inference_mode()
     def run(self, prompt: list[int]) -> tuple[float, float]:

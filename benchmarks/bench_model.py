@@ -31,7 +31,8 @@ import skymoe
 from skymoe.arithmetic import flops_per_token
 from skymoe.config import SkyworkMoeConfig
 from skymoe.infer import generate
-from skymoe.infer.cpu_kernels import prepare_for_cpu_inference
+from skymoe.infer.prepare import prepare
+from skymoe.kernels import load_kernels
 
 BENCH_CONFIG = Path(skymoe.__file__).parent / "configs" / "bench.json"
 
@@ -120,6 +121,8 @@ def main() -> None:
     torch.manual_seed(0)
     config = SkyworkMoeConfig.from_json_file(BENCH_CONFIG)
     ours = skymoe.build_model(config, dtype=dtype, seed=0)
+    # Training computes with the fused native CPU kernels, as ``skymoe train`` does.
+    ours.use_kernels(load_kernels(ours.device))
     with tempfile.TemporaryDirectory() as tmp:
         skymoe.save_model(ours, tmp)
         theirs = MixtralForCausalLM.from_pretrained(tmp, dtype=dtype)
@@ -143,7 +146,7 @@ def main() -> None:
         del compiled
 
     # Inference uses skymoe's inference path: native decode kernels on CPU (a no-op elsewhere).
-    ours = prepare_for_cpu_inference(ours)
+    ours = prepare(ours)
     theirs.eval()
     theirs.set_experts_implementation(hf_default)
     new = 32

@@ -50,6 +50,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from skymoe.config import resolve_config
+    from skymoe.kernels import load_kernels
     from skymoe.model.moe import MoEBalance, MoETrainingOptions
     from skymoe.model.transformer import build_model
     from skymoe.parallel.apply import parallelize, parameter_placements
@@ -67,6 +68,7 @@ def worker(args: argparse.Namespace) -> None:
     mesh = build_mesh(layout)
     config = resolve_config("bench")
     model = build_model(config, seed=0, dtype=torch.float32).train()
+    model.use_kernels(load_kernels("cpu"))
     moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
     balance = MoEBalance.for_layers(MoETrainingOptions(capacity_factor=1.0), moe_layers,
                                     [0.001] * len(moe_layers))

@@ -48,9 +48,11 @@ def _peak_rss_bytes() -> int:
 
 
 def _skymoe_step(ckpt: Path, device: str, compile_layers: bool):
+    from skymoe.kernels import load_kernels
     from skymoe.model.moe import MoEBalance, MoETrainingOptions
 
     model = skymoe.load_model(ckpt, dtype=torch.float32, device=device).train()
+    model.use_kernels(load_kernels(device))
     balance = MoEBalance(MoETrainingOptions(capacity_factor=1.0),
                          dict.fromkeys(range(model.config.num_hidden_layers), 0.001))
     if compile_layers:

@@ -6,7 +6,9 @@ import torch
 import skymoe
 from skymoe.config import SkyworkMoeConfig
 from skymoe.infer import generate
-from skymoe.infer.cpu_kernels import PackedExperts, PackedLinear, can_pack, pack_for_cpu_inference
+from skymoe.infer.cpu_kernels import PackedExperts, PackedLinear, can_pack
+from skymoe.infer.prepare import prepare
+from skymoe.kernels import PYTORCH_KERNELS
 
 CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=80, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, num_experts=6, moe_expert_interval=1,
@@ -20,7 +22,7 @@ def test_packed_model_matches_plain(dtype, tol, two_layer):
     plain = skymoe.build_model(config, dtype=dtype, seed=3).eval()
     if not can_pack(plain):
         pytest.skip("oneDNN packing unavailable for this dtype on this CPU")
-    packed = pack_for_cpu_inference(skymoe.build_model(config, dtype=dtype, seed=3))
+    packed = prepare(skymoe.build_model(config, dtype=dtype, seed=3), kernels=PYTORCH_KERNELS)
     assert any(isinstance(m, PackedExperts) for m in packed.modules())
     assert isinstance(packed.lm_head, PackedLinear)
     # The router keeps its fp32 linear weights.
@@ -38,5 +40,5 @@ def test_packed_model_matches_plain(dtype, tol, two_layer):
 
 def test_packing_is_a_no_op_where_it_does_not_apply():
     model = skymoe.build_model(SkyworkMoeConfig(**CONFIG), dtype=torch.float16, seed=0)
-    assert pack_for_cpu_inference(model) is model
+    assert prepare(model, kernels=PYTORCH_KERNELS) is model
     assert not any(isinstance(m, PackedLinear) for m in model.modules())

@@ -17,7 +17,7 @@ from skymoe.checkpoint import load_model, save_model
 from skymoe.checkpoint.fp8 import FP8_MAX, quantize
 from skymoe.checkpoint.names import hf_tensors
 from skymoe.config import SkyworkMoeConfig
-from skymoe.errors import CheckpointError
+from skymoe.errors import CheckpointError, ConfigError
 from skymoe.infer.evaluate import evaluate
 from skymoe.model.transformer import build_model
 from skymoe.quantize import quantize_checkpoint
@@ -129,7 +129,7 @@ def test_independently_written_fp8_checkpoints_load_exactly(tmp_path, scheme):
 
 
 def test_fp8_linear_applies_per_channel_scales_to_the_output():
-    from skymoe.infer.fp8 import Fp8Linear
+    from skymoe.model.fp8 import Fp8Linear
 
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(24, 16, generator=gen)
@@ -152,6 +152,19 @@ def test_fp8_storage_in_memory_gives_the_same_logits(tmp_path):
     ids = torch.randint(64, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(kept(ids).logits, widened(ids).logits)
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS")
+def test_keeping_fp8_on_a_device_that_cannot_hold_it_is_refused(tmp_path):
+    from skymoe.model.fp8 import keeps_fp8_values
+
+    assert keeps_fp8_values("keep", torch.device("cpu"))
+    assert not keeps_fp8_values("auto", torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"fp8='keep' on mps: .*load with fp8='auto'"):
+        keeps_fp8_values("keep", torch.device("mps"))
+    out = quantize_checkpoint(_tiny(tmp_path), tmp_path / "q", show_progress=False)
+    with pytest.raises(ConfigError, match="cannot hold FP8 values"):
+        load_model(out, device="mps", fp8="keep")
 
 
 def test_missing_or_unusable_scales_are_clear_errors(tmp_path):
@@ -217,7 +230,7 @@ def test_quantized_trained_model_agrees_with_the_original(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp8_matmuls_on_gpu_match_the_dequantized_model(tmp_path):
-    from skymoe.infer.fp8 import scaled_mm_supported
+    from skymoe.model.fp8 import scaled_mm_supported
 
     if not scaled_mm_supported(torch.device("cuda")):
         pytest.skip("FP8 matmuls need an sm_89+ GPU")

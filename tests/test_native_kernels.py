@@ -15,13 +15,16 @@ import torch
 import skymoe
 from skymoe.config import SkyworkMoeConfig
 from skymoe.infer import generate
-from skymoe.infer.cpu_kernels import prepare_for_cpu_inference
+from skymoe.errors import ConfigError
 from skymoe.infer.engine import Engine, Request
-from skymoe.native import native_kernels
 from skymoe.infer.native_modules import NativeMoEDecoderLayer
+from skymoe.infer.prepare import prepare
+from skymoe.kernels import native as native_build
+from skymoe.kernels import PYTORCH_KERNELS, Kernels, load_native
 from skymoe.model.moe import experts_loop
 
-kernels = native_kernels()
+kernels = load_native()
+NATIVE = Kernels(kernels)
 pytestmark = pytest.mark.skipif(kernels is None, reason="native kernels cannot be built here")
 
 BF16_RTOL = 2 ** -7  # two bf16 ulps
@@ -93,7 +96,7 @@ VARIANTS = {
 def _pair(variant: str, dtype: torch.dtype):
     config = SkyworkMoeConfig(**CONFIG, **VARIANTS[variant])
     plain = skymoe.build_model(config, dtype=dtype, seed=5).eval()
-    native = prepare_for_cpu_inference(skymoe.build_model(config, dtype=dtype, seed=5))
+    native = prepare(skymoe.build_model(config, dtype=dtype, seed=5), kernels=NATIVE)
     return plain, native
 
 
@@ -166,36 +169,35 @@ def test_cache_overflow_is_a_clear_error():
             native(torch.tensor([[9]]), cache=cache)
 
 
-def test_without_native_kernels_inference_falls_back_to_onednn_packing(monkeypatch):
-    import skymoe.native as native
+def test_without_native_kernels_inference_falls_back_to_onednn_packing():
     from skymoe.infer.cpu_kernels import PackedLinear, can_pack
 
-    monkeypatch.setattr(native, "native_kernels", lambda: None)
     model = skymoe.build_model(SkyworkMoeConfig(**CONFIG, **VARIANTS["skywork"]), seed=0)
     if not can_pack(model):
         pytest.skip("oneDNN packing unavailable on this CPU")
-    prepared = prepare_for_cpu_inference(model)
+    prepared = prepare(model, kernels=PYTORCH_KERNELS)
     assert isinstance(prepared.lm_head, PackedLinear)
     assert not any(isinstance(m, NativeMoEDecoderLayer) for m in prepared.modules())
 
 
-def test_a_failed_build_warns_and_returns_none(monkeypatch, tmp_path):
-    import skymoe.native as native
-
+def test_a_failed_build_warns_and_returns_none(monkeypatch, tmp_path, capsys):
     broken = tmp_path / "broken.cpp"
     broken.write_text('#error "this source does not compile"\n')
-    monkeypatch.setattr(native, "SOURCES", [broken])
+    monkeypatch.setattr(native_build, "SOURCES", [broken])
     monkeypatch.setenv("SKYMOE_CACHE", str(tmp_path / "cache"))
     with pytest.warns(UserWarning, match="native CPU kernels unavailable"):
-        assert native.native_kernels.__wrapped__() is None
+        assert native_build.build_native(progress=native_build.to_stderr) is None
+    assert "building skymoe's native CPU kernels" in capsys.readouterr().err
     monkeypatch.setenv("SKYMOE_NATIVE", "0")
-    assert native.native_kernels.__wrapped__() is None  # disabled: no attempt, no warning
+    assert load_native() is None  # disabled: no attempt, no warning
 
 
-def test_preparing_twice_changes_nothing():
+def test_preparing_twice_is_refused_and_changes_nothing():
     _, native = _pair("skywork", torch.float32)
     before = [type(m).__name__ for m in native.modules()]
-    prepare_for_cpu_inference(native)
+    with pytest.raises(ConfigError, match=r"model\.layers\.0: already a NativeMoEDecoderLayer.*"
+                                          "prepare a model once"):
+        prepare(native, kernels=NATIVE)
     assert [type(m).__name__ for m in native.modules()] == before
 
 

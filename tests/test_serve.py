@@ -21,7 +21,7 @@ import torch
 from skymoe.checkpoint import load_model, load_tokenizer, save_byte_tokenizer, save_model
 from skymoe.checkpoint.tokenizer import BYTE_VOCAB_SIZE
 from skymoe.config import SkyworkMoeConfig
-from skymoe.infer.cpu_kernels import prepare_for_cpu_inference
+from skymoe.infer.prepare import prepare
 from skymoe.infer.generate import SamplingParams, generate
 from skymoe.model.transformer import build_model
 from skymoe.serve.chat import DEFAULT_TEMPLATE, ChatTemplate
@@ -126,7 +126,7 @@ def client(server) -> openai.OpenAI:
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     """The model and tokenizer in this process, packed as the server packs them."""
-    return prepare_for_cpu_inference(load_model(checkpoint).eval()), load_tokenizer(checkpoint)
+    return prepare(load_model(checkpoint).eval()), load_tokenizer(checkpoint)
 
 
 def greedy_text(reference, prompt: str, n: int) -> tuple[str, list[int]]:

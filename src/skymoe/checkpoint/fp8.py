@@ -18,9 +18,7 @@ import re
 import torch
 
 from ..errors import CheckpointError
-
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+from ..model.fp8 import FP8_DTYPE, FP8_MAX  # the e4m3 values the FP8 modules hold
 QUANTIZATION_CONFIG = {"quant_method": "fp8", "activation_scheme": "dynamic"}
 # How load_model holds FP8 weights (see skymoe.checkpoint.hf.load_model).
 FP8_MODES = ("auto", "keep", "dequantize")

@@ -9,6 +9,7 @@ import torch
 
 from ..config import SkyworkMoeConfig
 from ..errors import CheckpointError
+from ..model.fp8 import keeps_fp8_values, use_fp8_modules
 from ..model.transformer import SkyworkForCausalLM
 from . import fp8 as fp8_format
 from . import io, names
@@ -29,7 +30,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
     FP8 checkpoints (``quantization_config.quant_method == "fp8"``): with ``fp8="auto"`` the
     projections become FP8 modules holding the stored values (one byte each on sm_89+ GPUs,
     which then multiply in FP8; widened to bf16, exactly, elsewhere), so the model re-saves
-    without loss; ``"keep"`` keeps one byte per value on any device. ``"dequantize"``, and
+    without loss; ``"keep"`` keeps one byte per value on any device that can hold FP8
+    tensors (``ConfigError`` elsewhere). ``"dequantize"``, and
     checkpoints with block scales or per-channel expert scales, load plain weights
     ``q * scale`` instead.
     """
@@ -46,9 +48,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None,
             and fp8_format.block_size_of(quant) is None):
         per_channel, block_scaled = _fp8_scales(path)
         if not block_scaled and not any(".experts." in name for name in per_channel):
-            from ..infer.fp8 import scaled_mm_supported, use_fp8_modules
-
-            keep = fp8 == "keep" or scaled_mm_supported(torch.device(device))
+            keep = keeps_fp8_values(fp8, torch.device(device))
             with torch.device("meta"):
                 use_fp8_modules(model, per_channel, keep_fp8=keep)
     model.to_empty(device=device)

@@ -28,7 +28,7 @@ _EXPERT_SCALE = re.compile(r"^(?P<prefix>.+\.block_sparse_moe\.experts)\.(?P<e>\
 
 def resolve(name: str, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """The parameter or buffer (or slice of one) that HF tensor ``name`` fills, or None if
-    unknown. FP8 modules (``skymoe.infer.fp8``) keep per-expert scales stacked in
+    unknown. FP8 modules (``skymoe.model.fp8``) keep per-expert scales stacked in
     ``experts.w13_scale`` [E, 2] (w1, w3) and ``experts.w2_scale`` [E]."""
     s = _EXPERT_SCALE.match(name)
     if s is not None:

@@ -1,9 +1,10 @@
-"""CPU inference kernels: oneDNN (mkldnn) prepacked linear layers and experts.
+"""CPU inference modules: oneDNN (mkldnn) prepacked linear layers and experts.
 
 On CPU, ``F.linear`` re-lays out the weight on every call; oneDNN's prepacked weights skip that
-and run small-batch (decode) matmuls 1.5-2.5x faster with identical bf16 results. Applied to an
-existing model from outside by swapping modules (the model never knows); the packed model is
-for inference only (no gradients, and it cannot be saved: save before packing).
+and run small-batch (decode) matmuls 1.5-2.5x faster with identical bf16 results. They are what
+``skymoe.infer.prepare`` swaps in where the native kernels are not loaded (``packed_version``
+is its rule); the packed model is for inference only (no gradients, and it cannot be saved:
+save before preparing).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import UsesKernels
 from ..model.moe import SwiGLUExperts, dispatch_sorted
 from ..model.transformer import SkyworkForCausalLM
 
@@ -46,12 +48,14 @@ class PackedLinear(nn.Module):
         return _packed_linear(x, self.packed)
 
 
-class PackedExperts(nn.Module):
-    """SwiGLU experts with one packed weight per expert; tokens grouped by expert."""
+class PackedExperts(UsesKernels, nn.Module):
+    """SwiGLU experts with one packed weight per expert; tokens grouped by expert (the
+    gather and combine around them computed with ``kernels``)."""
 
     def __init__(self, experts: SwiGLUExperts) -> None:
         super().__init__()
         self.num_experts = experts.num_experts
+        self.kernels = experts.kernels
         self.w13 = [_pack(w) for w in experts.w13]
         self.w2 = [_pack(w) for w in experts.w2]
 
@@ -59,7 +63,8 @@ class PackedExperts(nn.Module):
                 weights_TK: torch.Tensor) -> torch.Tensor:
         if expert_ids_TK.shape[0] == 1:
             return self._single_token(x_TH, expert_ids_TK[0].tolist(), weights_TK[0])
-        return dispatch_sorted(x_TH, expert_ids_TK, weights_TK, self.num_experts, self._ffn)
+        return dispatch_sorted(x_TH, expert_ids_TK, weights_TK, self.num_experts, self._ffn,
+                               kernels=self.kernels)
 
     def _ffn(self, x_sorted_SH: torch.Tensor, counts: list[int]) -> torch.Tensor:
         out = torch.empty_like(x_sorted_SH)
@@ -84,41 +89,21 @@ class PackedExperts(nn.Module):
         return out.to(x_1H.dtype)
 
 
-def pack_for_cpu_inference(model: SkyworkForCausalLM) -> SkyworkForCausalLM:
-    """Swap linear layers (not the fp32 router) and experts for oneDNN-packed versions.
-
-    Returns the model unchanged when packing does not apply (GPU, unsupported dtype/CPU).
-    """
-    if not can_pack(model):
-        return model
-    model.eval()
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, SwiGLUExperts):
-                setattr(module, name, PackedExperts(child))
-            elif isinstance(child, nn.Linear) and name != "gate" and not _is_gate_part(module):
-                setattr(module, name, PackedLinear(child))
-    return model
+def packed_version(name: str, parent: nn.Module, child: nn.Module) -> nn.Module | None:
+    """The packed replacement of ``child`` (attribute ``name`` of ``parent``), or None to keep
+    it: experts and linear layers, except the fp32 router (``gate``, or the 2-layer gate's
+    Sequential)."""
+    if isinstance(child, SwiGLUExperts):
+        return PackedExperts(child)
+    attr = name.rpartition(".")[2]
+    if isinstance(child, nn.Linear) and attr != "gate" and not isinstance(parent, nn.Sequential):
+        return PackedLinear(child)
+    return None
 
 
 def prepare_for_cpu_inference(model: SkyworkForCausalLM) -> SkyworkForCausalLM:
-    """The fastest CPU inference path available here, applied in place.
+    """``skymoe.infer.prepare.prepare(model)``, under the name ``skymoe.cli`` still imports
+    (remove once the CLI calls ``prepare``)."""
+    from .prepare import prepare  # prepare imports this module
 
-    Native decode kernels (``skymoe.native``) where they build, for fp32 and bf16 models;
-    otherwise oneDNN packing (``pack_for_cpu_inference``). Models on other devices are returned
-    unchanged. The result is for inference only (no gradients; save before preparing).
-    """
-    from ..native import native_kernels
-    from .native_modules import apply_native_kernels
-
-    if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
-        return model
-    kernels = native_kernels()
-    if kernels is None:
-        return pack_for_cpu_inference(model)
-    return apply_native_kernels(model, kernels)
-
-
-def _is_gate_part(module: nn.Module) -> bool:
-    # The 2-layer router is an nn.Sequential named "gate"; its linears stay fp32-routed.
-    return isinstance(module, nn.Sequential)
+    return prepare(model)

@@ -1,8 +1,10 @@
 """Inference modules that run decode steps through the native CPU kernels.
 
-Each wraps (or replaces) a model module and keeps its weights; a forward with few rows (a
-decode step) goes to one native call, anything larger (prefill) to the PyTorch path. Swapped
-into a model from outside by ``apply_native_kernels``; the model never knows. For inference only.
+Each replaces a model module, keeps its weights and has the attributes of the module it
+replaces, set explicitly (attention and experts are subclasses of the modules they replace;
+the decoder layer names what it exposes). A forward with few rows (a decode step) goes to one
+native call, anything larger (prefill) to the PyTorch path. ``native_version`` is the rule that
+``skymoe.infer.prepare`` walks the model with. For inference only.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 
 from ..model.layers import Attention, KVCache, RMSNorm, SlotKVCache
 from ..model.moe import NORM_EPS, MoEBlock, SwiGLUExperts
-from ..model.transformer import DecoderLayer, SkyworkForCausalLM
+from ..model.transformer import DecoderLayer
 
 # At most this many rows (tokens) per call take the native matmul kernel; beyond it oneDNN's
 # GEMMs, which reuse each weight tile across many rows, are faster.
@@ -25,73 +27,71 @@ NATIVE_MAX_ROWS = 16
 NATIVE_MAX_DECODE_ROWS = 64
 
 _NONE = torch.empty(0, dtype=torch.long)  # an absent optional tensor argument of the kernels
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
-class _Wrapper(nn.Module):
-    """Wraps ``inner`` transparently: attributes it does not have itself come from ``inner``
-    (the model reads e.g. ``layer.self_attn.kv_heads`` whatever the module is)."""
-
-    def __init__(self, inner: nn.Module, kernels: ModuleType) -> None:
-        super().__init__()
-        self.inner = inner
-        self.kernels = kernels
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("inner"), name)
-
-
 class NativeLinear(nn.Module):
-    """Bias-free linear layer: the native kernel for a few rows, ``F.linear`` for more."""
+    """Bias-free linear layer of ``weight`` [out, in]: the native kernel for a few rows,
+    ``F.linear`` for more."""
 
-    def __init__(self, linear: nn.Linear, kernels: ModuleType) -> None:
+    def __init__(self, weight: nn.Parameter, native: ModuleType) -> None:
         super().__init__()
-        self.weight = linear.weight
-        self.kernels = kernels
+        self.weight = weight
+        self.out_features, self.in_features = weight.shape
+        self.native = native
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _rows(x) > NATIVE_MAX_ROWS:
             return F.linear(x, self.weight)
-        y = self.kernels.linear(x.reshape(-1, x.shape[-1]).contiguous(), self.weight)
+        y = self.native.linear(x.reshape(-1, x.shape[-1]).contiguous(), self.weight)
         return y.view(*x.shape[:-1], -1)
 
 
 class NativeRMSNorm(RMSNorm):
     """RMSNorm computed by the native kernel for a few rows (same rounding as the module)."""
 
-    def __init__(self, norm: RMSNorm, kernels: ModuleType) -> None:
+    def __init__(self, norm: RMSNorm, native: ModuleType) -> None:
         super().__init__(norm.weight.shape[0], norm.eps)
         self.weight = norm.weight
-        self.kernels = kernels
+        self.native = native
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _rows(x) > NATIVE_MAX_ROWS or x.dtype != self.weight.dtype:
             return super().forward(x)
-        return self.kernels.rms_norm(x.contiguous(), self.weight, self.eps)
+        return self.native.rms_norm(x.contiguous(), self.weight, self.eps)
 
 
-class NativeAttention(_Wrapper):
+class NativeAttention(Attention):
     """Attention whose single-token steps over a KV cache run as one native call.
 
-    The q/k/v weights are concatenated once; the wrapped module's projections become views of
-    that tensor (no second copy), so prefill runs the wrapped module unchanged.
+    The q/k/v weights are concatenated once (``wqkv``); the q/k/v projections are views of that
+    tensor (no second copy), so prefill runs ``Attention.forward`` on the same weights.
     """
 
-    def __init__(self, attn: Attention, kernels: ModuleType) -> None:
-        super().__init__(attn, kernels)
+    def __init__(self, attn: Attention, native: ModuleType) -> None:
+        q, k, v, o = (getattr(attn, name) for name in _PROJECTIONS)
+        with torch.device("meta"):  # the base class's projections are replaced below
+            super().__init__(q.in_features, attn.heads, attn.kv_heads, attn.head_dim,
+                             attn.layer_idx, attn.sliding_window)
         with torch.no_grad():
-            wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-        nq, nkv = attn.q_proj.out_features, attn.k_proj.out_features
-        for proj, part in ((attn.q_proj, wqkv[:nq]), (attn.k_proj, wqkv[nq:nq + nkv]),
-                           (attn.v_proj, wqkv[nq + nkv:])):
-            proj.weight = nn.Parameter(part, requires_grad=False)
-        self.wqkv = wqkv
+            self.wqkv = torch.cat([q.weight, k.weight, v.weight])
+        nq, nkv = q.out_features, k.out_features
+        for name, part in (("q_proj", self.wqkv[:nq]), ("k_proj", self.wqkv[nq:nq + nkv]),
+                           ("v_proj", self.wqkv[nq + nkv:])):
+            setattr(self, name, NativeLinear(nn.Parameter(part, requires_grad=False), native))
+        self.o_proj = NativeLinear(o.weight, native)
+        self.native = native
+
+    @staticmethod
+    def applies(attn: nn.Module) -> bool:
+        """A plain ``Attention`` whose projections are bias-free ``nn.Linear`` layers with
+        contiguous weights (not FP8 or tensor-parallel variants)."""
+        return type(attn) is Attention and all(_plain_linear(getattr(attn, name))
+                                               for name in _PROJECTIONS)
 
     def decode_args(self, x_BTH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     cache: KVCache | SlotKVCache | None, start: int) -> tuple | None:
@@ -100,7 +100,7 @@ class NativeAttention(_Wrapper):
         b, t, _ = x_BTH.shape
         if t != 1 or cache is None or b > NATIVE_MAX_DECODE_ROWS:
             return None
-        layer = self.inner.layer_idx
+        layer = self.layer_idx
         if isinstance(cache, SlotKVCache):
             rows, positions = cache.current()
             return (cos, sin, cache.keys[layer], cache.values[layer], rows,
@@ -112,38 +112,56 @@ class NativeAttention(_Wrapper):
         return cos, sin, cache.keys[layer], cache.values[layer], _NONE, _NONE, start, 2
 
     def weight_args(self) -> tuple:
-        a = self.inner
-        return self.wqkv, a.o_proj.weight, a.heads, a.kv_heads, a.sliding_window or 0
+        """The kernel's weight arguments: qkv, o, head counts and sliding window."""
+        return (self.wqkv, self.o_proj.weight, self.heads, self.kv_heads,
+                self.sliding_window or 0)
 
     def forward(self, x_BTH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | SlotKVCache | None = None, start: int = 0) -> torch.Tensor:
         step = self.decode_args(x_BTH, cos, sin, cache, start)
         if step is None:
-            return self.inner(x_BTH, cos, sin, cache, start)
+            return super().forward(x_BTH, cos, sin, cache, start)
         b, _, hidden = x_BTH.shape
-        out = self.kernels.attention_decode(x_BTH.reshape(b, hidden).contiguous(), *step,
-                                            *self.weight_args())
+        out = self.native.attention_decode(x_BTH.reshape(b, hidden).contiguous(), *step,
+                                           *self.weight_args())
         return out.view(b, 1, -1)
 
 
-class NativeExperts(_Wrapper):
-    """SwiGLU experts: a few tokens through the native kernel, more through the grouped GEMMs."""
+class NativeExperts(SwiGLUExperts):
+    """SwiGLU experts: a few tokens through the native kernel, more through the grouped GEMMs
+    (``SwiGLUExperts.forward`` on the same weights)."""
 
-    def forward(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor,
-                weights_TK: torch.Tensor) -> torch.Tensor:
-        if x_TH.shape[0] > NATIVE_MAX_ROWS:
-            return self.inner(x_TH, expert_ids_TK, weights_TK)
-        return self.kernels.experts_decode(
-            x_TH.contiguous(), self.inner.w13, self.inner.w2, expert_ids_TK.contiguous(),
-            weights_TK.float().contiguous())
+    def __init__(self, experts: SwiGLUExperts, native: ModuleType) -> None:
+        with torch.device("meta"):  # the base class's parameters are replaced below
+            super().__init__(experts.num_experts, experts.w13.shape[2], experts.ffn,
+                             experts.impl)
+        self.w13, self.w2 = experts.w13, experts.w2
+        self.kernels = experts.kernels
+        self.native = native
+
+    def forward(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                keep_TK: torch.Tensor | None = None) -> torch.Tensor:
+        if x_TH.shape[0] > NATIVE_MAX_ROWS or keep_TK is not None:
+            return super().forward(x_TH, expert_ids_TK, weights_TK, keep_TK)
+        return self.native.experts_decode(x_TH.contiguous(), self.w13, self.w2,
+                                          expert_ids_TK.contiguous(),
+                                          weights_TK.float().contiguous())
 
 
-class NativeMoEDecoderLayer(_Wrapper):
+class NativeMoEDecoderLayer(nn.Module):
     """A MoE decoder layer (already holding native attention, norms and experts) whose decode
-    steps run as one native call: norms, attention, routing, experts and both residuals."""
+    steps run as one native call: norms, attention, routing, experts and both residuals.
 
-    def __init__(self, layer: DecoderLayer, kernels: ModuleType) -> None:
-        super().__init__(layer, kernels)
+    Called like ``DecoderLayer`` and returns what it returns; other steps run the wrapped
+    ``layer``. Exposes the layer's ``self_attn``, ``block_sparse_moe`` and ``ffn``.
+    """
+
+    def __init__(self, layer: DecoderLayer, native: ModuleType) -> None:
+        super().__init__()
+        self.layer = layer
+        self.native = native
+        self.layer_idx = layer.layer_idx
+        self.recompute = False  # inference only: nothing to recompute
         moe = layer.block_sparse_moe
         norm1, norm2 = layer.input_layernorm, layer.post_attention_layernorm
         # Everything but the step's input, as the kernel takes it (a plain tuple: no module
@@ -151,13 +169,26 @@ class NativeMoEDecoderLayer(_Wrapper):
         self.weight_args = (
             norm1.weight, norm2.weight, norm1.eps, *layer.self_attn.weight_args(),
             moe.gate.weight.detach().float().contiguous(), moe.top_k, moe.use_logits_norm,
-            moe.norm_scale, NORM_EPS, moe.mul_topk, moe.experts.inner.w13,
-            moe.experts.inner.w2)
+            moe.norm_scale, NORM_EPS, moe.mul_topk, moe.experts.w13, moe.experts.w2)
+
+    @property
+    def self_attn(self) -> NativeAttention:
+        return self.layer.self_attn
+
+    @property
+    def block_sparse_moe(self) -> MoEBlock:
+        return self.layer.block_sparse_moe
+
+    @property
+    def ffn(self) -> MoEBlock:
+        return self.layer.ffn
 
     @staticmethod
     def applies(layer: nn.Module) -> bool:
+        """A MoE ``DecoderLayer`` with a single-linear router whose attention, norms and
+        experts are already native, in one dtype."""
         moe = getattr(layer, "block_sparse_moe", None)
-        return (isinstance(layer, DecoderLayer) and isinstance(moe, MoEBlock)
+        return (type(layer) is DecoderLayer and isinstance(moe, MoEBlock)
                 and type(moe.gate) is nn.Linear and isinstance(moe.experts, NativeExperts)
                 and isinstance(layer.self_attn, NativeAttention)
                 and isinstance(layer.input_layernorm, NativeRMSNorm)
@@ -168,47 +199,32 @@ class NativeMoEDecoderLayer(_Wrapper):
                 cache: KVCache | SlotKVCache | None = None, start: int | None = None,
                 balance: None = None) -> tuple[torch.Tensor, None]:
         """``DecoderLayer.forward`` for inference (no MoE training output)."""
-        layer = self.inner
-        step = layer.self_attn.decode_args(x, cos, sin, cache, start or 0)
+        step = self.layer.self_attn.decode_args(x, cos, sin, cache, start or 0)
         if step is None or x.dtype != self.weight_args[0].dtype:
-            return layer(x, cos, sin, cache, start)
+            return self.layer(x, cos, sin, cache, start)
         b, _, hidden = x.shape
-        out = self.kernels.moe_layer_decode(x.reshape(b, hidden).contiguous(), *step,
-                                            *self.weight_args)
+        out = self.native.moe_layer_decode(x.reshape(b, hidden).contiguous(), *step,
+                                           *self.weight_args)
         return out.view(b, 1, hidden), None
 
 
-def apply_native_kernels(model: SkyworkForCausalLM, kernels: ModuleType) -> SkyworkForCausalLM:
-    """Swap attention, experts, RMSNorm and bias-free linear layers (not the fp32 router) for
-    their native-kernel versions and wrap MoE layers for one-call decode steps, in place;
-    returns the model (in eval mode, no gradients)."""
-    model.eval().requires_grad_(False)
-    for module in list(model.modules()):
-        if isinstance(module, _Wrapper):
-            continue  # already prepared: its wrapped module stays as it is
-        for name, child in list(module.named_children()):
-            replacement = _native_version(module, name, child, kernels)
-            if replacement is not None:
-                setattr(module, name, replacement)
-    layers = model.model.layers
-    for i, layer in enumerate(layers):
-        if NativeMoEDecoderLayer.applies(layer):
-            layers[i] = NativeMoEDecoderLayer(layer, kernels)
-    return model
-
-
-def _native_version(parent: nn.Module, name: str, child: nn.Module,
-                    kernels: ModuleType) -> nn.Module | None:
-    if type(child) is Attention and all(_plain_linear(getattr(child, proj)) for proj in
-                                        ("q_proj", "k_proj", "v_proj", "o_proj")):
-        return NativeAttention(child, kernels)
+def native_version(native: ModuleType, name: str, parent: nn.Module,
+                   child: nn.Module) -> nn.Module | None:
+    """The native replacement of ``child`` (attribute ``name`` of ``parent``), or None to keep
+    it. The router (``gate``, or the 2-layer gate's Sequential) stays an fp32 ``nn.Linear``."""
+    if NativeAttention.applies(child):
+        return NativeAttention(child, native)
     if type(child) is SwiGLUExperts and child.w13.is_contiguous() and child.w2.is_contiguous():
-        return NativeExperts(child, kernels)
+        return NativeExperts(child, native)
     if type(child) is RMSNorm:
-        return NativeRMSNorm(child, kernels)
-    # The router (``gate``, or the 2-layer gate's Sequential) stays an fp32 nn.Linear.
-    if _plain_linear(child) and name != "gate" and not isinstance(parent, nn.Sequential):
-        return NativeLinear(child, kernels)
+        return NativeRMSNorm(child, native)
+    if NativeMoEDecoderLayer.applies(child):
+        return NativeMoEDecoderLayer(child, native)
+    if NativeAttention.applies(parent):
+        return None  # the attention's projections become views of its concatenated weight
+    attr = name.rpartition(".")[2]
+    if _plain_linear(child) and attr != "gate" and not isinstance(parent, nn.Sequential):
+        return NativeLinear(child.weight, native)
     return None
 
 

@@ -4,15 +4,16 @@
 an fp32 log-softmax, and an fp32 gradient, each as large as the logits (for 4096 tokens x 32k
 vocab: 0.5 GB apiece). Here the log-sum-exp and the gradient ``softmax - onehot`` of each row
 are computed in fp32 and the gradient is written straight into a tensor of the logits' dtype:
-by a native kernel on CPU (one pass per row, ``skymoe.model.fused``), elsewhere in chunks of
-rows through a small fp32 buffer. The math is cross-entropy in fp32.
+by a native kernel on CPU when the model computes with the native kernels (one pass per row,
+see ``skymoe.kernels``), otherwise in chunks of rows through a small fp32 buffer. The math is
+cross-entropy in fp32.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .fused import kernels_for
+from ..kernels import PYTORCH_KERNELS, Kernels
 
 IGNORE_INDEX = -100
 # fp32 work buffer of at most 4 MiB, reused across chunks: small enough to stay in cache and to
@@ -33,17 +34,18 @@ class _RowwiseCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits_NV: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits_NV: torch.Tensor, labels_N: torch.Tensor,
+                kernels: Kernels) -> torch.Tensor:
         valid = labels_N != IGNORE_INDEX
         safe_labels = labels_N.clamp_min(0)
         count = valid.sum().clamp_min(1)
         want_grad = logits_NV.requires_grad
         grad = torch.empty_like(logits_NV) if want_grad else None
         scale_N = valid.float() / count
-        kernels = kernels_for(logits_NV) if logits_NV.is_contiguous() else None
-        if kernels is not None:
-            lse = kernels.cross_entropy_rows(logits_NV, safe_labels.long().contiguous(),
-                                             scale_N, grad)
+        native = kernels.native_for(logits_NV) if logits_NV.is_contiguous() else None
+        if native is not None:
+            lse = native.cross_entropy_rows(logits_NV, safe_labels.long().contiguous(), scale_N,
+                                            grad)
         else:
             lse = _chunked_lse_and_grad(logits_NV, safe_labels, scale_N, grad)
         target = logits_NV.gather(1, safe_labels[:, None]).squeeze(1).float()
@@ -58,8 +60,8 @@ class _RowwiseCrossEntropy(torch.autograd.Function):
         # The usual incoming gradient is 1: skip a full pass over the logits-sized gradient
         # (checked on CPU only, where reading the value costs no device synchronization).
         if grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
-            return grad, None
-        return grad * grad_loss.to(grad.dtype), None
+            return grad, None, None
+        return grad * grad_loss.to(grad.dtype), None, None
 
 
 def _chunked_lse_and_grad(logits_NV: torch.Tensor, safe_labels_N: torch.Tensor,
@@ -84,14 +86,26 @@ def _chunked_lse_and_grad(logits_NV: torch.Tensor, safe_labels_N: torch.Tensor,
     return lse
 
 
-def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+def causal_lm_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
+                   kernels: Kernels = PYTORCH_KERNELS) -> torch.Tensor:
     """Mean next-token cross-entropy: position t predicts ``labels[t + 1]``; -100 is ignored.
 
     The labels are shifted instead of the logits (the last position gets -100), so the logits
-    are used in place, without a copy.
+    are used in place, without a copy. ``kernels`` may compute the rows natively.
     """
     return _RowwiseCrossEntropy.apply(logits_BTV.reshape(-1, logits_BTV.shape[-1]),
-                                      next_token_labels(labels_BT))
+                                      next_token_labels(labels_BT), kernels)
+
+
+class CausalLMLoss:
+    """``causal_lm_loss`` with a fixed kernel choice: the model's ``loss_function`` after
+    ``SkyworkForCausalLM.use_kernels``."""
+
+    def __init__(self, kernels: Kernels) -> None:
+        self.kernels = kernels
+
+    def __call__(self, logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss(logits_BTV, labels_BT, self.kernels)
 
 
 def next_token_labels(labels_BT: torch.Tensor) -> torch.Tensor:

@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import PYTORCH_KERNELS, Kernels, UsesKernels, fused
 from . import balance
-from . import fused
-from .fused import swiglu
 
 NORM_EPS = 1e-6
 
@@ -54,7 +53,8 @@ def route(logits_TE: torch.Tensor, top_k: int) -> Routing:
 
 def experts_loop(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
                  expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                 keep_TK: torch.Tensor | None = None) -> torch.Tensor:
+                 keep_TK: torch.Tensor | None = None,
+                 kernels: Kernels = PYTORCH_KERNELS) -> torch.Tensor:
     """Reference: for each expert, gather its tokens, run the SwiGLU FFN, scatter-add back.
     Assignments where ``keep_TK`` is False (dropped by capacity) are skipped."""
     out_TH = torch.zeros_like(x_TH)
@@ -63,7 +63,7 @@ def experts_loop(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor
         token_idx, slot = torch.where(chosen if keep_TK is None else chosen & keep_TK)
         if token_idx.numel() == 0:
             continue
-        y = F.linear(swiglu(F.linear(x_TH[token_idx], w13_EFH[e])), w2_EHF[e])
+        y = F.linear(kernels.swiglu(F.linear(x_TH[token_idx], w13_EFH[e])), w2_EHF[e])
         out_TH.index_add_(0, token_idx, (y * weights_TK[token_idx, slot, None]).to(x_TH.dtype))
     return out_TH
 
@@ -122,13 +122,14 @@ ExpertDispatcher = Callable[..., torch.Tensor]
 
 
 def dispatch_sorted(x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                    num_experts: int, ffn: SortedFFN,
-                    keep_TK: torch.Tensor | None = None) -> torch.Tensor:
+                    num_experts: int, ffn: SortedFFN, keep_TK: torch.Tensor | None = None,
+                    kernels: Kernels = PYTORCH_KERNELS) -> torch.Tensor:
     """Sort the T*K assignments by expert, run ``ffn(x_sorted_SH, counts)`` on the grouped
     rows, then weight, unsort and sum over K (in fp32, cast back to the input dtype).
 
     Dropped assignments (``keep_TK`` False) sort behind every expert's rows as a pseudo-expert
-    ``num_experts`` whose output is zero, so they cost no expert compute.
+    ``num_experts`` whose output is zero, so they cost no expert compute. ``kernels`` may do
+    the gather and the weighted sum natively (one pass each way).
     """
     t, k = expert_ids_TK.shape
     flat_ids_S = expert_ids_TK.reshape(-1)
@@ -139,11 +140,12 @@ def dispatch_sorted(x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK:
     kept = t * k - counts[num_experts]
     inverse_S = torch.empty_like(order_S)
     inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-    if fused.kernels_for(x_TH) is not None and x_TH.dim() == 2:
-        # One pass each way for gathering the rows and for weighting and summing them back.
+    native = kernels.native_for(x_TH) if x_TH.dim() == 2 else None
+    if native is not None:
         pos_TK = inverse_S.view(t, k)
-        y_SH = ffn(fused.gather_rows(x_TH, order_S[:kept] // k, pos_TK), counts[:num_experts])
-        return fused.combine_rows(y_SH, pos_TK, weights_TK, x_TH.dtype)
+        y_SH = ffn(fused.gather_rows(native, x_TH, order_S[:kept] // k, pos_TK),
+                   counts[:num_experts])
+        return fused.combine_rows(native, y_SH, pos_TK, weights_TK, x_TH.dtype)
     y_SH = ffn(x_TH[order_S[:kept] // k], counts[:num_experts])
     if kept < t * k:
         y_SH = torch.cat((y_SH, y_SH.new_zeros(t * k - kept, y_SH.shape[-1])))
@@ -152,18 +154,20 @@ def dispatch_sorted(x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK:
 
 
 def sorted_swiglu(x_SH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
-                  counts: list[int]) -> torch.Tensor:
+                  counts: list[int], kernels: Kernels = PYTORCH_KERNELS) -> torch.Tensor:
     """The SwiGLU FFN of rows sorted by expert (``counts[e]`` rows for expert e)."""
     h_S2F = grouped_linear(x_SH, w13_EFH, counts)  # fresh and used only here: consumable
-    return grouped_linear(swiglu(h_S2F, consume_input=True), w2_EHF, counts)
+    return grouped_linear(kernels.swiglu(h_S2F, consume_input=True), w2_EHF, counts)
 
 
 def experts_grouped(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
                     expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                    keep_TK: torch.Tensor | None = None) -> torch.Tensor:
+                    keep_TK: torch.Tensor | None = None,
+                    kernels: Kernels = PYTORCH_KERNELS) -> torch.Tensor:
     """Fast path: assignments sorted by expert, one grouped matmul per projection."""
-    return dispatch_sorted(x_TH, expert_ids_TK, weights_TK, w13_EFH.shape[0],
-                           lambda x, counts: sorted_swiglu(x, w13_EFH, w2_EHF, counts), keep_TK)
+    return dispatch_sorted(
+        x_TH, expert_ids_TK, weights_TK, w13_EFH.shape[0],
+        lambda x, counts: sorted_swiglu(x, w13_EFH, w2_EHF, counts, kernels), keep_TK, kernels)
 
 
 EXPERT_IMPLS: dict[str, Callable[..., torch.Tensor]] = {
@@ -178,11 +182,12 @@ EXPERT_IMPLS: dict[str, Callable[..., torch.Tensor]] = {
 DEFAULT_EXPERT_IMPL = "grouped"
 
 
-class SwiGLUExperts(nn.Module):
+class SwiGLUExperts(UsesKernels, nn.Module):
     """E SwiGLU experts with stacked weights ``w13`` [E, 2F, H] and ``w2`` [E, H, F].
 
-    ``impl`` selects the computation (``"grouped"`` or the reference ``"loop"``); inference
-    transforms may replace the whole module (see ``skymoe.infer.cpu_kernels``). Expert
+    ``impl`` selects the computation (``"grouped"`` or the reference ``"loop"``), ``kernels``
+    the backend of its SwiGLU and row gather/combine (``SkyworkForCausalLM.use_kernels``);
+    inference preparation may replace the whole module (see ``skymoe.infer.prepare``). Expert
     parallelism attaches a dispatcher as ``parallel`` (see ``skymoe.parallel.experts``), which
     then routes tokens across ranks and calls ``sorted_ffn`` on this rank's experts.
     """
@@ -200,13 +205,14 @@ class SwiGLUExperts(nn.Module):
         if self.parallel is not None:
             return self.parallel(self, x_TH, expert_ids_TK, weights_TK, keep_TK)
         return EXPERT_IMPLS[self.impl](x_TH, self.w13, self.w2, expert_ids_TK, weights_TK,
-                                       keep_TK)
+                                       keep_TK, kernels=self.kernels)
 
     def sorted_ffn(self, x_SH: torch.Tensor, counts: list[int], first: int = 0) -> torch.Tensor:
         """The FFN of rows sorted by expert for this module's experts ``first, first + 1, ...``
         (``counts[i]`` rows each)."""
         last = first + len(counts)
-        return sorted_swiglu(x_SH, self.w13[first:last], self.w2[first:last], counts)
+        return sorted_swiglu(x_SH, self.w13[first:last], self.w2[first:last], counts,
+                             self.kernels)
 
 
 @dataclass

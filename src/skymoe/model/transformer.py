@@ -16,8 +16,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import SkyworkMoeConfig
+from ..kernels import Kernels, UsesKernels
 from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding, SlotKVCache
-from .loss import causal_lm_loss
+from .loss import CausalLMLoss, causal_lm_loss
 from .moe import EXPERT_IMPLS, MoEBalance, MoEBlock, MoEOutput, MoEStats
 
 
@@ -204,6 +205,18 @@ class SkyworkForCausalLM(nn.Module):
                              f"{sorted(EXPERT_IMPLS)}")
         for block in self.moe_blocks():
             block.experts.impl = impl
+
+    def use_kernels(self, kernels: Kernels) -> "SkyworkForCausalLM":
+        """Compute the experts' SwiGLU and row gather/combine and the loss with ``kernels``
+        (from ``skymoe.kernels.load_kernels``; a new model uses the PyTorch ops). Returns the
+        model."""
+        for module in self.modules():
+            if isinstance(module, UsesKernels):
+                module.kernels = kernels
+        # A vocabulary-parallel loss (tensor parallelism) has no native kernel: it stays.
+        if self.loss_function is causal_lm_loss or isinstance(self.loss_function, CausalLMLoss):
+            self.loss_function = CausalLMLoss(kernels)
+        return self
 
     def compile_layers(self, **compile_kwargs) -> "SkyworkForCausalLM":
         """``torch.compile`` each decoder layer in place (as torchtitan does per block).

@@ -74,7 +74,8 @@ class ExpertParallel:
                 x_SH = x_SH.to(torch.get_autocast_dtype(x_SH.device.type))
             return exchange(x_SH, counts, self.ep, local_experts, self.a2a_chunks)
 
-        y_TH = dispatch_sorted(x_TH, expert_ids_TK, weights_TK, self.num_experts, ffn, keep_TK)
+        y_TH = dispatch_sorted(x_TH, expert_ids_TK, weights_TK, self.num_experts, ffn, keep_TK,
+                               kernels=experts.kernels)
         return gather_rows(y_TH, sizes, group) if group.active else y_TH
 
 

@@ -27,6 +27,7 @@ from ..checkpoint.tokenizer import Tokenizer
 from ..config import SkyworkMoeConfig, resolve_config
 from ..errors import ConfigError, TrainingError
 from ..infer.generate import SamplingParams, generate
+from ..kernels import load_kernels
 from ..model.balance import AuxCoefController
 from ..model.moe import MoEBalance, MoETrainingOptions
 from ..model.transformer import SkyworkForCausalLM, build_model
@@ -218,6 +219,8 @@ class Trainer:
                                 seed=self.cfg.train.seed)
         model.config = config  # keeps overrides (e.g. gating normalization) for saving
         model.activation_checkpointing = self.cfg.train.activation_checkpointing
+        # The kernel backend, chosen (and on CPU built, once per machine) here, not in a forward.
+        model.use_kernels(load_kernels(self.device, progress=self._log))
         return model.train()
 
     def _pipeline_stages(self) -> PipelineStages:

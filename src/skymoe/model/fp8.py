@@ -9,6 +9,9 @@ Kernels are chosen by capability, never by an import failing:
   than bf16) and the scale multiplies the matmul's output in fp32, so the result equals a
   matmul with the dequantized weight up to the matmul's own rounding. ``keep_fp8=True`` keeps
   one byte per value in memory instead and widens per call (slower; for when RAM is the limit).
+
+``use_fp8_modules`` gives a model this structure before a checkpoint fills it
+(``skymoe.checkpoint.hf.load_model``); the format itself is ``skymoe.checkpoint.fp8``.
 """
 
 from __future__ import annotations
@@ -17,10 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint.fp8 import FP8_DTYPE, FP8_MAX
-from ..model.moe import dispatch_sorted, grouped_linear, swiglu
-from ..model.transformer import DenseMLP, SkyworkForCausalLM
+from ..errors import ConfigError
+from ..kernels import UsesKernels
+from ..kernels.replace import replace_modules
+from .layers import Attention
+from .moe import SwiGLUExperts, dispatch_sorted, grouped_linear
+from .transformer import DenseMLP, SkyworkForCausalLM
 
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
@@ -29,6 +37,24 @@ def scaled_mm_supported(device: torch.device) -> bool:
     """FP8 matmuls need an sm_89+ GPU (Ada, Hopper or newer)."""
     return (device.type == "cuda" and hasattr(torch, "_scaled_mm")
             and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def keeps_fp8_values(mode: str, device: torch.device) -> bool:
+    """Whether FP8 modules on ``device`` hold one byte per value: always on sm_89+ GPUs (they
+    multiply in FP8), elsewhere with ``mode == "keep"``. Raises ``ConfigError`` for "keep" on
+    a device that cannot hold FP8 tensors."""
+    if scaled_mm_supported(device):
+        return True
+    if mode != "keep":
+        return False
+    try:  # capability, not a list of device names: what the FP8 modules do with their values
+        torch.zeros(1, dtype=FP8_DTYPE, device=device).to(torch.bfloat16)
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"fp8='keep' on {device}: this device cannot hold FP8 values "
+                          f"({reason}); load with fp8='auto' (values widened to bf16, exactly) "
+                          "or fp8='dequantize'") from None
+    return True
 
 
 def _fp8_matmul(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
@@ -80,7 +106,7 @@ class Fp8Linear(nn.Module):
         return (y.float() * scale).to(x.dtype)
 
 
-class Fp8Experts(nn.Module):
+class Fp8Experts(UsesKernels, nn.Module):
     """``SwiGLUExperts`` from FP8 values: ``w13`` [E, 2F, H] with ``w13_scale`` [E, 2] (the w1
     and w3 scale of each expert) and ``w2`` [E, H, F] with ``w2_scale`` [E]."""
 
@@ -102,7 +128,7 @@ class Fp8Experts(nn.Module):
         if self.parallel is not None:
             return self.parallel(self, x_TH, expert_ids_TK, weights_TK, keep_TK)
         return dispatch_sorted(x_TH, expert_ids_TK, weights_TK, self.num_experts,
-                               self.sorted_ffn, keep_TK)
+                               self.sorted_ffn, keep_TK, self.kernels)
 
     def sorted_ffn(self, x_SH: torch.Tensor, counts: list[int], first: int = 0) -> torch.Tensor:
         """The FFN of rows sorted by expert for experts ``first, first + 1, ...``."""
@@ -115,7 +141,7 @@ class Fp8Experts(nn.Module):
         ffn = self.w13.shape[1] // 2  # this rank's share under expert tensor parallelism
         h = grouped_linear(x_SH, _widen(self.w13[first:last], dtype).to(dtype), counts).float()
         h = h * self.w13_scale[expert_S].repeat_interleave(ffn, dim=1)
-        h = swiglu(h).to(dtype)
+        h = self.kernels.swiglu(h).to(dtype)
         y = grouped_linear(h, _widen(self.w2[first:last], dtype).to(dtype), counts).float()
         return (y * self.w2_scale[expert_S, None]).to(dtype)
 
@@ -139,21 +165,19 @@ def use_fp8_modules(model: SkyworkForCausalLM, per_channel: set[str] = frozenset
                     keep_fp8: bool = False) -> SkyworkForCausalLM:
     """Replace every attention projection, dense MLP projection and expert block with its FP8
     module (empty; load the checkpoint afterwards). ``per_channel`` names the linear layers
-    (``model.layers.0.self_attn.q_proj``) whose checkpoint scales are per output channel."""
-    device = model.model.embed_tokens.weight.device
-    for i, layer in enumerate(model.model.layers):
-        prefix = f"model.layers.{i}"
-        owners = [(layer.self_attn, f"{prefix}.self_attn", _LINEARS)]
-        if isinstance(layer.ffn, DenseMLP):
-            owners.append((layer.ffn, f"{prefix}.mlp", _MLP))
-        else:
-            old = layer.ffn.experts
-            layer.ffn.experts = Fp8Experts(old.num_experts, old.w13.shape[2], old.ffn, keep_fp8,
-                                           device)
-        for module, name, attrs in owners:
-            for attr in attrs:
-                old = getattr(module, attr)
-                setattr(module, attr, Fp8Linear(old.out_features, old.in_features,
-                                                f"{name}.{attr}" in per_channel, keep_fp8,
-                                                device))
+    (``model.layers.0.self_attn.q_proj``) whose checkpoint scales are per output channel;
+    ``keep_fp8`` (see ``keeps_fp8_values``) stores one byte per value."""
+    device = model.device
+
+    def fp8_version(name: str, parent: nn.Module, child: nn.Module) -> nn.Module | None:
+        attr = name.rpartition(".")[2]
+        if ((isinstance(parent, Attention) and attr in _LINEARS)
+                or (isinstance(parent, DenseMLP) and attr in _MLP)):
+            return Fp8Linear(child.out_features, child.in_features, name in per_channel,
+                             keep_fp8, device)
+        if type(child) is SwiGLUExperts:
+            return Fp8Experts(child.num_experts, child.w13.shape[2], child.ffn, keep_fp8, device)
+        return None
+
+    replace_modules(model, fp8_version)
     return model
