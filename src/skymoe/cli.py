@@ -114,8 +114,8 @@ def cmd_init(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from .checkpoint import load_model, load_tokenizer
     from .infer import SamplingParams
-    from .infer.cpu_kernels import prepare_for_cpu_inference
     from .infer.engine import Engine, Request
+    from .infer.tensor_parallel import inference_rank
 
     try:
         params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
@@ -127,10 +127,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.path)
     model = load_model(args.path, dtype=_DTYPES[args.dtype], fp8=args.fp8)
-    if args.tp > 1:
-        model, params, is_main = _tensor_parallel(model, params, args.tp, "generate")
-    else:
-        model, is_main = prepare_for_cpu_inference(model), True
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise UsageError("the prompt encodes to no tokens; give a non-empty --prompt")
@@ -139,60 +135,36 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UsageError(f"prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} "
                          f"exceeds the model's context of {limit} positions")
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else model.config.eos_token_ids
-    if is_main:
-        print(args.prompt, end="", flush=True)
+    with inference_rank(model, args.tp) as rank:
+        params = rank.shared_sampling(params)
+        if rank.is_main:
+            print(args.prompt, end="", flush=True)
 
-    def on_token(_, __: int, text: str) -> None:
-        if is_main:
-            print(text, end="", flush=True)
+        def on_token(_, __: int, text: str) -> None:
+            if rank.is_main:
+                print(text, end="", flush=True)
 
-    engine = Engine(model, tokenizer, max_batch=1, max_len=len(ids) + args.max_new_tokens)
-    engine.submit(Request(ids, args.max_new_tokens, params, stop_token_ids=tuple(eos),
-                          on_token=on_token))
-    t0 = time.perf_counter()
-    (done,) = engine.run()
-    elapsed = time.perf_counter() - t0
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    if is_main:
+        engine = Engine(rank.model, tokenizer, max_batch=1,
+                        max_len=len(ids) + args.max_new_tokens)
+        engine.submit(Request(ids, args.max_new_tokens, params, stop_token_ids=tuple(eos),
+                              on_token=on_token))
+        t0 = time.perf_counter()
+        (done,) = engine.run()
+        elapsed = time.perf_counter() - t0
+    if rank.is_main:
         n = len(done.token_ids)
         print()
         print(f"[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tok/s; prompt {len(ids)} "
               "tokens]", file=sys.stderr)
 
 
-def _tensor_parallel(model, params, tp: int, command: str):
-    """Shard ``model`` over the ``tp`` processes torchrun started (every rank samples the same
-    token: a sampling seed is agreed on when none was given). Returns (model, params, is
-    rank 0)."""
-    import dataclasses
-
-    import torch.distributed as dist
-
-    from .parallel.apply import parallelize
-    from .parallel.layout import ParallelLayout
-    from .parallel.mesh import build_mesh, init_distributed
-    from .parallel.placement import VOCAB_MULTIPLE
-
-    _, world = init_distributed()
-    if world != tp:
-        raise UsageError(f"--tp {tp} needs {tp} processes; start with torchrun "
-                         f"--nproc-per-node {tp} -m skymoe {command} ... (got {world})")
-    mesh = build_mesh(ParallelLayout(tp=tp, etp=tp))  # heads split unevenly, experts by rows
-    parallelize(model, mesh, gather_logits=True, vocab_multiple=VOCAB_MULTIPLE)
-    if params.temperature > 0 and params.seed is None:
-        seed = torch.randint(2**31 - 1, (1,))
-        dist.broadcast(seed, src=0)
-        params = dataclasses.replace(params, seed=int(seed))
-    return model, params, mesh.is_main
-
-
 # ------------------------------------------------------------------------------------ serve
 def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
     from .checkpoint import load_model, load_tokenizer
-    from .infer import SamplingParams
-    from .infer.cpu_kernels import prepare_for_cpu_inference
     from .infer.engine import Engine
+    from .infer.tensor_parallel import inference_rank
     from .serve.engine_thread import Lockstep, run_worker
     from .serve.limits import RequestLimits
     from .serve.server import serve
@@ -221,30 +193,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 2 <= max_model_len <= limit:
         raise UsageError(f"--max-model-len must be between 2 and the model's context of "
                          f"{limit} tokens, got {max_model_len}")
-    lockstep = None
-    if args.tp > 1:
-        model, _, is_main = _tensor_parallel(model, SamplingParams(), args.tp, "serve")
-        lockstep = Lockstep()
-        if not is_main:  # the other ranks step with rank 0's engine until it shuts down
-            import signal
-
+    engine_limits = dict(max_batch=args.max_batch, max_queue=args.max_queue,
+                         max_prefill_tokens=args.max_prefill_tokens)
+    with inference_rank(model, args.tp) as rank:
+        lockstep = Lockstep() if rank.tp > 1 else None
+        if not rank.is_main:  # the other ranks step with rank 0's engine until it shuts down
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: rank 0 stops them all
-            run_worker(Engine(model, tokenizer, max_batch=args.max_batch, max_len=max_model_len,
-                              max_queue=args.max_queue,
-                              max_prefill_tokens=args.max_prefill_tokens), lockstep)
-            torch.distributed.destroy_process_group()
+            run_worker(Engine(rank.model, tokenizer, max_len=max_model_len, **engine_limits),
+                       lockstep)
             return 0
-    else:
-        model = prepare_for_cpu_inference(model)
-    try:
-        return serve(model, tokenizer, args.model, model_name=args.served_model_name or args.model,
-                     host=args.host, port=args.port, api_key=api_key or None,
-                     max_batch=args.max_batch, max_model_len=max_model_len,
-                     max_queue=args.max_queue, max_prefill_tokens=args.max_prefill_tokens,
-                     log_level=args.log_level, lockstep=lockstep, limits=limits)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        return serve(rank.model, tokenizer, args.model,
+                     model_name=args.served_model_name or args.model, host=args.host,
+                     port=args.port, api_key=api_key or None, max_model_len=max_model_len,
+                     log_level=args.log_level, lockstep=lockstep, limits=limits,
+                     **engine_limits)
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -687,7 +649,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoint import load_model, load_tokenizer
-    from .infer.evaluate import evaluate
+    from .infer.evaluate import evaluate, separator_id, token_stream
     from .train import data
 
     if args.max_tokens < 2:
@@ -704,17 +666,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     sources = args.data or data.default_corpus_sources()
     patterns = args.pattern or (["*"] if args.data else ["*.py"])
     docs = data.read_documents(sources, patterns, args.text_field)
-    eos_ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else model.config.eos_token_ids
-    if not eos_ids:
-        raise UsageError(f"{args.model}: neither the tokenizer nor config.json names an EOS "
-                         "token, needed between documents")
-    eos = eos_ids[0]
-    stream: list[int] = []
-    for doc in docs:
-        stream += tokenizer.encode(doc, add_bos=False) + [eos]
-        if len(stream) >= args.max_tokens:
-            break
-    stream = stream[:args.max_tokens]
+    eos = separator_id(tokenizer, model.config, args.model)
+    stream = token_stream(docs, tokenizer, eos, args.max_tokens)
     context = min(args.context, model.config.max_position_embeddings)
     stride = args.stride or context // 2
     where = ", ".join(map(str, args.data)) if args.data else "the Python standard library source"
@@ -735,8 +688,8 @@ def cmd_bench_generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from .checkpoint import load_model
-    from .infer.cpu_kernels import prepare_for_cpu_inference
     from .infer.engine import Engine, Request
+    from .infer.tensor_parallel import prepare_inference
     from .model.transformer import build_model
 
     for flag in ("num_prompts", "input_len", "output_len", "max_batch"):
@@ -748,7 +701,7 @@ def cmd_bench_generate(args: argparse.Namespace) -> None:
     else:
         model = build_model(resolve_config(args.model), dtype=dtype or torch.bfloat16,
                             seed=args.seed)
-    model = prepare_for_cpu_inference(model.eval())
+    model = prepare_inference(model.eval()).model
     gen = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(model.config.vocab_size, (args.num_prompts, args.input_len),
                             generator=gen).tolist()
