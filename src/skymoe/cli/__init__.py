@@ -50,15 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     args = build_parser().parse_args(argv)
+    # "skymoe plan serve", as argparse's own errors and the deprecation warnings name it
+    command = " ".join(filter(None, ("skymoe", args.command, getattr(args, "what", None))))
     try:
         code = args.func(args)
     except SkymoeError as exc:
-        print(f"skymoe {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # an unwritable path, a file in the way, a full disk
-        print(f"skymoe {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        print(f"{command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"skymoe {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
     return code or 0

@@ -24,8 +24,11 @@ def register(top: argparse._SubParsersAction) -> None:
                     "activation_scheme: dynamic}. Streamed tensor by tensor.")
     p.add_argument("in_dir", help="HF checkpoint directory (bf16 or fp32)")
     p.add_argument("out_dir", help="output directory")
-    p.add_argument("--fp8", action="store_true", required=True,
-                   help="FP8 e4m3 with per-tensor scales (the only format so far)")
+    to = p.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to", choices=["fp8"],
+                    help="output format: fp8, e4m3 with per-tensor scales (the only one so far)")
+    to.add_argument("--fp8", dest="to", action=flags.DeprecatedAlias, nargs=0, const="fp8",
+                    use="--to fp8 (--fp8 elsewhere says how FP8 checkpoints load)")
     flags.add_output(p)
     p.set_defaults(func=cmd_quantize)
 

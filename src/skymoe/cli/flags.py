@@ -1,17 +1,40 @@
 """Flags shared by several commands, each defined once so that it means one thing everywhere.
 
-Groups: the model (``MODEL``: ``add_model``), loading it (``--dtype``, ``--fp8``, ``--threads``:
-``add_loading``, ``load``), tensor parallelism (``--tp``: ``add_tp``), sampling
-(``--temperature``, ``--top-k``, ``--top-p``, ``--seed``: ``add_sampling``,
-``sampling_params``), written checkpoints (``--overwrite``, ``--max-shard-size``:
-``add_output``), benchmark workloads (``--num-prompts``, ``--input-len``, ``--output-len``,
-``--seed``: ``add_workload``) and the API key (``--api-key``: ``add_api_key``, ``api_key``).
+Groups: the model (``MODEL``, always the first positional argument: ``add_model``), loading it
+(``--dtype``, ``--fp8``, ``--threads``: ``add_loading``, ``load``), tensor parallelism
+(``--tp``: ``add_tp``), sampling (``--temperature``, ``--top-k``, ``--top-p``, ``--seed``:
+``add_sampling``, ``sampling_params``), written checkpoints (``--overwrite``,
+``--max-shard-size``: ``add_output``), benchmark workloads (``--num-prompts``, ``--input-len``,
+``--output-len``, ``--seed``: ``add_workload``) and the API key (``--api-key``: ``add_api_key``,
+``api_key``).
+
+Where a flag meant different things in different commands, one meaning won and the other
+command got a new spelling; the old spelling still works and prints a deprecation warning on
+stderr (``DeprecatedAlias``):
+
+- ``--fp8`` is how an FP8 checkpoint is held when loaded (``auto|keep|dequantize``). ``quantize``
+  used a boolean ``--fp8`` for its output format: that is now ``quantize --to fp8``, room for
+  other formats; ``quantize --fp8`` is its deprecated alias.
+- ``--dtype`` is a torch dtype (``auto|float32|bfloat16|float16``) the weights are loaded in.
+  ``plan serve`` used it for the planned storage format (``fp8|bf16|fp16|fp32``, no ``auto``):
+  that is now ``--weight-dtype``, next to ``--kv-dtype``; ``plan serve --dtype`` is its alias.
+- ``MODEL`` is positional; ``plan serve --model M`` (an option only there) is the deprecated
+  alias of ``plan serve M``. ``--model`` is left to ``bench serve``, as the model id a server
+  lists, the meaning it has in the OpenAI API.
+- ``--tp`` is kept in ``plan pipeline``: it is the tensor-parallel size there as in ``generate``
+  and ``serve`` (and ``parallel.tp`` in the training config); those two run it as that many
+  torchrun processes, the planner models it. A second spelling of one size would be the drift.
+
+``--dtype`` defaults to ``auto`` (the config's ``torch_dtype``) except where a command needs
+one precision whatever the checkpoint holds: ``eval`` (float32) and ``bench generate``
+(bfloat16) say why in their help.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,6 +57,23 @@ FP8_HELP = ("FP8 checkpoints: auto (FP8 modules; FP8 matmuls on sm_89+ GPUs), ke
 
 class UsageError(SkymoeError):
     """A command-line argument that cannot be used."""
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old spelling that still works: it sets its replacement's value (``const`` for a flag
+    without a value) and warns on stderr that ``use`` is the spelling to use."""
+
+    def __init__(self, option_strings: list[str], dest: str, use: str, **kwargs) -> None:
+        kwargs.setdefault("default", argparse.SUPPRESS)  # the replacement's default stands
+        kwargs.setdefault("help", f"deprecated: use {use}")
+        super().__init__(option_strings, dest, **kwargs)
+        self.use = use
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.use}",
+              file=sys.stderr)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
 
 
 def add_model(p: argparse.ArgumentParser, help: str = CHECKPOINT) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from ..config import resolve_config
 from ..errors import ConfigError
-from ..infer.planner import GPU_PRESETS
+from ..infer.planner import GPU_PRESETS, KV_BYTES, WEIGHT_BYTES
 from ..parallel.pipeline_cost import DEVICE_PRESETS
 from ..parallel.pipeline_planner import SCHEDULES
 from ..units import parse_size
@@ -37,7 +37,10 @@ def register(plan: argparse._SubParsersAction) -> None:
                     "parallelism (first heads %% N ranks take one extra head, experts split "
                     "along the intermediate size, vocab padded to a multiple of 24), whether it "
                     "fits, and a memory-bandwidth estimate of decode throughput vs batch size.")
-    p.add_argument("--model", required=True, help=flags.ANY_MODEL)
+    p.add_argument("model", nargs="?", default=argparse.SUPPRESS, metavar="MODEL",
+                   help=f"{flags.ANY_MODEL} (required)")
+    p.add_argument("--model", action=flags.DeprecatedAlias, default=None,
+                   use="MODEL (the first argument)")
     p.add_argument("--gpus", type=int, required=True, help="tensor-parallel GPUs")
     p.add_argument("--gpu", choices=sorted(GPU_PRESETS), default="4090",
                    help="GPU preset for memory and bandwidths (default 4090)")
@@ -46,8 +49,12 @@ def register(plan: argparse._SubParsersAction) -> None:
     p.add_argument("--link-bandwidth", type=float, help="GPU-to-GPU bandwidth in GB/s")
     p.add_argument("--reserve", default="1.5GiB",
                    help="memory per GPU kept for context/activations (default 1.5GiB)")
-    p.add_argument("--dtype", default="fp8", help="weight dtype: fp8 (default), bf16, fp16")
-    p.add_argument("--kv-dtype", default="bf16", help="KV cache dtype (default bf16)")
+    p.add_argument("--weight-dtype", choices=sorted(WEIGHT_BYTES), default="fp8",
+                   help="storage format of the attention and expert weights (default fp8)")
+    p.add_argument("--dtype", dest="weight_dtype", choices=sorted(WEIGHT_BYTES),
+                   action=flags.DeprecatedAlias, use="--weight-dtype")
+    p.add_argument("--kv-dtype", choices=sorted(KV_BYTES), default="bf16",
+                   help="KV cache dtype (default bf16)")
     p.add_argument("--context", type=int, default=1024,
                    help="average cached tokens per sequence for the estimate (default 1024)")
     p.set_defaults(func=cmd_plan_serve)
@@ -113,6 +120,8 @@ def cmd_plan_serve(args: argparse.Namespace) -> None:
     """Print the serving plan for ``--gpus`` GPUs of the ``--gpu`` preset (as overridden)."""
     from ..infer.planner import format_plan, plan_serve
 
+    if args.model is None:
+        raise UsageError(f"give MODEL: a {flags.ANY_MODEL}")
     changes = {"reserve": parse_size(args.reserve)}
     if args.gpu_mem:
         changes["memory"] = parse_size(args.gpu_mem)
@@ -122,8 +131,8 @@ def cmd_plan_serve(args: argparse.Namespace) -> None:
                 raise ConfigError(f"--{key.replace('_', '-')} must be a positive number of GB/s")
             changes[key] = flag * 1e9
     gpu = dataclasses.replace(GPU_PRESETS[args.gpu], **changes)
-    plan = plan_serve(resolve_config(args.model), args.gpus, gpu, args.dtype, args.kv_dtype,
-                      args.context)
+    plan = plan_serve(resolve_config(args.model), args.gpus, gpu, args.weight_dtype,
+                      args.kv_dtype, args.context)
     print(format_plan(plan))
 
 
