@@ -10,7 +10,8 @@ library and print:
 - ``convert``: ``upcycle``, ``quantize``
 - ``evaluate``: ``eval``
 - ``plan``: ``plan serve``, ``plan pipeline``
-- ``flags``: the flags several commands share, defined once
+- ``flags``: the flags several commands share, defined once (its docstring records which
+  spellings changed for consistency; the old ones still work, with a warning)
 
 Every subcommand validates its input and reports a bad one (a ``SkymoeError``, a file-system
 failure) as a single line on stderr with exit code 2 (1 for a failure while running);

@@ -100,14 +100,14 @@ def add_loading(p: argparse.ArgumentParser, dtype: str = "auto", why: str = "",
                        help="CPU threads (default: torch's choice)")
 
 
-def load(args: argparse.Namespace, path: str | None = None) -> SkyworkForCausalLM:
-    """The checkpoint at ``path`` (default: MODEL) loaded as ``--dtype`` and ``--fp8`` say, on
-    ``--threads`` threads."""
+def load(args: argparse.Namespace) -> SkyworkForCausalLM:
+    """The checkpoint MODEL loaded as ``--dtype`` and ``--fp8`` say, on ``--threads`` threads
+    (where the command has that flag)."""
     from ..checkpoint import load_model
 
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    return load_model(path or args.model, dtype=DTYPES[args.dtype], fp8=args.fp8)
+    return load_model(args.model, dtype=DTYPES[args.dtype], fp8=args.fp8)
 
 
 def add_tp(p: argparse.ArgumentParser, how: str) -> None:
