@@ -4,7 +4,6 @@ health poller. Each gets its refusal, and neither the poller nor the stream is h
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import socket

@@ -15,7 +15,6 @@ from torch import nn
 
 from ..kernels import UsesKernels
 from ..model.moe import SwiGLUExperts, dispatch_sorted
-from ..model.transformer import SkyworkForCausalLM
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -99,11 +98,3 @@ def packed_version(name: str, parent: nn.Module, child: nn.Module) -> nn.Module 
     if isinstance(child, nn.Linear) and attr != "gate" and not isinstance(parent, nn.Sequential):
         return PackedLinear(child)
     return None
-
-
-def prepare_for_cpu_inference(model: SkyworkForCausalLM) -> SkyworkForCausalLM:
-    """``skymoe.infer.prepare.prepare(model)``, under the name ``skymoe.cli`` still imports
-    (remove once the CLI calls ``prepare``)."""
-    from .prepare import prepare  # prepare imports this module
-
-    return prepare(model)

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: evaluating a model needs no tokenizer code
+    from ..checkpoint.tokenizer import Tokenizer
+    from ..config import SkyworkMoeConfig
 
 
 @dataclass
@@ -40,6 +44,29 @@ class EvalResult:
     @property
     def perplexity(self) -> float:
         return math.exp(min(self.nll, 700.0))
+
+
+def separator_id(tokenizer: Tokenizer, config: SkyworkMoeConfig, where: str) -> int:
+    """The EOS id put between documents: the tokenizer's, else the first of config.json's."""
+    if tokenizer.eos_id is not None:
+        return tokenizer.eos_id
+    if not config.eos_token_ids:
+        raise ConfigError(f"{where}: neither the tokenizer nor config.json names an EOS token, "
+                          "needed between documents")
+    return config.eos_token_ids[0]
+
+
+def token_stream(documents: Iterable[str], tokenizer: Tokenizer, eos_id: int,
+                 max_tokens: int) -> list[int]:
+    """The first ``max_tokens`` tokens of the documents, each tokenized without BOS and
+    followed by ``eos_id`` (see the module docstring); documents past the cut are not
+    tokenized."""
+    stream: list[int] = []
+    for doc in documents:
+        stream += tokenizer.encode(doc, add_bos=False) + [eos_id]
+        if len(stream) >= max_tokens:
+            break
+    return stream[:max_tokens]
 
 
 def windows(stream: list[int], context: int, stride: int) -> Iterator[Window]:
