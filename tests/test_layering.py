@@ -14,7 +14,7 @@ PACKAGE = Path(skymoe.__file__).parent
 # Lowest first. Each entry: the top-level modules and subpackages of that layer.
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundation", {"errors", "units", "runtime", "config", "arithmetic"}),
-    ("kernels", {"kernels", "native"}),
+    ("kernels", {"kernels"}),
     ("model", {"model"}),
     ("checkpoint", {"checkpoint"}),
     ("parallel", {"parallel"}),

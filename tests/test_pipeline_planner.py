@@ -139,25 +139,6 @@ def test_interleaved_order_comes_from_torch():
     assert in_flight(2, 4, "interleaved-1f1b", 2) == [4, 3, 2, 1]
 
 
-@pytest.mark.parametrize("ranks,per_rank,micro_batches", [(2, 2, 4), (4, 2, 10), (3, 3, 3)])
-def test_interleaved_order_matches_the_schedule_object(ranks, per_rank, micro_batches):
-    # The real ScheduleInterleaved1F1B, built on stand-in stages (it only reads where they
-    # sit), computes the same per-rank order as the planner's call of its method.
-    from types import SimpleNamespace
-
-    from torch.distributed.pipelining.schedules import ScheduleInterleaved1F1B, _ComputationType
-    total = ranks * per_rank
-    for rank in range(ranks):
-        stages = [SimpleNamespace(group_size=ranks, group_rank=rank, stage_index=s,
-                                  num_stages=total, is_first=s == 0, is_last=s == total - 1)
-                  for s in range(rank, total, ranks)]
-        schedule = ScheduleInterleaved1F1B(stages, micro_batches)
-        actions = [a for a in schedule.pipeline_order[rank] if a is not None]
-        kinds = {_ComputationType.FORWARD: FORWARD, _ComputationType.FULL_BACKWARD: BACKWARD}
-        assert rank_order(ranks, micro_batches, "interleaved-1f1b", per_rank)[rank] == tuple(
-            (kinds[a.computation_type], a.stage_index, a.microbatch_index) for a in actions)
-
-
 def test_interleaved_two_ranks_by_hand():
     # Every stage: one layer, f = 1, b = 2, no link time. Tracing both ranks' orders (rank 1:
     # 1F0 1F1 3F0 3B0 3F1 3B1 1F2 1B0 1F3 1B1 3F2 3B2 3F3 3B3 1B2 1B3), an operation starting

@@ -62,18 +62,22 @@ def test_unknown_schedule_names_the_choices():
         rank_order(2, 4, "dualpipe")
 
 
-@pytest.mark.parametrize("ranks,per_rank,micro_batches", [(2, 2, 2), (3, 2, 5), (2, 3, 4)])
-def test_looped_bfs_order_matches_the_schedule_object(ranks, per_rank, micro_batches):
-    from torch.distributed.pipelining.schedules import ScheduleLoopedBFS, _ComputationType
+@pytest.mark.parametrize("schedule,ranks,per_rank,micro_batches", [
+    ("interleaved-1f1b", 2, 2, 4), ("interleaved-1f1b", 4, 2, 10), ("interleaved-1f1b", 3, 3, 3),
+    ("looped-bfs", 2, 2, 2), ("looped-bfs", 3, 2, 5), ("looped-bfs", 2, 3, 4)])
+def test_order_matches_the_schedule_object(schedule, ranks, per_rank, micro_batches):
+    # The real torch schedule, built on stand-in stages (it only reads where they sit),
+    # computes the same per-rank order as the planner's call of its method.
+    from torch.distributed.pipelining.schedules import _ComputationType
     total = ranks * per_rank
     kinds = {_ComputationType.FORWARD: FORWARD, _ComputationType.FULL_BACKWARD: BACKWARD}
     for rank in range(ranks):
         stages = [SimpleNamespace(group_size=ranks, group_rank=rank, stage_index=s,
                                   num_stages=total, is_first=s == 0, is_last=s == total - 1)
                   for s in range(rank, total, ranks)]
-        schedule = ScheduleLoopedBFS(stages, micro_batches)
-        actions = [a for a in schedule.pipeline_order[rank] if a is not None]
-        assert rank_order(ranks, micro_batches, "looped-bfs", per_rank)[rank] == tuple(
+        torch_schedule = SCHEDULES[schedule].torch_class()(stages, micro_batches)
+        actions = [a for a in torch_schedule.pipeline_order[rank] if a is not None]
+        assert rank_order(ranks, micro_batches, schedule, per_rank)[rank] == tuple(
             (kinds[a.computation_type], a.stage_index, a.microbatch_index) for a in actions)
 
 

@@ -126,7 +126,7 @@ def _torch_orders(schedule: str, ranks: int, stages_per_rank: int, micro_batches
     ``_calculate_single_rank_operations(self, rank)``, called on the few attributes it reads
     (``ScheduleInterleaved1F1B``: n_local_stages, pp_group_size, microbatches_per_round,
     _n_microbatches; ``ScheduleLoopedBFS``: _stages, pp_group_size, _n_microbatches).
-    Checked against torch 2.13; tests/test_pipeline_planner.py compares it with real
+    Checked against torch 2.13; tests/test_planning_schedules.py compares it with real
     schedule objects."""
     try:
         from torch.distributed.pipelining.schedules import _ComputationType
