@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .. import upcycle as up
 from ..config import SkyworkMoeConfig, format_count, parameter_counts
+from ..quantize import quantize_checkpoint
 from ..units import parse_size
 from . import flags
 from .flags import UsageError
@@ -70,7 +72,6 @@ def _register_upcycle(top: argparse._SubParsersAction) -> None:
 
 def cmd_upcycle(args: argparse.Namespace) -> None:
     """Write the upcycled checkpoint (or, with ``--advise``, print the advice)."""
-    from .. import upcycle as up
 
     if args.advise:
         _advise(args)
@@ -92,7 +93,6 @@ def cmd_upcycle(args: argparse.Namespace) -> None:
 
 
 def _advise(args: argparse.Namespace) -> None:
-    from .. import upcycle as up
 
     if args.dense_tokens is None or args.moe_tokens is None:
         raise UsageError("--advise needs --dense-tokens and --moe-tokens")
@@ -116,7 +116,6 @@ def _advise(args: argparse.Namespace) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     """Write the FP8 checkpoint and print its size next to the input's."""
-    from ..quantize import quantize_checkpoint
 
     out = quantize_checkpoint(args.in_dir, args.out_dir, overwrite=args.overwrite,
                               max_shard_bytes=parse_size(args.max_shard_size))

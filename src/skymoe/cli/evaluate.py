@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..checkpoint import load_model, load_tokenizer
+from ..infer.evaluate import evaluate, separator_id, token_stream
+from ..kernels import load_kernels
+from ..train import data
 from . import flags
 from .flags import UsageError
 
@@ -35,10 +39,6 @@ def register(top: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Print the data, the scoring rule, the perplexity and (with a reference) KL / top-1."""
-    from ..checkpoint import load_model, load_tokenizer
-    from ..infer.evaluate import evaluate, separator_id, token_stream
-    from ..kernels import load_kernels
-    from ..train import data
 
     if args.max_tokens < 2:
         raise UsageError(f"--max-tokens must be >= 2, got {args.max_tokens}")

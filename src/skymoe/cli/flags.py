@@ -35,16 +35,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING
 
 import torch
 
+from ..checkpoint import load_model
 from ..checkpoint.fp8 import FP8_MODES
 from ..errors import SkymoeError
-
-if TYPE_CHECKING:  # the model code loads only for commands that run a model
-    from ..infer import SamplingParams
-    from ..model.transformer import SkyworkForCausalLM
+from ..infer import SamplingParams
+from ..model.transformer import SkyworkForCausalLM
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -103,8 +101,6 @@ def add_loading(p: argparse.ArgumentParser, dtype: str = "auto", why: str = "",
 def load(args: argparse.Namespace) -> SkyworkForCausalLM:
     """The checkpoint MODEL loaded as ``--dtype`` and ``--fp8`` say, on ``--threads`` threads
     (where the command has that flag)."""
-    from ..checkpoint import load_model
-
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
     return load_model(args.model, dtype=DTYPES[args.dtype], fp8=args.fp8)
@@ -127,8 +123,6 @@ def add_sampling(p: argparse.ArgumentParser) -> None:
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """The sampling flags as ``SamplingParams``; a value out of range is a ``UsageError``."""
-    from ..infer import SamplingParams
-
     try:
         return SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     except ValueError as exc:

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import torch
 
+from tqdm import tqdm
+
+from ..checkpoint import load_tokenizer
 from ..config import resolve_config
+from ..infer.engine import Engine, Request
+from ..infer.tensor_parallel import inference_rank, prepare_inference
+from ..model.transformer import build_model
 from . import flags
 from .flags import UsageError
 
@@ -51,9 +57,6 @@ def register_bench(bench: argparse._SubParsersAction) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """Stream the prompt and its continuation to stdout, the speed to stderr."""
-    from ..checkpoint import load_tokenizer
-    from ..infer.engine import Engine, Request
-    from ..infer.tensor_parallel import inference_rank
 
     params = flags.sampling_params(args)
     flags.require_positive(max_new_tokens=args.max_new_tokens, tp=args.tp)
@@ -86,11 +89,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_bench_generate(args: argparse.Namespace) -> None:
     """Time the engine on random prompts and print requests/s and tokens/s."""
-    from tqdm import tqdm
-
-    from ..infer.engine import Engine, Request
-    from ..infer.tensor_parallel import prepare_inference
-    from ..model.transformer import build_model
 
     flags.require_positive(num_prompts=args.num_prompts, input_len=args.input_len,
                            output_len=args.output_len, max_batch=args.max_batch)

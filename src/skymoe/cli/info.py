@@ -8,7 +8,11 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import save_byte_tokenizer, save_model
+from ..checkpoint.io import tensor_infos
+from ..checkpoint.tokenizer import BYTE_VOCAB_SIZE
 from ..config import SkyworkMoeConfig, format_count, parameter_counts, resolve_config
+from ..model import build_model
 from . import flags
 from .flags import UsageError
 
@@ -80,7 +84,6 @@ def _architecture(c: SkyworkMoeConfig) -> list[tuple[str, str]]:
 
 def _weights(path: Path) -> list[tuple[str, str]]:
     """Rows of the checkpoint's tensors by dtype (read from the file headers) and its files."""
-    from ..checkpoint.io import tensor_infos
 
     infos = tensor_infos(path)
     by_dtype: dict[str, list[int]] = {}  # dtype -> [tensors, values, bytes]
@@ -101,9 +104,6 @@ def _weights(path: Path) -> list[tuple[str, str]]:
 
 def cmd_init(args: argparse.Namespace) -> None:
     """Write a random model and a byte-level tokenizer to OUT."""
-    from ..checkpoint import save_byte_tokenizer, save_model
-    from ..checkpoint.tokenizer import BYTE_VOCAB_SIZE
-    from ..model import build_model
 
     config = resolve_config(args.config)
     out = Path(args.out)

@@ -7,6 +7,9 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..checkpoint import load_tokenizer
+from ..infer.engine import Engine
+from ..infer.tensor_parallel import inference_rank
 from ..units import parse_size
 from . import flags
 from .flags import UsageError
@@ -87,9 +90,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM (rank 0); under ``--tp`` the other ranks follow rank 0."""
     import signal
 
-    from ..checkpoint import load_tokenizer
-    from ..infer.engine import Engine
-    from ..infer.tensor_parallel import inference_rank
     from ..serve.engine_thread import Lockstep, run_worker
     from ..serve.server import serve
 

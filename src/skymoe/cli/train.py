@@ -10,6 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
+from ..train import config as train_config
+
 
 
 def register(top: argparse._SubParsersAction) -> None:
@@ -45,7 +47,8 @@ def register(top: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train; rank 0 prints where the results are. An interrupted run exits 128 + signal."""
-    from ..train import config as train_config
+    # Loaded here, not with the CLI: the trainer imports torch.distributed.pipelining (about
+    # 1.3 s, torch._dynamo included) and the plots matplotlib.
     from ..train.plots import plot_run
     from ..train.trainer import Trainer
 
