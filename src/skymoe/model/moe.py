@@ -277,6 +277,15 @@ class MoEStats:
         return MoEStats(*(t.detach().clone() for t in self.tensors()))
 
 
+def accumulate_stats(into: dict[int, MoEStats], stats: dict[int, MoEStats]) -> None:
+    """Add each layer's ``stats`` to its sum in ``into`` (a copy starts a layer's sum)."""
+    for layer, layer_stats in stats.items():
+        if layer in into:
+            into[layer].add_(layer_stats)
+        else:
+            into[layer] = layer_stats.clone()
+
+
 @dataclass(frozen=True)
 class MoEBalance:
     """What a training forward needs to balance the MoE layers: the routing options and each

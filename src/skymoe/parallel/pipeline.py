@@ -26,7 +26,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 
 from ..errors import ConfigError
-from ..model.moe import MoEBalance, MoEOutput, MoEStats
+from ..model.moe import MoEBalance, MoEOutput, MoEStats, accumulate_stats
 from ..model.transformer import SkyworkForCausalLM
 from .comm import CollectiveOrder, CommGroup, all_reduce_
 from .mesh import ParallelMesh
@@ -135,12 +135,8 @@ class StepInputs:
         self.stats = {}
 
     def record(self, moe: dict[int, MoEOutput]) -> None:
-        for index, out in moe.items():
-            self.aux += float(out.aux.detach())
-            if index in self.stats:
-                self.stats[index].add_(out.stats)
-            else:
-                self.stats[index] = out.stats.clone()
+        self.aux += sum(float(out.aux.detach()) for out in moe.values())
+        accumulate_stats(self.stats, {i: out.stats for i, out in moe.items()})
 
 
 class StageChunk(nn.Module):

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..model.moe import MoEStats
+from ..model.moe import MoEStats, accumulate_stats
 
 
 class MoEStepStats:
@@ -28,10 +28,8 @@ class MoEStepStats:
         if sorted(stats) != sorted(self.layers):
             raise ValueError(f"stats for layers {sorted(stats)}, expected {self.layers}")
         if self._sums is None:
-            self._sums = {i: stats[i].clone() for i in self.layers}
-        else:
-            for i in self.layers:
-                self._sums[i].add_(stats[i])
+            self._sums = {}
+        accumulate_stats(self._sums, stats)
 
     def apply_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``fn`` in place to every accumulated sum, layer by layer in one fixed order

@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from ..model.moe import MoEBalance, MoEStats
+from ..model.moe import MoEBalance, MoEStats, accumulate_stats
 from ..model.transformer import SkyworkForCausalLM
 from ..parallel.comm import all_reduce_
 from ..parallel.data_parallel import DataParallel
@@ -33,9 +33,11 @@ class StepStrategy(Protocol):
     @property
     def eval_rows(self) -> int:
         """How many rows ``loss_sums`` takes at a time."""
+        ...
 
     def loss_sums(self, batch: torch.Tensor) -> torch.Tensor:
         """(sum of loss * sequences, sequences) of an evaluation batch (forward only)."""
+        ...
 
 
 class MicroBatchLoop:
@@ -60,8 +62,7 @@ class MicroBatchLoop:
                 out = self.model(micro, labels=micro, balance=balance)
             loss = out.loss + out.aux_loss if out.aux_loss is not None else out.loss
             (loss * share).backward()
-            for i, layer_stats in (out.moe_stats or {}).items():
-                stats[i] = stats[i].add_(layer_stats) if i in stats else layer_stats.clone()
+            accumulate_stats(stats, out.moe_stats or {})
             sums += torch.tensor([float(loss.detach()), float(out.loss.detach())]) * share
         return sums, stats
 
