@@ -1,8 +1,9 @@
 """Random small training cases for the layout fuzz test (``test_layout_fuzz.py``).
 
 A case is drawn from a seed: a tiny model (layers, experts, top-k, heads, odd vocabulary and
-intermediate sizes, gating normalization, gate variants, tied embeddings), the MoE training
-options (capacity factor or dropless, drop policy, routing group, aux-loss type, z-loss),
+intermediate sizes, gating normalization, gate variants, tied embeddings, a routing bias), the
+MoE training options (capacity factor or dropless, drop policy, routing group, aux-loss type
+including the global-batch loss, z-loss),
 sequence length, micro-batch size and gradient accumulation, and activation checkpointing.
 ``run_cases`` trains each case for ``STEPS`` SGD steps on one process (the reference, plain
 code) and under each layout through the trainer's step functions, and reports every
@@ -23,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -81,6 +82,7 @@ class Case:
     # Route every token to the last two experts (by the sign of one feature): the experts of
     # every other expert-parallel rank receive no rows.
     last_experts_only: bool = False
+    expert_bias: bool = False  # a random routing bias in every MoE block
 
     @property
     def rows(self) -> int:  # the global batch: two data-parallel shares
@@ -97,6 +99,7 @@ class Case:
                 f"tied={c.tie_word_embeddings} seq={self.seq_len} micro={self.micro} "
                 f"accum={self.accum} capacity={o.capacity_factor} drop={o.drop_policy} "
                 f"group={o.routing_group_size} aux={o.aux_loss} z={o.z_loss_coef} "
+                f"bias={self.expert_bias} "
                 f"recompute={self.recompute} pipe={self.pipe.describe()} {self.schedule} "
                 f"distinct_tokens={self.distinct_tokens} gate_scale={self.gate_scale}")
 
@@ -143,9 +146,16 @@ def draw_case(seed: int, world: int = 2) -> Case:
     distinct = rng.choice([config.vocab_size, rng.randint(2, 4)])
     if distinct < config.vocab_size:
         options.drop_policy = "position"
-    return Case(seed, config, options, [round(rng.uniform(1e-3, 5e-2), 4)] * moe_layers,
+    case = Case(seed, config, options, [round(rng.uniform(1e-3, 5e-2), 4)] * moe_layers,
                 seq_len, micro, accum, recompute, pipe, schedule, distinct,
                 rng.choice([1.0, 30.0]))
+    # Settings added later come from a second generator, so the earlier ones (and the seeds
+    # chosen for them) stay as they were.
+    later = random.Random(f"later-{seed}")
+    if later.random() < 0.3:
+        options.aux_loss = "global"
+    case.expert_bias = later.random() < 0.3
+    return case
 
 
 def _draw_pipeline(rng: random.Random, layers: int, stages: int,
@@ -181,6 +191,11 @@ def _base_model(case: Case, dtype: torch.dtype = torch.float32) -> torch.nn.Modu
             if case.last_experts_only:  # a one-layer gate
                 block.gate.weight.zero_()
                 block.gate.weight[-2:, 0] = torch.tensor([5.0, -5.0])
+    if case.expert_bias:
+        model.enable_expert_bias()
+        gen = torch.Generator().manual_seed(case.seed)
+        for block in model.moe_blocks():
+            block.expert_bias.copy_(0.2 * torch.randn(block.num_experts, generator=gen))
     return model
 
 
@@ -199,16 +214,19 @@ def _balance(case: Case) -> MoEBalance:
     return MoEBalance.for_layers(case.options, _moe_layers(case), case.aux_coefs)
 
 
-def _decision_margin(probs_TE: torch.Tensor, case: Case, seqs: int) -> float:
+def _decision_margin(probs_TE: torch.Tensor, bias_E: torch.Tensor | None, case: Case,
+                     seqs: int) -> float:
     """How close the routing decisions of one MoE forward are: the smallest gap between a
-    token's k-th and (k+1)-th probability, and (probability drop policy) between the last
-    kept and the first dropped assignment of an expert over capacity."""
+    token's k-th and (k+1)-th routing score (probability plus bias), and (probability drop
+    policy) between the last kept and the first dropped assignment of an expert over
+    capacity."""
     k, experts = case.config.num_experts_per_tok, case.config.num_experts
-    top = torch.sort(probs_TE, dim=-1, descending=True).values
+    scores_TE = probs_TE if bias_E is None else probs_TE + bias_E
+    top = torch.sort(scores_TE, dim=-1, descending=True).values
     margin = float((top[:, k - 1] - top[:, k]).min()) if experts > k else float("inf")
     if case.options.capacity_factor <= 0 or case.options.drop_policy != "probability":
         return margin
-    ids_TK = torch.topk(probs_TE, k, dim=-1).indices
+    ids_TK = torch.topk(scores_TE, k, dim=-1).indices
     groups = seqs // case.options.routing_group_size if case.options.routing_group_size else 1
     for probs_G, ids_G in zip(probs_TE.chunk(groups), ids_TK.chunk(groups)):
         capacity = balance.expert_capacity(probs_G.shape[0], experts, k,
@@ -231,15 +249,24 @@ def reference(case: Case, dtype: torch.dtype = torch.float32) -> StepRecord:
         x = args[0]
         with torch.no_grad():
             probs = torch.softmax(block.router_logits(x.reshape(-1, x.shape[-1])), dim=-1)
-        record.margin = min(record.margin, _decision_margin(probs, case, x.shape[0]))
+        record.margin = min(record.margin,
+                            _decision_margin(probs, block.expert_bias, case, x.shape[0]))
 
     for block in model.moe_blocks():
         block.register_forward_pre_hook(measure)
     for batch in _batches(case):
         optimizer.zero_grad(set_to_none=True)
         stats, total = MoEStepStats(_moe_layers(case)), 0.0
+        step_balance = _balance(case)
+        if case.options.aux_loss == "global":  # count the whole batch's routing first
+            counts = MoEStepStats(_moe_layers(case))
+            counting = MoEBalance(replace(case.options, aux_loss="switch"), step_balance.coefs)
+            with torch.no_grad():
+                for micro in batch.split(case.micro):
+                    counts.add(model(micro, balance=counting).moe_stats)
+            step_balance = step_balance.with_global_loads(counts.loads())
         for micro in batch.split(case.micro):
-            out = model(micro, labels=micro, balance=_balance(case))
+            out = model(micro, labels=micro, balance=step_balance)
             loss = (out.loss + out.aux_loss) * (micro.shape[0] / batch.shape[0])
             loss.backward()
             total += float(loss.detach())

@@ -32,10 +32,13 @@ CI_SEEDS = {2: [0, 1, 2, 3, 4, 5, 13], 4: [0]}
 SEED_OFFSET = {2: 0, 4: 100_000}  # 4-process cases draw from their own seeds
 
 
-def _fuzz_worker(rank: int, world: int, seeds: list[int], out: str,
-                 last_experts_only: bool = False) -> None:
+def _fuzz_worker(rank: int, world: int, seeds: list[int], out: str, variant: str = "") -> None:
     cases = [draw_case(seed, world) for seed in seeds]
-    if last_experts_only:  # dropless top-1 over an even number of experts, one-layer gate
+    if variant == "global+bias":  # the global-batch loss and a routing bias in every case
+        for case in cases:
+            case.options.aux_loss = "global"
+            case.expert_bias = True
+    if variant == "last_experts_only":  # dropless top-1 over an even number of experts
         for case in cases:
             case.last_experts_only = True
             case.config.num_experts_per_tok = 1
@@ -79,7 +82,18 @@ def test_a_rank_whose_experts_receive_no_rows(tmp_path):
     # no rows and its graph has no path from the loss through its all-to-alls; it must still
     # run their backward (EDP hung here before the collectives were chained).
     out = tmp_path / "report.json"
-    spawn(_fuzz_worker, 2, [4, 7], str(out), True, timeout_s=TIMEOUT_S)
+    spawn(_fuzz_worker, 2, [4, 7], str(out), "last_experts_only", timeout_s=TIMEOUT_S)
     report = json.loads(out.read_text())
     assert report["runs"] == 2 * 6 and not report["near_ties"] and not report["failures"], \
         report["failures"][:5] + report["near_ties"][:5]
+
+
+def test_global_batch_loss_and_routing_bias_under_every_layout(tmp_path):
+    # The global-batch balance loss counts the loads over every data-parallel rank and
+    # micro-batch: each layout (DP splits the batch, a pipeline counts through its stages)
+    # must give one process's gradients; the routing bias is replicated like the router.
+    out = tmp_path / "report.json"
+    spawn(_fuzz_worker, 2, [1, 3], str(out), "global+bias", timeout_s=TIMEOUT_S)
+    report = json.loads(out.read_text())
+    assert report["cases"] == 2 and report["runs"] >= 2 * 2  # DP and TP take every case
+    assert not report["failures"], report["failures"][:5]

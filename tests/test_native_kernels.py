@@ -90,13 +90,23 @@ VARIANTS = {
     "mixtral-window": dict(moe_use_logits_norm=False, sliding_window=7, moe_expert_interval=1),
     "dense-every-other": dict(moe_expert_interval=2, moe_use_logits_norm=True),
     "two-layer-gate": dict(moe_2layer_gate=True, moe_expert_interval=1),
+    "routing-bias": dict(moe_use_logits_norm=True, moe_expert_bias=True),
 }
+
+
+def _built(config: SkyworkMoeConfig, dtype: torch.dtype) -> torch.nn.Module:
+    model = skymoe.build_model(config, dtype=dtype, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    for block in model.moe_blocks():  # biases large enough to change choices
+        if block.expert_bias is not None:
+            block.expert_bias.copy_(0.3 * torch.randn(block.num_experts, generator=gen))
+    return model
 
 
 def _pair(variant: str, dtype: torch.dtype):
     config = SkyworkMoeConfig(**CONFIG, **VARIANTS[variant])
-    plain = skymoe.build_model(config, dtype=dtype, seed=5).eval()
-    native = prepare(skymoe.build_model(config, dtype=dtype, seed=5), kernels=NATIVE)
+    plain = _built(config, dtype).eval()
+    native = prepare(_built(config, dtype), kernels=NATIVE)
     return plain, native
 
 

@@ -150,3 +150,20 @@ def test_failed_save_leaves_no_partial_png(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         plot_run(run)
     assert list((run / "plots").iterdir()) == []
+
+
+def test_plot_run_with_routing_biases(tmp_path):
+    run = _write_run(tmp_path / "run")
+    records = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "moe" in record:
+            step = record["step"]
+            record["moe"]["expert_bias_max"] = [0.001 * step * (i + 1) for i in range(3)]
+            record["moe"]["expert_bias_min"] = [-0.002 * step for _ in range(3)]
+        records.append(json.dumps(record))
+    (run / "metrics.jsonl").write_text("\n".join(records))
+    _check_pngs(plot_run(run), run / "plots", MOE_FILES + ["expert_bias.png"])

@@ -72,6 +72,9 @@ class SkyworkMoeConfig:
     moe_2layer_gate: bool = False
     moe_feature_no_mul_topk: bool = True
     moe_use_skywork_gating: bool = False
+    # skymoe's key: each MoE layer has a routing bias (auxiliary-loss-free balancing, the
+    # ``block_sparse_moe.expert_bias`` tensors); written to config.json only when true.
+    moe_expert_bias: bool = False
     # Which HF flavour this config was read as / is written as.
     model_type: str = "skywork_moe"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -157,12 +160,13 @@ class SkyworkMoeConfig:
         if self.model_type == "mixtral" and (not self.is_moe or self.moe_use_logits_norm
                                              or self.moe_expert_interval != 1
                                              or self.moe_2layer_gate
-                                             or not self.moe_feature_no_mul_topk):
+                                             or not self.moe_feature_no_mul_topk
+                                             or self.moe_expert_bias):
             raise ConfigError(
                 "a 'mixtral' config describes plain top-k routing on every layer: it needs "
                 "num_experts > 0, moe_use_logits_norm false, moe_expert_interval 1, "
-                "moe_2layer_gate false and moe_feature_no_mul_topk true; use model_type "
-                "'skywork_moe' for the Skywork options")
+                "moe_2layer_gate false, moe_feature_no_mul_topk true and no moe_expert_bias; "
+                "use model_type 'skywork_moe' for the Skywork options")
 
     # ------------------------------------------------------------------------------ HF reading
     @classmethod
@@ -212,7 +216,8 @@ class SkyworkMoeConfig:
         if flavor != "skywork" and flavor != "skywork_moe":
             # Skywork-only keys are meaningless (and absent) in Mixtral / Llama configs.
             names -= {"moe_expert_interval", "moe_use_logits_norm", "moe_gate_norm_std",
-                      "moe_2layer_gate", "moe_feature_no_mul_topk", "moe_use_skywork_gating"}
+                      "moe_2layer_gate", "moe_feature_no_mul_topk", "moe_use_skywork_gating",
+                      "moe_expert_bias"}
         extra: dict[str, Any] = {}
         for key, value in d.items():
             if key in names and key not in kwargs:
@@ -269,6 +274,8 @@ class SkyworkMoeConfig:
             for key in ("moe_expert_interval", "moe_use_logits_norm", "moe_gate_norm_std",
                         "moe_2layer_gate", "moe_feature_no_mul_topk", "moe_use_skywork_gating"):
                 out[key] = getattr(self, key)
+            if self.moe_expert_bias:
+                out["moe_expert_bias"] = True
             out.setdefault("rope_scaling", None)
         for key, value in self.extra.items():
             if key not in out and key not in _DERIVED_KEYS:

@@ -412,9 +412,10 @@ at::Tensor experts_decode(at::Tensor x, at::Tensor w13, at::Tensor w2,
 // optional gating logit normalization (unbiased std, guarded by norm_eps), softmax, top-k and
 // renormalization of the k weights.
 template <typename T>
-void route_step(const T* h, int64_t B, int64_t H, const float* gate, int64_t E, int64_t k,
-                bool use_norm, float norm_scale, float norm_eps, int64_t* ids, float* weights) {
-  std::vector<float> hf(H), logits(E);
+void route_step(const T* h, int64_t B, int64_t H, const float* gate, const float* bias,
+                int64_t E, int64_t k, bool use_norm, float norm_scale, float norm_eps,
+                int64_t* ids, float* weights) {
+  std::vector<float> hf(H), logits(E), score(E);
   std::vector<int64_t> order(E);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t j = 0; j < H; ++j) hf[j] = to_f(h[b * H + j]);
@@ -432,9 +433,14 @@ void route_step(const T* h, int64_t B, int64_t H, const float* gate, int64_t E, 
     float total = 0.f;
     for (float& z : logits) total += (z = std::exp(z - mx));
     for (float& z : logits) z /= total;
-    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    // The choice ranks probability + routing bias (when the layer has one); the weights are
+    // the chosen probabilities.
+    for (int64_t e = 0; e < E; ++e) {
+      order[e] = e;
+      score[e] = bias ? logits[e] + bias[e] : logits[e];
+    }
     std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t c) {
-      return logits[a] > logits[c] || (logits[a] == logits[c] && a < c);
+      return score[a] > score[c] || (score[a] == score[c] && a < c);
     });
     float chosen = 0.f;
     for (int64_t i = 0; i < k; ++i) chosen += logits[order[i]];
@@ -454,13 +460,19 @@ at::Tensor moe_layer_decode(at::Tensor x, at::Tensor cos, at::Tensor sin,
                                at::Tensor ln1, at::Tensor ln2, double eps,
                                at::Tensor wqkv, at::Tensor wo, int64_t heads,
                                int64_t kv_heads, int64_t window, at::Tensor gate,
-                               int64_t top_k, bool use_norm, double norm_scale, double norm_eps,
-                               bool mul_topk, at::Tensor w13, at::Tensor w2) {
+                               at::Tensor bias, int64_t top_k, bool use_norm, double norm_scale,
+                               double norm_eps, bool mul_topk, at::Tensor w13, at::Tensor w2) {
   check_cpu_contiguous(x, "x");
   check_cpu_contiguous(gate, "gate");
   TORCH_CHECK(gate.scalar_type() == at::kFloat && gate.dim() == 2 && gate.size(1) == x.size(1),
               "moe_layer_decode: fp32 gate [E, H] expected");
   const int64_t B = x.size(0), H = x.size(1), E = gate.size(0);
+  const bool has_bias = bias.numel() > 0;  // an empty tensor: the layer has no routing bias
+  if (has_bias) {
+    check_cpu_contiguous(bias, "bias");
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.dim() == 1 && bias.size(0) == E,
+                "moe_layer_decode: fp32 routing bias [E] expected");
+  }
   TORCH_CHECK(top_k >= 1 && top_k <= E, "moe_layer_decode: top_k must be in [1, E]");
   auto h1 = rms_norm(x, ln1, eps);
   auto attn = attention_decode(h1, cos, sin, kc, vc, rows, positions, start, pos_dim, wqkv, wo,
@@ -470,8 +482,8 @@ at::Tensor moe_layer_decode(at::Tensor x, at::Tensor cos, at::Tensor sin,
   auto ids = at::empty({B, top_k}, x.options().dtype(at::kLong));
   auto weights = at::empty({B, top_k}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "route", [&] {
-    route_step<scalar_t>(h2.data_ptr<scalar_t>(), B, H, gate.data_ptr<float>(), E, top_k,
-                         use_norm, static_cast<float>(norm_scale), static_cast<float>(norm_eps),
+    route_step<scalar_t>(h2.data_ptr<scalar_t>(), B, H, gate.data_ptr<float>(),
+                         has_bias ? bias.data_ptr<float>() : nullptr, E, top_k, use_norm, static_cast<float>(norm_scale), static_cast<float>(norm_eps),
                          ids.data_ptr<int64_t>(), weights.data_ptr<float>());
   });
   auto expert_in = mul_topk ? h2 * static_cast<double>(top_k) : h2;

@@ -22,7 +22,8 @@ at::Tensor moe_layer_decode(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Te
                             at::Tensor vc, at::Tensor rows, at::Tensor positions, int64_t start,
                             int64_t pos_dim, at::Tensor ln1, at::Tensor ln2, double eps,
                             at::Tensor wqkv, at::Tensor wo, int64_t heads, int64_t kv_heads,
-                            int64_t window, at::Tensor gate, int64_t top_k, bool use_norm,
+                            int64_t window, at::Tensor gate, at::Tensor bias, int64_t top_k,
+                            bool use_norm,
                             double norm_scale, double norm_eps, bool mul_topk, at::Tensor w13,
                             at::Tensor w2);
 bool has_avx512_bf16();

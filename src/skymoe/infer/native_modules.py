@@ -168,7 +168,9 @@ class NativeMoEDecoderLayer(nn.Module):
         # attribute lookups per step).
         self.weight_args = (
             norm1.weight, norm2.weight, norm1.eps, *layer.self_attn.weight_args(),
-            moe.gate.weight.detach().float().contiguous(), moe.top_k, moe.use_logits_norm,
+            moe.gate.weight.detach().float().contiguous(),
+            (moe.expert_bias.float().contiguous() if moe.expert_bias is not None
+             else torch.empty(0)), moe.top_k, moe.use_logits_norm,
             moe.norm_scale, NORM_EPS, moe.mul_topk, moe.experts.w13, moe.experts.w2)
 
     @property

@@ -10,7 +10,12 @@ rule, so the standard one is used):
 - Skywork aux loss = sum_j (1/E - mean_i g_ij)^2 with g the post-softmax gate probabilities;
 - Switch/GShard aux loss = E * sum_j f_j * P_j, f_j the fraction of the k*T assignments routed
   to expert j and P_j = mean_i g_ij (1.0 at perfect balance);
-- adaptive coefficient: alpha <- beta * alpha + (1 - beta) * min(xi * d, alpha_max).
+- global-batch loss: the Switch form with f_j counted over the whole optimizer step (every
+  data-parallel rank and micro-batch) instead of the routing group;
+- adaptive coefficient: alpha <- beta * alpha + (1 - beta) * min(xi * d, alpha_max);
+- auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the gate probabilities
+  for the top-k choice only, moved after each step by rate * sign(mean load - load_j) and
+  re-centred to mean zero (a shift of every bias changes no choice).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import math
 import torch
 
 DROP_POLICIES = ("probability", "position")
-AUX_LOSS_TYPES = ("skywork", "switch")
+AUX_LOSS_TYPES = ("skywork", "switch", "global")
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int,
@@ -62,16 +67,25 @@ def capacity_keep_mask(expert_ids_TK: torch.Tensor, probs_TE: torch.Tensor, grou
 
 
 def aux_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, kind: str = "skywork",
-             group_T: torch.Tensor | None = None, num_groups: int = 1) -> torch.Tensor:
+             group_T: torch.Tensor | None = None, num_groups: int = 1,
+             global_load_E: torch.Tensor | None = None) -> torch.Tensor:
     """Load-balancing loss in fp32, computed per routing group and averaged with token weights
     (sum_g T_g/T * L_g), so that a batch's loss is the same however its groups are batched.
 
     ``kind="skywork"``: sum_j (1/E - P_j)^2; ``kind="switch"``: E * sum_j f_j * P_j, with
     P_j = mean gate probability of expert j over the group, f_j = the group's fraction of
     assignments routed to j (a count: no gradient). ``group_T`` gives each token's group
-    (default: one group).
+    (default: one group). ``kind="global"``: E * sum_j f_j * P_j with f_j from
+    ``global_load_E``, the assignments counted over the whole optimizer step, and P_j over
+    these tokens; the step's loss, the share-weighted mean of its forwards' losses, is then the
+    Switch loss of the global batch, whatever the micro-batch and data-parallel split.
     """
     t, e = probs_TE.shape
+    if kind == "global":
+        if global_load_E is None:
+            raise ValueError("the global-batch balance loss needs the step's expert load")
+        f_E = global_load_E.float() / global_load_E.sum().clamp_min(1)
+        return e * (f_E.to(probs_TE.device) * probs_TE.float().mean(dim=0)).sum()
     if group_T is None:
         group_T = torch.zeros(t, dtype=torch.long, device=probs_TE.device)
     tokens_G = torch.bincount(group_T, minlength=num_groups).clamp_min(1).float()
@@ -107,6 +121,15 @@ def updated_aux_coef(alpha: float, drop_rate: float, xi: float = 0.2, alpha_max:
     return beta * alpha + (1.0 - beta) * min(xi * drop_rate, alpha_max)
 
 
+def updated_expert_bias(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float) -> torch.Tensor:
+    """One step of auxiliary-loss-free balancing: each expert's bias moves by ``rate`` toward
+    balance (up when it got fewer than the mean number of assignments, down when more, not
+    when exactly the mean), then all are shifted to mean zero. Returns a new fp32 tensor."""
+    step_E = torch.sign(load_E.float().mean() - load_E.float()) * rate
+    updated = bias_E.float() + step_E.to(bias_E.device)
+    return updated - updated.mean()
+
+
 class AuxCoefController:
     """Per-layer aux-loss coefficients, updated once per optimizer step from that step's drop
     rates (``adaptive=True``), or kept at their initial value (fixed-coefficient mode)."""
@@ -136,3 +159,33 @@ class AuxCoefController:
         self.alphas = [float(a) for a in state["alphas"]]
         self.adaptive, self.xi = bool(state["adaptive"]), float(state["xi"])
         self.alpha_max, self.beta = float(state["alpha_max"]), float(state["beta"])
+
+
+class ExpertBiasController:
+    """Every MoE layer's routing bias (auxiliary-loss-free balancing) by global layer index,
+    moved once per optimizer step from that step's expert loads (``updated_expert_bias``).
+
+    Every rank keeps all layers' biases and updates them from the same whole-step loads, so
+    the copies agree; ``copy_into`` then sets the blocks a rank holds. The biases travel in the
+    model's checkpoints (``expert_bias`` tensors), so the controller has no state of its own.
+    """
+
+    def __init__(self, biases: dict[int, torch.Tensor], rate: float) -> None:
+        self.biases = {i: b.detach().float().cpu().clone() for i, b in biases.items()}
+        self.rate = rate
+
+    def step(self, loads: dict[int, torch.Tensor]) -> None:
+        for i in self.biases:
+            self.biases[i] = updated_expert_bias(self.biases[i], loads[i].cpu(), self.rate)
+
+    @torch.no_grad()
+    def copy_into(self, blocks: dict[int, "torch.nn.Module"]) -> None:
+        """Write the biases into the ``expert_bias`` buffers of ``blocks`` (by layer index)."""
+        for i, block in blocks.items():
+            block.expert_bias.copy_(self.biases[i])
+
+    def ranges(self) -> tuple[list[float], list[float]]:
+        """Per layer (in layer order), the smallest and the largest bias."""
+        order = sorted(self.biases)
+        return ([float(self.biases[i].min()) for i in order],
+                [float(self.biases[i].max()) for i in order])

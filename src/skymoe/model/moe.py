@@ -13,8 +13,8 @@ Two expert implementations compute the same function from the same parameters:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Callable, NamedTuple, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +44,17 @@ def gating_logit_norm(logits_TE: torch.Tensor, scale: float, eps: float = NORM_E
     return (logits_TE - mean) * (scale / std.clamp_min(eps))
 
 
-def route(logits_TE: torch.Tensor, top_k: int) -> Routing:
-    """Softmax in fp32, top-k, and renormalization of the k weights to sum to one."""
+def route(logits_TE: torch.Tensor, top_k: int, bias_E: torch.Tensor | None = None) -> Routing:
+    """Softmax in fp32, top-k, and renormalization of the k weights to sum to one.
+
+    ``bias_E`` (auxiliary-loss-free balancing) is added to the probabilities for the choice of
+    the k experts only: the weights are the chosen experts' unbiased probabilities."""
     probs = torch.softmax(logits_TE.float(), dim=-1)
-    top_w, top_ids = torch.topk(probs, top_k, dim=-1)
+    if bias_E is None:
+        top_w, top_ids = torch.topk(probs, top_k, dim=-1)
+    else:
+        top_ids = torch.topk(probs + bias_E.float(), top_k, dim=-1).indices
+        top_w = probs.gather(1, top_ids)
     return Routing(probs, top_w / top_w.sum(dim=-1, keepdim=True), top_ids)
 
 
@@ -294,6 +301,9 @@ class MoEBalance:
 
     options: MoETrainingOptions
     coefs: dict[int, float]
+    # The step's expert loads by layer, counted over every rank and micro-batch (the
+    # global-batch balance loss, ``options.aux_loss == "global"``).
+    global_loads: Mapping[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def for_layers(cls, options: MoETrainingOptions, moe_layers: Sequence[int],
@@ -302,6 +312,13 @@ class MoEBalance:
         if len(coefs) != len(moe_layers):
             raise ValueError(f"got {len(coefs)} coefficients for {len(moe_layers)} MoE layers")
         return cls(options, {i: float(c) for i, c in zip(moe_layers, coefs)})
+
+    @property
+    def needs_global_loads(self) -> bool:
+        return self.options.aux_loss == "global"
+
+    def with_global_loads(self, loads: Mapping[int, torch.Tensor]) -> "MoEBalance":
+        return replace(self, global_loads=dict(loads))
 
 
 class MoEOutput(NamedTuple):
@@ -327,7 +344,7 @@ class MoEBlock(nn.Module):
 
     def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, *,
                  use_logits_norm: bool, norm_scale: float, two_layer_gate: bool,
-                 mul_topk: bool) -> None:
+                 mul_topk: bool, expert_bias: bool = False) -> None:
         super().__init__()
         self.top_k, self.num_experts = top_k, num_experts
         self.use_logits_norm, self.norm_scale, self.mul_topk = use_logits_norm, norm_scale, mul_topk
@@ -339,6 +356,18 @@ class MoEBlock(nn.Module):
         else:
             self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.experts = SwiGLUExperts(num_experts, hidden, ffn)
+        self.expert_bias: torch.Tensor | None
+        self.register_buffer("expert_bias", None)
+        if expert_bias:
+            self.enable_expert_bias()
+
+    def enable_expert_bias(self) -> None:
+        """Give the block a zero routing bias (auxiliary-loss-free balancing) if it has none:
+        an fp32 buffer [E], saved in checkpoints as ``block_sparse_moe.expert_bias``, set by
+        the trainer (not by gradients) and used for the top-k choice in every forward."""
+        if self.expert_bias is None:
+            device = next(self.gate.parameters()).device
+            self.expert_bias = torch.zeros(self.num_experts, dtype=torch.float32, device=device)
 
     def router_logits(self, x_TH: torch.Tensor) -> torch.Tensor:
         """Gate logits in fp32 (the router never runs in low precision), normalized when the
@@ -354,24 +383,25 @@ class MoEBlock(nn.Module):
         return gating_logit_norm(logits, self.norm_scale) if self.use_logits_norm else logits
 
     def routing(self, x_TH: torch.Tensor) -> Routing:
-        return route(self.router_logits(x_TH), self.top_k)
+        return route(self.router_logits(x_TH), self.top_k, self.expert_bias)
 
     def forward(self, x_BTH: torch.Tensor, options: MoETrainingOptions | None = None,
-                aux_coef: float = 0.0) -> tuple[torch.Tensor, MoEOutput | None]:
+                aux_coef: float = 0.0, global_load_E: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, MoEOutput | None]:
         shape = x_BTH.shape
         x_TH = x_BTH.reshape(-1, shape[-1])
         logits_TE = self.router_logits(x_TH)
-        r = route(logits_TE, self.top_k)
+        r = route(logits_TE, self.top_k, self.expert_bias)
         expert_in = x_TH * self.top_k if self.mul_topk else x_TH
         if options is None or not self.training:  # evaluation always routes dropless
             return self.experts(expert_in, r.expert_ids_TK, r.weights_TK).view(shape), None
         num_seqs = shape[0] if len(shape) == 3 else 1
-        keep_TK, out = self._balance(logits_TE, r, num_seqs, options, aux_coef)
+        keep_TK, out = self._balance(logits_TE, r, num_seqs, options, aux_coef, global_load_E)
         y = self.experts(expert_in, r.expert_ids_TK, r.weights_TK, keep_TK).view(shape)
         return y, out
 
     def _balance(self, logits_TE: torch.Tensor, r: Routing, num_seqs: int,
-                 opts: MoETrainingOptions, aux_coef: float
+                 opts: MoETrainingOptions, aux_coef: float, global_load_E: torch.Tensor | None
                  ) -> tuple[torch.Tensor | None, MoEOutput]:
         """Capacity, balance losses and statistics of one training forward: the keep mask
         (None: dropless) and the layer's output record."""
@@ -387,7 +417,8 @@ class MoEBlock(nn.Module):
             keep_TK = balance.capacity_keep_mask(
                 r.expert_ids_TK, r.probs_TE, group_T[:, None].expand(t, k), self.num_experts,
                 torch.tensor(capacities, device=logits_TE.device), opts.drop_policy)
-        aux = balance.aux_loss(r.probs_TE, r.expert_ids_TK, opts.aux_loss, group_T, num_groups)
+        aux = balance.aux_loss(r.probs_TE, r.expert_ids_TK, opts.aux_loss, group_T, num_groups,
+                               global_load_E)
         z = balance.router_z_loss(logits_TE)
         with torch.no_grad():
             max12, max23 = (balance.gate_sharpness(r.probs_TE) if self.num_experts >= 3

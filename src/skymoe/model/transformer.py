@@ -7,6 +7,7 @@ one-to-one, except the stacked expert weights (see ``skymoe.checkpoint.names``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -55,7 +56,8 @@ class DecoderLayer(nn.Module):
             self.block_sparse_moe = MoEBlock(
                 c.hidden_size, c.intermediate_size, c.num_experts, c.num_experts_per_tok,
                 use_logits_norm=c.moe_use_logits_norm, norm_scale=c.moe_gate_norm_std,
-                two_layer_gate=c.moe_2layer_gate, mul_topk=not c.moe_feature_no_mul_topk)
+                two_layer_gate=c.moe_2layer_gate, mul_topk=not c.moe_feature_no_mul_topk,
+                expert_bias=c.moe_expert_bias)
         else:
             self.mlp = DenseMLP(c.hidden_size, c.intermediate_size)
 
@@ -72,7 +74,8 @@ class DecoderLayer(nn.Module):
             return x + self.mlp(h), None
         options = balance.options if balance is not None else None
         coef = balance.coefs.get(self.layer_idx, 0.0) if balance is not None else 0.0
-        y, moe = self.block_sparse_moe(h, options, coef)
+        global_load = balance.global_loads.get(self.layer_idx) if balance is not None else None
+        y, moe = self.block_sparse_moe(h, options, coef, global_load)
         return x + y, moe
 
 
@@ -175,6 +178,18 @@ class SkyworkForCausalLM(nn.Module):
     def moe_blocks(self) -> list[MoEBlock]:
         return [layer.block_sparse_moe for layer in self.model.layers
                 if hasattr(layer, "block_sparse_moe")]
+
+    def moe_blocks_by_layer(self) -> dict[int, MoEBlock]:
+        """The MoE blocks this model (or part) holds, by global layer index."""
+        return {layer.layer_idx: layer.block_sparse_moe for layer in self.model.layers
+                if hasattr(layer, "block_sparse_moe")}
+
+    def enable_expert_bias(self) -> None:
+        """Give every MoE block a routing bias (zero where it had none) for auxiliary-loss-free
+        balancing; the config then says so (``moe_expert_bias``), so checkpoints record it."""
+        self.config = dataclasses.replace(self.config, moe_expert_bias=True)
+        for block in self.moe_blocks():
+            block.enable_expert_bias()
 
     def tie_weights(self) -> None:
         """Share the LM head with the input embedding when the config ties them (call again

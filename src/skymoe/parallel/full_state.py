@@ -66,6 +66,11 @@ def _local_or_absent(params: dict[str, torch.Tensor], name: str) -> tuple[torch.
     return (params[name], True) if name in params else (torch.zeros(0), False)
 
 
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters (a tied one once) and buffers (the MoE routing biases) by name."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
 @torch.no_grad()
 def gather_model(model: nn.Module, mesh: ParallelMesh) -> SkyworkForCausalLM | None:
     """The whole fp32 model on rank 0 (None elsewhere) from every rank's shard (a sharded
@@ -73,17 +78,17 @@ def gather_model(model: nn.Module, mesh: ParallelMesh) -> SkyworkForCausalLM | N
     if not mesh.world.active:
         return model
     config = model.config
-    shapes = full_shapes(config)
+    with torch.device("meta"):
+        template = SkyworkForCausalLM(config)
+    shapes = {n: tuple(t.shape) for n, t in _tensors(template).items()}
     full = None
     if mesh.is_main:
-        with torch.device("meta"):
-            full = SkyworkForCausalLM(config)
-        full.to_empty(device="cpu")
+        full = template.to_empty(device="cpu")
         full.tie_weights()
-        targets = dict(full.named_parameters())
-    params = dict(model.named_parameters())
+        targets = _tensors(full)
+    held_tensors = _tensors(model)
     for name, shape in shapes.items():
-        local, held = _local_or_absent(params, name)
+        local, held = _local_or_absent(held_tensors, name)
         t = gather_tensor(local, name, shape, config, mesh, valid=held)
         if full is not None:
             targets[name].copy_(t)

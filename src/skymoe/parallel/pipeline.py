@@ -170,9 +170,10 @@ class StageChunk(nn.Module):
                 x = part.embed(x)
             cos, sin = part.rotary.cos_sin(0, x.shape[1], x.device, x.dtype)
             x, moe = part.run_layers(x, cos, sin, None, 0, self.inputs.balance, self.layer_ids)
-            if moe and torch.is_grad_enabled():  # one attachment for the stage's terms
+            if moe:
                 self.inputs.record(moe)
-                x = AttachAuxLoss.apply(x, torch.stack([m.aux for m in moe.values()]).sum())
+                if torch.is_grad_enabled():  # one attachment for the stage's terms
+                    x = AttachAuxLoss.apply(x, torch.stack([m.aux for m in moe.values()]).sum())
             if self.order is not None:  # what follows (the LM head) is on the loss's data path
                 x = self.order.finish(x)
             if self.last:
@@ -227,9 +228,10 @@ class PipelineSchedule:
 
     def __init__(self, stages: PipelineStages, schedule: PipelineScheduleSingle
                  | PipelineScheduleMulti, inputs: StepInputs, micro_batches: int,
-                 micro_batch_size: int, pp: CommGroup) -> None:
+                 micro_batch_size: int, pp: CommGroup, forward_only: bool = True) -> None:
         self.stages, self.schedule, self.inputs = stages, schedule, inputs
         self.micro_batches, self.micro_batch_size, self.pp = micro_batches, micro_batch_size, pp
+        self.forward_only = forward_only  # whether the schedule can run forward-only passes
 
     def forward_backward(self, local_batch: torch.Tensor, balance: MoEBalance | None
                          ) -> tuple[torch.Tensor, dict[int, MoEStats]]:
@@ -251,6 +253,21 @@ class PipelineSchedule:
                             dtype=torch.float64)
         return all_reduce_(sums, self.pp), self._whole_model_stats()
 
+    def expert_loads(self, local_batch: torch.Tensor, balance: MoEBalance
+                     ) -> dict[int, torch.Tensor]:
+        """Every MoE layer's expert load over the rank's rows: the schedule's forward-only
+        pass in training mode, statistics summed over the pipeline ranks."""
+        if not self.forward_only:
+            raise ConfigError("the global-batch balance loss needs a forward-only pipeline "
+                              "pass, which this schedule cannot run; use another "
+                              "parallel.pp_schedule or moe.aux_loss")
+        stages = self.stages
+        self.inputs.reset(balance)
+        self.schedule.eval(*((local_batch,) if stages.is_first else ()),
+                           target=local_batch if stages.is_last else None,
+                           losses=[] if stages.is_last else None, return_outputs=False)
+        return {i: s.load for i, s in self._whole_model_stats().items()}
+
     @property
     def eval_rows(self) -> int:
         """Rows per evaluation call: a whole schedule step (its shapes are fixed)."""
@@ -258,9 +275,10 @@ class PipelineSchedule:
 
     def loss_sums(self, batch: torch.Tensor) -> torch.Tensor:
         """(sum of loss * sequences, sequences) of ``batch`` through the pipeline, forward
-        only; zeros except on the last stage's ranks, and for a batch of another size."""
+        only; zeros except on the last stage's ranks, for a batch of another size, and for a
+        schedule that cannot run forward-only passes."""
         stages = self.stages
-        if batch.shape[0] != self.eval_rows:
+        if batch.shape[0] != self.eval_rows or not self.forward_only:
             return torch.zeros(2, dtype=torch.float64)
         self.inputs.reset(None)
         losses: list[torch.Tensor] = []
@@ -330,4 +348,5 @@ def build_schedule(stages: PipelineStages, mesh: ParallelMesh, micro_batches: in
         raise ConfigError(f"the {schedule} schedule with {micro_batches} micro-batches per "
                           f"step: {' '.join(str(exc).split())} (micro-batches = a data-parallel "
                           "rank's rows / train.micro_batch_size)") from None
-    return PipelineSchedule(stages, runner, inputs, micro_batches, micro_batch_size, mesh.pp)
+    return PipelineSchedule(stages, runner, inputs, micro_batches, micro_batch_size, mesh.pp,
+                            kind.forward_only)

@@ -113,7 +113,7 @@ def placement(name: str, config: SkyworkMoeConfig, layout: ParallelLayout,
     vocabulary is padded to a multiple of ``vocab_multiple`` before it is split."""
     c, tp, t = config, layout.tp, coords.tp
     if re.search(r"(^|\.)(input_layernorm|post_attention_layernorm|norm)\.weight$", name) \
-            or re.search(r"block_sparse_moe\.gate(\.\d+)?\.weight$", name):
+            or re.search(r"block_sparse_moe\.(gate(\.\d+)?\.weight|expert_bias)$", name):
         return Placement({}, tp_replicated=True)
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         return Placement({0: _arange(*vocab_rows(c.vocab_size, tp, t, vocab_multiple))},

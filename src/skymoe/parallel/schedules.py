@@ -16,10 +16,12 @@ from ..errors import ConfigError
 
 @dataclass(frozen=True)
 class ScheduleKind:
-    """A schedule's torch class name and its stage placement."""
+    """A schedule's torch class name, its stage placement, and whether its forward-only pass
+    (``eval()``: validation, the global-batch loss's load count) works."""
 
     class_name: str
     placement: str  # "single", "loop" or "v"
+    forward_only: bool = True
 
     def torch_class(self) -> type:
         from torch.distributed import pipelining  # heavy: only when a schedule is built
@@ -33,7 +35,9 @@ SCHEDULES: dict[str, ScheduleKind] = {
     "interleaved-1f1b": ScheduleKind("ScheduleInterleaved1F1B", "loop"),
     "looped-bfs": ScheduleKind("ScheduleLoopedBFS", "loop"),
     "zero-bubble": ScheduleKind("ScheduleInterleavedZeroBubble", "loop"),
-    "zbv": ScheduleKind("ScheduleZBVZeroBubble", "v"),
+    # torch 2.13's eval() of the V schedule still runs its backward actions and fails
+    # ("can't steal_bwd_input if this stage doesn't have backward").
+    "zbv": ScheduleKind("ScheduleZBVZeroBubble", "v", forward_only=False),
 }
 
 

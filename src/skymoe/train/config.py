@@ -17,6 +17,7 @@ from typing import Any
 import tomli_w
 
 from ..errors import ConfigError
+from ..model.balance import AUX_LOSS_TYPES
 from ..parallel.layout import ParallelLayout, parse_layout
 from ..parallel.schedules import SCHEDULES
 from ..parallel.pipeline_layout import PipelineLayout, parse_counts
@@ -78,7 +79,7 @@ class TrainSection:
 class MoESection:
     capacity_factor: float = 1.0  # <= 0: dropless
     drop_policy: str = "probability"
-    aux_loss: str = "skywork"     # or "switch"
+    aux_loss: str = "skywork"     # or "switch", or "global" (Switch over the whole step)
     aux_coef: float = 0.001       # initial (adaptive) or constant (fixed) coefficient
     adaptive: bool = True
     xi: float = 0.2
@@ -86,6 +87,8 @@ class MoESection:
     beta: float = 0.99
     z_loss_coef: float = 0.0
     routing_group_size: int = 1   # sequences per routing group (0: the micro-batch)
+    expert_bias: bool = False     # auxiliary-loss-free balancing: a routing bias per expert
+    bias_update_rate: float = 1e-3  # the bias step per optimizer step (sign of the load error)
 
 
 @dataclass
@@ -149,7 +152,15 @@ class TrainConfig:
              "train.compile does not work with parallel.tp > 1 yet; turn one of them off"),
             (m.drop_policy in ("probability", "position"),
              "moe.drop_policy must be 'probability' or 'position'"),
-            (m.aux_loss in ("skywork", "switch"), "moe.aux_loss must be 'skywork' or 'switch'"),
+            (m.aux_loss in AUX_LOSS_TYPES,
+             f"moe.aux_loss must be one of {', '.join(map(repr, AUX_LOSS_TYPES))}"),
+            (m.bias_update_rate >= 0, "moe.bias_update_rate must be >= 0"),
+            (not (m.aux_loss == "global" and self.parallel.pp > 1
+                  and self.parallel.pp_schedule in SCHEDULES
+                  and not SCHEDULES[self.parallel.pp_schedule].forward_only),
+             f"moe.aux_loss = 'global' needs a forward-only pipeline pass, which the "
+             f"{self.parallel.pp_schedule} schedule cannot run; choose another "
+             "parallel.pp_schedule"),
             (0 <= m.beta <= 1 and m.alpha_max >= 0 and m.xi >= 0 and m.aux_coef >= 0,
              "moe: need 0 <= beta <= 1 and non-negative xi, alpha_max, aux_coef"),
             (d.seq_len >= 2, "data.seq_len must be >= 2"),

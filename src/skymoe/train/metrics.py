@@ -46,6 +46,10 @@ class MoEStepStats:
         """Dropped assignments / (k * tokens) per layer over the whole step."""
         return [float(s.dropped / s.load.sum()) for s in self._layer_sums()]
 
+    def loads(self) -> dict[int, torch.Tensor]:
+        """Assignments routed to each expert (before capacity) over the whole step, by layer."""
+        return {i: s.load for i, s in zip(self.layers, self._layer_sums())}
+
     def summary(self) -> dict[str, Any]:
         """The step's per-layer metrics; loads are fractions of the k*T routed assignments
         (before capacity), CV is the population std / mean of the experts' counts."""

@@ -324,6 +324,16 @@ def _expert_load_figure(steps, layers, load_cv, dead):
     return fig
 
 
+def _expert_bias_figure(steps, layers, bias_max, bias_min):
+    fig, axes = _new_figure()
+    for ax, matrix, label in ((axes[0], bias_max, "largest bias"),
+                              (axes[1], bias_min, "smallest bias")):
+        _layer_curves(ax, steps, layers, matrix, label)
+        ax.axhline(0.0, color="black", ls="--", lw=0.8)
+    fig.suptitle("routing biases (auxiliary-loss-free balancing)")
+    return fig
+
+
 def _moe_figures(train: list[dict]) -> dict[str, Callable[[], Any]]:
     """Builders of the MoE figures, by file name; empty for a dense model."""
     layers = _moe_layers(train)
@@ -331,7 +341,8 @@ def _moe_figures(train: list[dict]) -> dict[str, Callable[[], Any]]:
         return {}
     steps = _series(train, "step")
     m = {key: _moe_matrix(train, layers, key)
-         for key in ("drop_rate", "aux_coef", "max1_max2", "max2_max3", "load_cv", "dead_experts")}
+         for key in ("drop_rate", "aux_coef", "max1_max2", "max2_max3", "load_cv", "dead_experts",
+                     "expert_bias_max", "expert_bias_min")}
     figures: dict[str, Callable[[], Any]] = {}
     if m["drop_rate"] is not None:
         figures["drop_rate.png"] = lambda: _heatmap_and_curves(
@@ -345,6 +356,9 @@ def _moe_figures(train: list[dict]) -> dict[str, Callable[[], Any]]:
     if m["load_cv"] is not None or m["dead_experts"] is not None:
         figures["expert_load.png"] = lambda: _expert_load_figure(
             steps, layers, m["load_cv"], m["dead_experts"])
+    if m["expert_bias_max"] is not None and m["expert_bias_min"] is not None:
+        figures["expert_bias.png"] = lambda: _expert_bias_figure(
+            steps, layers, m["expert_bias_max"], m["expert_bias_min"])
     return figures
 
 
@@ -378,7 +392,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     """Plot a run's metrics as PNGs in ``out_dir`` (default ``run_dir/plots``); returns their paths.
 
     Always ``loss.png``; for MoE runs also ``drop_rate.png``, ``aux_coef.png``,
-    ``gate_sharpness.png`` and ``expert_load.png`` (each only if its metrics were logged).
+    ``gate_sharpness.png``, ``expert_load.png`` and, with routing biases, ``expert_bias.png``
+    (each only if its metrics were logged).
     """
     try:
         import matplotlib  # noqa: F401

@@ -12,6 +12,7 @@ every collective is a no-op.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Callable, Protocol
 
 import torch
@@ -29,6 +30,12 @@ class StepStrategy(Protocol):
 
     def forward_backward(self, local_batch: torch.Tensor, balance: MoEBalance | None
                          ) -> tuple[torch.Tensor, dict[int, MoEStats]]: ...
+
+    def expert_loads(self, local_batch: torch.Tensor, balance: MoEBalance
+                     ) -> dict[int, torch.Tensor]:
+        """Every MoE layer's assignments per expert over the rank's rows, by a forward-only
+        pass in training mode (the counts the step's forwards will route)."""
+        ...
 
     @property
     def eval_rows(self) -> int:
@@ -51,11 +58,14 @@ class MicroBatchLoop:
         self.model, self.micro_batch_size = model, micro_batch_size
         self.autocast, self.device = autocast, device
 
+    def _micro_batches(self, local_batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return local_batch.split(min(self.micro_batch_size, local_batch.shape[0]))
+
     def forward_backward(self, local_batch: torch.Tensor, balance: MoEBalance | None
                          ) -> tuple[torch.Tensor, dict[int, MoEStats]]:
         sums = torch.zeros(2, dtype=torch.float64)
         stats: dict[int, MoEStats] = {}
-        for micro in local_batch.split(min(self.micro_batch_size, local_batch.shape[0])):
+        for micro in self._micro_batches(local_batch):
             micro = micro.to(self.device)
             share = micro.shape[0] / local_batch.shape[0]
             with self.autocast():
@@ -65,6 +75,16 @@ class MicroBatchLoop:
             accumulate_stats(stats, out.moe_stats or {})
             sums += torch.tensor([float(loss.detach()), float(out.loss.detach())]) * share
         return sums, stats
+
+    @torch.no_grad()
+    def expert_loads(self, local_batch: torch.Tensor, balance: MoEBalance
+                     ) -> dict[int, torch.Tensor]:
+        stats: dict[int, MoEStats] = {}
+        for micro in self._micro_batches(local_batch):
+            with self.autocast():
+                out = self.model(micro.to(self.device), balance=balance)
+            accumulate_stats(stats, out.moe_stats or {})
+        return {i: s.load for i, s in stats.items()}
 
     @property
     def eval_rows(self) -> int:
@@ -82,7 +102,13 @@ def accumulate_gradients(strategy: StepStrategy, local_batch: torch.Tensor,
                          ) -> tuple[float, float]:
     """Fill ``.grad`` with the step's gradient (reduced over the replica groups) and
     ``stats`` with the step's MoE statistics; returns the step's (loss, CE loss), averaged
-    over every data-parallel rank."""
+    over every data-parallel rank.
+
+    For the global-batch balance loss a forward-only pass first counts the step's expert loads
+    (summed over the data-parallel ranks), which the step's forwards then use.
+    """
+    if balance is not None and balance.needs_global_loads:
+        balance = balance.with_global_loads(step_expert_loads(strategy, local_batch, balance, dp))
     sums, moe = strategy.forward_backward(local_batch, balance)
     stats.add(moe)
     dp.reduce_gradients()
@@ -90,6 +116,17 @@ def accumulate_gradients(strategy: StepStrategy, local_batch: torch.Tensor,
     all_reduce_(sums, dp.mesh.dp).div_(dp.mesh.layout.dp)
     total, ce_total = sums.tolist()
     return total, ce_total
+
+
+def step_expert_loads(strategy: StepStrategy, local_batch: torch.Tensor, balance: MoEBalance,
+                      dp: DataParallel) -> dict[int, torch.Tensor]:
+    """Each MoE layer's expert load over the whole step: the rank's counts, summed over the
+    data-parallel ranks layer by layer in one fixed order."""
+    counting = replace(balance, options=replace(balance.options, aux_loss="switch"))
+    loads = strategy.expert_loads(local_batch, counting)
+    for layer in sorted(loads):
+        all_reduce_(loads[layer], dp.mesh.dp)
+    return loads
 
 
 def apply_update(optimizer: torch.optim.Optimizer, dp: DataParallel, lr: float) -> None:

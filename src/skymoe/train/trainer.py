@@ -28,7 +28,7 @@ from ..config import SkyworkMoeConfig, resolve_config
 from ..errors import ConfigError, TrainingError
 from ..infer.generate import SamplingParams, generate
 from ..kernels import load_kernels
-from ..model.balance import AuxCoefController
+from ..model.balance import AuxCoefController, ExpertBiasController
 from ..model.moe import MoEBalance, MoETrainingOptions
 from ..model.transformer import SkyworkForCausalLM, build_model
 from ..parallel import full_state
@@ -39,7 +39,7 @@ from ..parallel.health import guard_collectives
 from ..parallel.layout import split_range
 from ..parallel.mesh import build_mesh, init_distributed
 from ..parallel.pipeline import PipelineSchedule, PipelineStages, build_schedule
-from ..parallel.schedules import stages_of_rank
+from ..parallel.schedules import SCHEDULES, stages_of_rank
 from ..runtime import keep_freed_memory
 from . import data, run_state
 from . import step as step_ops
@@ -117,6 +117,10 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         if resume:
             self._resume_model()
+        # From the whole model (loaded or resumed), before a pipeline keeps this rank's part.
+        self.bias_controller = (ExpertBiasController(
+            {i: b.expert_bias for i, b in self.model.moe_blocks_by_layer().items()},
+            m.bias_update_rate) if m.expert_bias else None)
         self.full_groups = _param_groups(
             full_state.full_shapes(self.model.config).items())
         stages = self._pipeline_stages() if layout.pp > 1 else None
@@ -218,6 +222,8 @@ class Trainer:
             model = build_model(config, device=self.device, dtype=torch.float32,
                                 seed=self.cfg.train.seed)
         model.config = config  # keeps overrides (e.g. gating normalization) for saving
+        if self.cfg.moe.expert_bias:
+            model.enable_expert_bias()
         model.activation_checkpointing = self.cfg.train.activation_checkpointing
         # The kernel backend, chosen (and on CPU built, once per machine) here, not in a forward.
         model.use_kernels(load_kernels(self.device, progress=self._log))
@@ -240,6 +246,10 @@ class Trainer:
 
     def _pipeline_schedule(self, stages: PipelineStages) -> PipelineSchedule:
         t = self.cfg.train
+        if not SCHEDULES[self.cfg.parallel.pp_schedule].forward_only:
+            self._log(f"note: the {self.cfg.parallel.pp_schedule} schedule cannot run "
+                      "forward-only passes (torch.distributed.pipelining), so this run "
+                      "computes no validation loss")
         rows = self.local_rows[1] - self.local_rows[0]
         return build_schedule(
             stages, self.mesh, rows // t.micro_batch_size, t.micro_batch_size,
@@ -324,6 +334,9 @@ class Trainer:
             self._log(f"step {self.step + 1}: {what} is not finite; batch skipped")
             return StepResult(total, ce_total, grad_norm)
         step_ops.apply_update(self.optimizer, self.dp, lr_at(self.step, self.cfg))
+        if self.bias_controller is not None:  # every rank has the whole step's loads
+            self.bias_controller.step(self.stats.loads())
+            self.bias_controller.copy_into(self.model.moe_blocks_by_layer())
         return StepResult(total, ce_total, grad_norm)
 
     @torch.no_grad()
@@ -415,6 +428,7 @@ class Trainer:
         t = self.cfg.train
         tokens_per_step = t.batch_size * self.cfg.data.seq_len
         batch = self.loader.next_batch()
+        bias_ranges = self.bias_controller.ranges() if self.bias_controller else None
         began = time.perf_counter()
         last = self.train_step(batch)
         elapsed = time.perf_counter() - began
@@ -426,6 +440,8 @@ class Trainer:
         if self.moe_layers:
             moe = self.stats.summary()
             moe["aux_coef"] = list(self.controller.alphas)  # the ones this step used
+            if bias_ranges is not None:
+                moe["expert_bias_min"], moe["expert_bias_max"] = bias_ranges
             record["moe"] = moe
             self.controller.step(self.stats.drop_rates())
         self._write_metrics(record)

@@ -1,0 +1,185 @@
+"""Load-balancing methods compared on one budget: the same model, data, seed and tokens.
+
+Every method trains the embedded default model with 16 experts (top-2) on the default corpus
+for ``--steps`` optimizer steps of 16 x 256 tokens (default 1250: 5.1M tokens), each an
+ordinary ``skymoe train`` run under ``--root`` (inspect one with ``skymoe plot``). Runs resume
+from their checkpoints, so the study can be done in parts: ``--until N`` advances every
+unfinished run to step N at most (the learning-rate schedule always spans ``--steps``), and
+``--only NAME...`` picks runs. ``--report`` then reads whatever the runs have logged and prints,
+per run and MoE layer, means over the last ``--window`` steps of the drop rate, load CV, dead
+experts (per step, and the largest count), gate sharpness (Max1/Max2, Max2/Max3), the aux
+coefficient or the routing-bias range, and the last validation loss; ``--out DIR`` writes the
+table as Markdown and the comparison figures.
+
+    python scripts/study_balancing.py --until 400          # a first part of every run
+    python scripts/study_balancing.py                      # the rest
+    python scripts/study_balancing.py --report --out docs/balancing
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib.figure import Figure  # noqa: E402
+
+from skymoe.train.plots import load_metrics  # noqa: E402
+from skymoe.train.run_state import latest_checkpoint  # noqa: E402
+
+# Settings every run shares: 16 experts, dropping at capacity factor 1 over each micro-batch,
+# checkpoints often enough that an interrupted part loses little.
+COMMON = ["model.overrides.num_experts=[16]", "moe.capacity_factor=1.0",
+          "moe.routing_group_size=0", "train.checkpoint_every=100", "train.keep_last=1"]
+SKYWORK = ['moe.aux_loss="skywork"']
+FIXED = ["moe.adaptive=false"]
+METHODS: dict[str, list[str]] = {
+    "skywork-adaptive": [*SKYWORK, "moe.adaptive=true", "moe.aux_coef=0.01"],
+    "skywork-fixed-0.01": [*SKYWORK, *FIXED, "moe.aux_coef=0.01"],
+    "skywork-fixed-0.001": [*SKYWORK, *FIXED, "moe.aux_coef=0.001"],
+    "switch-0.01": ['moe.aux_loss="switch"', *FIXED, "moe.aux_coef=0.01"],
+    "global-0.01": ['moe.aux_loss="global"', *FIXED, "moe.aux_coef=0.01"],
+    "aux-free-bias": [*FIXED, "moe.aux_coef=0.0", "moe.expert_bias=true"],
+    "none": [*FIXED, "moe.aux_coef=0.0"],
+    # The gating-normalization comparison: the first run without normalization.
+    "skywork-adaptive-no-norm": [*SKYWORK, "moe.adaptive=true", "moe.aux_coef=0.01",
+                                 "model.overrides.moe_use_logits_norm=false"],
+}
+COLUMNS = ("drop_rate", "load_cv", "dead_experts", "max1_max2", "max2_max3")
+
+
+def advance(run_dir: Path, until: int, total: int, settings: list[str]) -> None:
+    """Train ``run_dir`` to step ``until`` (resuming), on a schedule of ``total`` steps."""
+    done = last_step(run_dir)
+    if done >= until:
+        return
+    cmd = [sys.executable, "-m", "skymoe", "train", "--run-dir", str(run_dir), "--steps",
+           str(until), "--set", f"train.lr_decay_steps={total}",
+           "--set", f"train.eval_every={max(total // 25, 1)}"]
+    if latest_checkpoint(run_dir) is not None:
+        cmd.append("--resume")
+    for s in (*COMMON, *settings):
+        cmd += ["--set", s]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def last_step(run_dir: Path) -> int:
+    if not (run_dir / "metrics.jsonl").exists():
+        return 0
+    train, _ = load_metrics(run_dir)
+    return train[-1]["step"] if train else 0
+
+
+def layer_stats(train: list[dict], window: int) -> dict[str, list[float]]:
+    """Per MoE layer, the mean of each column over the last ``window`` steps; also the largest
+    dead-expert count, and the coefficient or bias range."""
+    last = train[-window:]
+    moe = [r["moe"] for r in last]
+    out = {key: [statistics.fmean(col) for col in zip(*(m[key] for m in moe))]
+           for key in COLUMNS}
+    out["dead_max"] = [max(col) for col in zip(*(m["dead_experts"] for m in moe))]
+    if "expert_bias_max" in moe[-1]:
+        out["balance"] = [hi - lo for hi, lo in zip(moe[-1]["expert_bias_max"],
+                                                    moe[-1]["expert_bias_min"])]
+    else:
+        out["balance"] = [statistics.fmean(col) for col in zip(*(m["aux_coef"] for m in moe))]
+    return out
+
+
+def _fmt(values: list[float], digits: int) -> str:
+    return " / ".join(f"{v:.{digits}f}" for v in values)
+
+
+def report(root: Path, names: list[str], window: int, out: Path | None) -> None:
+    rows = [f"Means over the last {window} logged steps of each run, per MoE layer "
+            "(layer 0 / 1 / 2 / 3). Dead: experts without tokens per step (mean), and the "
+            "most at any step. Coef / bias: the mean aux coefficient, or the spread "
+            "(max - min) of the routing biases at the end.", "",
+            "| run | steps | tokens | val loss | drop rate | load CV | dead (mean) | dead (max) "
+            "| Max1/Max2 | Max2/Max3 | coef / bias |",
+            "|---|---:|---:|---:|---|---|---|---|---|---|---|"]
+    curves: dict[str, tuple[list[dict], list[dict]]] = {}
+    for name in names:
+        run_dir = root / name
+        if not (run_dir / "metrics.jsonl").exists():
+            continue
+        train, val = load_metrics(run_dir)
+        if not train:
+            continue
+        curves[name] = train, val
+        s = layer_stats(train, window)
+        rows.append(
+            f"| {name} | {train[-1]['step']} | {train[-1]['tokens'] / 1e6:.2f}M | "
+            f"{val[-1]['val_loss'] if val else float('nan'):.3f} | {_fmt(s['drop_rate'], 3)} | "
+            f"{_fmt(s['load_cv'], 2)} | {_fmt(s['dead_experts'], 2)} | "
+            f"{_fmt(s['dead_max'], 0)} | {_fmt(s['max1_max2'], 2)} | "
+            f"{_fmt(s['max2_max3'], 2)} | {_fmt(s['balance'], 4)} |")
+    table = "\n".join(rows)
+    print(table)
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study_table.md").write_text(table + "\n")
+    for key, label in (("drop_rate", "drop rate"), ("load_cv", "load CV"),
+                       ("max1_max2", "Max1/Max2")):
+        _layer_mean_figure(curves, key, label).savefig(out / f"study_{key}.png")
+    _val_figure(curves).savefig(out / "study_val_loss.png")
+    print(f"wrote {out}/study_table.md and the study_*.png figures")
+
+
+def _layer_mean_figure(curves: dict, key: str, label: str) -> Figure:
+    """The layer mean of ``key`` over steps (50-step moving mean), one line per run."""
+    fig = Figure(figsize=(10, 4.5), dpi=120, layout="constrained")
+    ax = fig.subplots()
+    for name, (train, _) in curves.items():
+        means = [statistics.fmean(r["moe"][key]) for r in train]
+        smooth = [statistics.fmean(means[max(0, i - 49):i + 1]) for i in range(len(means))]
+        ax.plot([r["step"] for r in train], smooth, label=name, lw=1.2)
+    ax.set(xlabel="step", ylabel=f"{label} (mean over layers, 50-step moving mean)",
+           title=f"{label} by balancing method")
+    if key == "drop_rate":
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def _val_figure(curves: dict) -> Figure:
+    fig = Figure(figsize=(10, 4.5), dpi=120, layout="constrained")
+    ax = fig.subplots()
+    for name, (_, val) in curves.items():
+        tail = [r for r in val if r["step"] >= 200]  # the early losses dwarf the differences
+        ax.plot([r["step"] for r in tail], [r["val_loss"] for r in tail], marker="o", ms=3,
+                label=name)
+    ax.set(xlabel="step", ylabel="validation loss", title="validation loss by balancing method")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path("runs/balancing-study"))
+    parser.add_argument("--steps", type=int, default=1250, help="each run's whole budget")
+    parser.add_argument("--until", type=int, help="advance the runs to this step only")
+    parser.add_argument("--only", nargs="+", choices=sorted(METHODS), help="runs to advance")
+    parser.add_argument("--report", action="store_true", help="only report, train nothing")
+    parser.add_argument("--window", type=int, default=100, help="last steps averaged")
+    parser.add_argument("--out", type=Path, help="directory for the table and figures")
+    args = parser.parse_args()
+    names = args.only or list(METHODS)
+    if not args.report:
+        for name in names:
+            advance(args.root / name, min(args.until or args.steps, args.steps), args.steps,
+                    METHODS[name])
+    report(args.root, names, args.window, args.out)
+
+
+if __name__ == "__main__":
+    main()
