@@ -8,12 +8,16 @@ unfinished run to step N at most (the learning-rate schedule always spans ``--st
 ``--only NAME...`` picks runs. ``--report`` then reads whatever the runs have logged and prints,
 per run and MoE layer, means over the last ``--window`` steps of the drop rate, load CV, dead
 experts (per step, and the largest count), gate sharpness (Max1/Max2, Max2/Max3), the aux
-coefficient or the routing-bias range, and the last validation loss; ``--out DIR`` writes the
-table as Markdown and the comparison figures.
+coefficient and the routing-bias spread, and the last validation loss; ``--out DIR`` writes
+the table as Markdown and the comparison figures.
+
+The global-batch loss has no run of its own: on one process with one micro-batch per step it is
+the Switch loss over the micro-batch, bit for bit; it differs only under gradient accumulation
+or data parallelism.
 
     python scripts/study_balancing.py --until 400          # a first part of every run
     python scripts/study_balancing.py                      # the rest
-    python scripts/study_balancing.py --report --out docs/balancing
+    python scripts/study_balancing.py --report --out docs/images/balancing
 """
 
 from __future__ import annotations
@@ -32,22 +36,24 @@ from matplotlib.figure import Figure  # noqa: E402
 from skymoe.train.plots import load_metrics  # noqa: E402
 from skymoe.train.run_state import latest_checkpoint  # noqa: E402
 
-# Settings every run shares: 16 experts, dropping at capacity factor 1 over each micro-batch,
-# checkpoints often enough that an interrupted part loses little.
-COMMON = ["model.overrides.num_experts=[16]", "moe.capacity_factor=1.0",
+# Settings every run shares: 16 experts, the default capacity (factor 1.25 over each
+# micro-batch), checkpoints often enough that an interrupted part loses little.
+COMMON = ["model.overrides.num_experts=[16]", "moe.capacity_factor=1.25",
           "moe.routing_group_size=0", "train.checkpoint_every=100", "train.keep_last=1"]
-SKYWORK = ['moe.aux_loss="skywork"']
-FIXED = ["moe.adaptive=false"]
+SKYWORK, SWITCH = ['moe.aux_loss="skywork"'], ['moe.aux_loss="switch"']
+ADAPTIVE, FIXED = ["moe.adaptive=true", "moe.aux_coef=0.01"], ["moe.adaptive=false"]
+NO_BIAS, NO_LOSS = ["moe.expert_bias=false"], ["moe.adaptive=false", "moe.aux_coef=0.0"]
+# In the order they run: the most telling first, so a partial study already compares them.
 METHODS: dict[str, list[str]] = {
-    "skywork-adaptive": [*SKYWORK, "moe.adaptive=true", "moe.aux_coef=0.01"],
-    "skywork-fixed-0.01": [*SKYWORK, *FIXED, "moe.aux_coef=0.01"],
-    "skywork-fixed-0.001": [*SKYWORK, *FIXED, "moe.aux_coef=0.001"],
-    "switch-0.01": ['moe.aux_loss="switch"', *FIXED, "moe.aux_coef=0.01"],
-    "global-0.01": ['moe.aux_loss="global"', *FIXED, "moe.aux_coef=0.01"],
-    "aux-free-bias": [*FIXED, "moe.aux_coef=0.0", "moe.expert_bias=true"],
-    "none": [*FIXED, "moe.aux_coef=0.0"],
-    # The gating-normalization comparison: the first run without normalization.
-    "skywork-adaptive-no-norm": [*SKYWORK, "moe.adaptive=true", "moe.aux_coef=0.01",
+    "default": [],  # the Switch form with adaptive coefficients + routing biases
+    "skywork-adaptive": [*SKYWORK, *ADAPTIVE, *NO_BIAS],
+    "aux-free-bias": [*NO_LOSS, "moe.expert_bias=true"],
+    "switch-0.01": [*SWITCH, *FIXED, "moe.aux_coef=0.01", *NO_BIAS],
+    "none": [*NO_LOSS, *NO_BIAS],
+    "skywork-fixed-0.01": [*SKYWORK, *FIXED, "moe.aux_coef=0.01", *NO_BIAS],
+    "skywork-fixed-0.001": [*SKYWORK, *FIXED, "moe.aux_coef=0.001", *NO_BIAS],
+    # The gating-normalization comparison: skywork-adaptive without normalization.
+    "skywork-adaptive-no-norm": [*SKYWORK, *ADAPTIVE, *NO_BIAS,
                                  "model.overrides.moe_use_logits_norm=false"],
 }
 COLUMNS = ("drop_rate", "load_cv", "dead_experts", "max1_max2", "max2_max3")
@@ -77,33 +83,31 @@ def last_step(run_dir: Path) -> int:
 
 
 def layer_stats(train: list[dict], window: int) -> dict[str, list[float]]:
-    """Per MoE layer, the mean of each column over the last ``window`` steps; also the largest
-    dead-expert count, and the coefficient or bias range."""
+    """Per MoE layer, the mean of each column and of the aux coefficient over the last
+    ``window`` steps; also the largest dead-expert count and the final routing-bias spread
+    (max - min; empty without biases)."""
     last = train[-window:]
     moe = [r["moe"] for r in last]
     out = {key: [statistics.fmean(col) for col in zip(*(m[key] for m in moe))]
-           for key in COLUMNS}
+           for key in (*COLUMNS, "aux_coef")}
     out["dead_max"] = [max(col) for col in zip(*(m["dead_experts"] for m in moe))]
-    if "expert_bias_max" in moe[-1]:
-        out["balance"] = [hi - lo for hi, lo in zip(moe[-1]["expert_bias_max"],
-                                                    moe[-1]["expert_bias_min"])]
-    else:
-        out["balance"] = [statistics.fmean(col) for col in zip(*(m["aux_coef"] for m in moe))]
+    out["bias_spread"] = [hi - lo for hi, lo in zip(moe[-1].get("expert_bias_max", []),
+                                                    moe[-1].get("expert_bias_min", []))]
     return out
 
 
 def _fmt(values: list[float], digits: int) -> str:
-    return " / ".join(f"{v:.{digits}f}" for v in values)
+    return " / ".join(f"{v:.{digits}f}" for v in values) or "-"
 
 
 def report(root: Path, names: list[str], window: int, out: Path | None) -> None:
     rows = [f"Means over the last {window} logged steps of each run, per MoE layer "
             "(layer 0 / 1 / 2 / 3). Dead: experts without tokens per step (mean), and the "
-            "most at any step. Coef / bias: the mean aux coefficient, or the spread "
-            "(max - min) of the routing biases at the end.", "",
+            "most at any step. Coef: the mean aux coefficient; bias spread: max - min of the "
+            "routing biases at the end.", "",
             "| run | steps | tokens | val loss | drop rate | load CV | dead (mean) | dead (max) "
-            "| Max1/Max2 | Max2/Max3 | coef / bias |",
-            "|---|---:|---:|---:|---|---|---|---|---|---|---|"]
+            "| Max1/Max2 | Max2/Max3 | coef | bias spread |",
+            "|---|---:|---:|---:|---|---|---|---|---|---|---|---|"]
     curves: dict[str, tuple[list[dict], list[dict]]] = {}
     for name in names:
         run_dir = root / name
@@ -119,7 +123,8 @@ def report(root: Path, names: list[str], window: int, out: Path | None) -> None:
             f"{val[-1]['val_loss'] if val else float('nan'):.3f} | {_fmt(s['drop_rate'], 3)} | "
             f"{_fmt(s['load_cv'], 2)} | {_fmt(s['dead_experts'], 2)} | "
             f"{_fmt(s['dead_max'], 0)} | {_fmt(s['max1_max2'], 2)} | "
-            f"{_fmt(s['max2_max3'], 2)} | {_fmt(s['balance'], 4)} |")
+            f"{_fmt(s['max2_max3'], 2)} | {_fmt(s['aux_coef'], 4)} | "
+            f"{_fmt(s['bias_spread'], 3)} |")
     table = "\n".join(rows)
     print(table)
     if out is None:

@@ -46,7 +46,9 @@ def _config(tmp_path: Path, run: str, **sections) -> train_config.TrainConfig:
         "train": {"steps": 6, "batch_size": 8, "micro_batch_size": 8, "warmup_steps": 2,
                   "lr": 3e-3, "min_lr": 3e-4, "eval_every": 3, "eval_batches": 2,
                   "checkpoint_every": 0, "sample_tokens": 4},
-        "moe": {"capacity_factor": 1.0, "aux_coef": 0.01, "z_loss_coef": 0.001},
+        # Fixed routing groups: the same gradients however a batch is split.
+        "moe": {"capacity_factor": 1.0, "aux_coef": 0.01, "z_loss_coef": 0.001,
+                "routing_group_size": 1},
         "run": {"dir": str(tmp_path / run)},
     }
     for name, values in sections.items():

@@ -77,17 +77,20 @@ class TrainSection:
 
 @dataclass
 class MoESection:
-    capacity_factor: float = 1.0  # <= 0: dropless
+    """How MoE layers are balanced in training; docs/training.md ("Why these defaults") gives
+    the measurements behind the defaults."""
+
+    capacity_factor: float = 1.25  # <= 0: dropless
     drop_policy: str = "probability"
-    aux_loss: str = "skywork"     # or "switch", or "global" (Switch over the whole step)
-    aux_coef: float = 0.001       # initial (adaptive) or constant (fixed) coefficient
+    aux_loss: str = "switch"      # or "skywork", or "global" (Switch over the whole step)
+    aux_coef: float = 0.01        # initial (adaptive) or constant (fixed) coefficient
     adaptive: bool = True
     xi: float = 0.2
     alpha_max: float = 0.01
     beta: float = 0.99
     z_loss_coef: float = 0.0
-    routing_group_size: int = 1   # sequences per routing group (0: the micro-batch)
-    expert_bias: bool = False     # auxiliary-loss-free balancing: a routing bias per expert
+    routing_group_size: int = 0   # sequences per routing group (0: the micro-batch)
+    expert_bias: bool = True      # auxiliary-loss-free balancing: a routing bias per expert
     bias_update_rate: float = 1e-3  # the bias step per optimizer step (sign of the load error)
 
 
