@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -34,7 +32,7 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 
 from skymoe.train.plots import load_metrics  # noqa: E402
-from skymoe.train.run_state import latest_checkpoint  # noqa: E402
+from study_runs import train_to  # noqa: E402
 
 # Settings every run shares: 16 experts, the default capacity (factor 1.25 over each
 # micro-batch), checkpoints often enough that an interrupted part loses little.
@@ -61,25 +59,8 @@ COLUMNS = ("drop_rate", "load_cv", "dead_experts", "max1_max2", "max2_max3")
 
 def advance(run_dir: Path, until: int, total: int, settings: list[str]) -> None:
     """Train ``run_dir`` to step ``until`` (resuming), on a schedule of ``total`` steps."""
-    done = last_step(run_dir)
-    if done >= until:
-        return
-    cmd = [sys.executable, "-m", "skymoe", "train", "--run-dir", str(run_dir), "--steps",
-           str(until), "--set", f"train.lr_decay_steps={total}",
-           "--set", f"train.eval_every={max(total // 25, 1)}"]
-    if latest_checkpoint(run_dir) is not None:
-        cmd.append("--resume")
-    for s in (*COMMON, *settings):
-        cmd += ["--set", s]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-
-
-def last_step(run_dir: Path) -> int:
-    if not (run_dir / "metrics.jsonl").exists():
-        return 0
-    train, _ = load_metrics(run_dir)
-    return train[-1]["step"] if train else 0
+    train_to(run_dir, until, [f"train.lr_decay_steps={total}", *COMMON, *settings],
+             eval_every=max(total // 25, 1))
 
 
 def layer_stats(train: list[dict], window: int) -> dict[str, list[float]]:

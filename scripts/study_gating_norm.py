@@ -4,9 +4,11 @@ Prints, per MoE layer, the drop rate, gate sharpness (Max1/Max2, Max2/Max3) and 
 averaged over the last ``--window`` steps, plus the final losses, and writes a comparison figure
 (layer-mean sharpness and drop rate over steps, one line per run).
 
-The runs of docs/training.md's study:
-    skymoe train --run-dir runs/study-norm-true  --set moe.capacity_factor=2.0
-    skymoe train --run-dir runs/study-norm-false --set moe.capacity_factor=2.0 \\
+The runs of docs/training.md's study (with the balancing defaults before 2026-12-05):
+    OLD="--set moe.aux_loss=skywork --set moe.aux_coef=0.001 --set moe.routing_group_size=1
+         --set moe.expert_bias=false"
+    skymoe train --run-dir runs/study-norm-true  --set moe.capacity_factor=2.0 $OLD
+    skymoe train --run-dir runs/study-norm-false --set moe.capacity_factor=2.0 $OLD \\
         --set model.overrides.moe_use_logits_norm=false
     python scripts/study_gating_norm.py runs/study-norm-true runs/study-norm-false \\
         --out docs/images/gating_norm_study.png

@@ -29,27 +29,20 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from skymoe.train.run_state import latest_checkpoint  # noqa: E402
 from skymoe.train.plots import load_metrics  # noqa: E402
+from study_runs import train_to  # noqa: E402
 
 DENSE_LR, DENSE_MIN_LR = 2e-3, 2e-4
 
 
-COMMON: list[str] = []  # settings every run gets (--max-bytes)
+# Settings every run gets: the balancing the measured runs used (the defaults before
+# 2026-12-05), and --max-bytes.
+COMMON: list[str] = ['moe.aux_loss="skywork"', "moe.aux_coef=0.001", "moe.capacity_factor=1.0",
+                     "moe.routing_group_size=1", "moe.expert_bias=false"]
 
 
 def train(run_dir: Path, steps: int, *settings: str) -> None:
     """``skymoe train`` into ``run_dir`` unless it already reached ``steps``."""
-    if (run_dir / "metrics.jsonl").exists():
-        train_records, _ = load_metrics(run_dir)
-        if train_records and train_records[-1]["step"] >= steps:
-            return
-    cmd = [sys.executable, "-m", "skymoe", "train", "--run-dir", str(run_dir), "--steps",
-           str(steps), "--set", f"train.eval_every={max(steps // 10, 1)}"]
-    if latest_checkpoint(run_dir) is not None:
-        cmd.append("--resume")
-    for s in (*COMMON, *settings):
-        cmd += ["--set", s]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    train_to(run_dir, steps, [*COMMON, *settings], eval_every=max(steps // 10, 1))
 
 
 def main() -> None:

@@ -20,9 +20,10 @@ def register(top: argparse._SubParsersAction) -> None:
         "train", help="train a Skywork-MoE model (default: a small one on the Python standard "
                       "library's source)",
         description="Train with Skywork-MoE's techniques: gating logit normalization, capacity "
-                    "and token dropping, the aux balance loss with per-layer adaptive "
-                    "coefficients. Settings come from a TOML file (sections model, data, "
-                    "tokenizer, train, moe, parallel, run; see docs/training.md) and --set "
+                    "and token dropping, aux balance losses with per-layer adaptive "
+                    "coefficients, and auxiliary-loss-free routing biases. Settings come from "
+                    "a TOML file (sections model, data, tokenizer, train, moe, parallel, run; "
+                    "see docs/training.md) and --set "
                     "overrides; with none, the embedded default runs. Ctrl-C saves a checkpoint "
                     "and stops. Several processes: torchrun --nproc-per-node N -m skymoe train "
                     "--set parallel.tp=2 --set parallel.expert=edp (docs/distributed.md).")
@@ -38,8 +39,8 @@ def register(top: argparse._SubParsersAction) -> None:
     p = top.add_parser(
         "plot", help="plot a run's metrics (loss, drop rate, coefficients, ...)",
         description="Write PNG plots of a training run's metrics.jsonl: loss, per-layer drop "
-                    "rate and aux coefficients (heatmaps and curves), gate sharpness and "
-                    "expert load.")
+                    "rate and aux coefficients (heatmaps and curves), gate sharpness, "
+                    "expert load and, for runs with routing biases, their range.")
     p.add_argument("run_dir", help="training run directory (holds metrics.jsonl)")
     p.add_argument("--out", help="output directory (default: RUN_DIR/plots)")
     p.set_defaults(func=cmd_plot)
