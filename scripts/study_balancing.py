@@ -153,14 +153,20 @@ def report(runs: dict[str, dict], out: Path | None) -> None:
     print(f"wrote {out}/study_table.md and the study_*.png figures")
 
 
+def _line_style(index: int) -> str:
+    """Solid for the first four runs, dashed after: runs that train identically (a coefficient
+    that never leaves its cap) stay visible under one another."""
+    return "-" if index < 4 else "--"
+
+
 def _layer_mean_figure(runs: dict[str, dict], key: str, label: str) -> Figure:
     """The layer mean of ``key`` over steps (50-step moving mean), one line per run."""
     fig = Figure(figsize=(10, 4.5), dpi=120, layout="constrained")
     ax = fig.subplots()
-    for name, run in runs.items():
+    for index, (name, run) in enumerate(runs.items()):
         means = run["series"][key]
         smooth = [statistics.fmean(means[max(0, i - 49):i + 1]) for i in range(len(means))]
-        ax.plot(run["series"]["step"], smooth, label=name, lw=1.2)
+        ax.plot(run["series"]["step"], smooth, label=name, lw=1.2, ls=_line_style(index))
     ax.set(xlabel="step", ylabel=f"{label} (mean over layers, 50-step moving mean)",
            title=f"{label} by balancing method")
     if key == "drop_rate":
@@ -173,9 +179,10 @@ def _layer_mean_figure(runs: dict[str, dict], key: str, label: str) -> Figure:
 def _val_figure(runs: dict[str, dict]) -> Figure:
     fig = Figure(figsize=(10, 4.5), dpi=120, layout="constrained")
     ax = fig.subplots()
-    for name, run in runs.items():
+    for i, (name, run) in enumerate(runs.items()):
         tail = [(step, loss) for step, loss in run["val"] if step >= 200]  # the early losses
-        ax.plot(*zip(*tail), marker="o", ms=3, label=name)              # dwarf the differences
+        ax.plot(*zip(*tail), marker="o", ms=3, label=name,             # dwarf the differences
+                ls=_line_style(i))
     ax.set(xlabel="step", ylabel="validation loss", title="validation loss by balancing method")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
