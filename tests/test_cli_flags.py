@@ -38,7 +38,8 @@ def test_every_help_renders_and_names_deprecated_spellings():
 def test_shared_flags_mean_one_thing():
     dtypes = [(name, a) for name, a in _options("--dtype") if not isinstance(a, DeprecatedAlias)]
     assert {name for name, _ in dtypes} == {
-        "skymoe init", "skymoe generate", "skymoe serve", "skymoe eval", "skymoe bench generate"}
+        "skymoe init", "skymoe generate", "skymoe serve", "skymoe eval", "skymoe bench generate",
+        "skymoe export"}
     for name, action in dtypes:
         assert action.choices == list(DTYPES), name
         assert action.default == "auto" or "default " + action.default + ":" in action.help, name

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -16,11 +18,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from skymoe.checkpoint.dcp import ShardedCheckpoint, read_metadata
+from skymoe.config import SkyworkMoeConfig
 from skymoe.errors import TrainingError
+from skymoe.model.transformer import build_model
+from skymoe.parallel import sharded_state
 from skymoe.parallel.comm import all_reduce_
 from skymoe.parallel.health import guard_collectives
 from skymoe.parallel.layout import ParallelLayout
 from skymoe.parallel.mesh import build_mesh
+from skymoe.parallel.placement import placement
+from skymoe.train import config as train_config
 from skymoe.train.trainer import Trainer
 
 from distributed import free_port
@@ -88,6 +96,101 @@ def test_layouts_match_one_process_and_resume_across_layouts(tmp_path):
     assert sorted(want_val) == [3, 6, 8] and sorted(got_val) == [2, 3, 4, 6, 8]
     for step, loss in want_val.items():
         assert abs(got_val[step] - loss) / loss < TOLERANCE, ("val", step, got_val[step], loss)
+
+
+def _pieces_by_rank(checkpoint: Path) -> dict[int, dict[str, tuple[tuple, tuple]]]:
+    """Per rank, the (offsets, sizes) of every piece its ``__<rank>_*.distcp`` file holds."""
+    metadata = read_metadata(checkpoint / "sharded")
+    sizes = {(key, tuple(c.offsets)): tuple(c.sizes)
+             for key, md in metadata.state_dict_metadata.items() for c in md.chunks}
+    out: dict[int, dict[str, tuple[tuple, tuple]]] = {}
+    for index, info in metadata.storage_data.items():
+        rank = int(re.match(r"__(\d+)_", info.relative_path)[1])
+        offsets = tuple(index.offset)
+        out.setdefault(rank, {})[index.fqn] = (offsets, sizes[(index.fqn, offsets)])
+    return out
+
+
+def test_sharded_checkpoints_four_ranks_each_write_their_own_and_resume_anywhere(tmp_path):
+    """DP 2 x TP 2 with experts split over DP and sliced over TP (ZeRO-1): every rank writes
+    only its own pieces; resuming under the same layout continues bit for bit, and one process
+    continues the same run."""
+    settings = dict(train={"precision": "fp32", "steps": 4, "lr_decay_steps": 4,
+                           "batch_size": 4, "micro_batch_size": 2, "checkpoint_every": 2,
+                           "keep_last": 0, "eval_every": 0},
+                    tokenizer={"vocab_size": 301})
+    cfg = _config(tmp_path, "straight", **settings)
+    config_file = tmp_path / "run.toml"
+    cfg.save(config_file)
+    layout = ("--set", "parallel.dp=2", "--set", "parallel.tp=2", "--set", "parallel.expert=etp")
+    _torchrun(config_file, 4, *layout)
+    straight = tmp_path / "straight"
+    step2 = straight / "checkpoints" / "step-00000002"
+    assert sorted(p.name for p in (step2 / "sharded").glob("*.distcp")) == [
+        f"__{r}_0.distcp" for r in range(4)]
+
+    # Rank r's file holds its own cut: its query heads, its half of the vocabulary, the
+    # experts of its DP rank sliced to its TP half; replicated norms are written once.
+    by_rank = _pieces_by_rank(step2)
+    model = build_model(SkyworkMoeConfig.from_json_file(step2), dtype=torch.float32)
+    cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.expert = 2, 2, "etp"
+    mesh_layout = cfg.layout()
+    assert (mesh_layout.ep, mesh_layout.etp) == (2, 2)
+    for rank, pieces in by_rank.items():
+        coords = mesh_layout.coords(rank)
+        placements = {n: placement(n, model.config, mesh_layout, coords)
+                      for n, _ in [*model.named_parameters(), *model.named_buffers()]}
+        local = {n: placements[n].take(t.detach()) for n, t in
+                 [*model.named_parameters(), *model.named_buffers()]}
+        mine = {k: (p.offsets, tuple(p.tensor.shape)) for k, p in
+                sharded_state.model_pieces(_Holder(model.config, local), placements).items()}
+        for key, cut in pieces.items():
+            name = key.split(".", 2)[2] if key.startswith("optimizer.") else key
+            assert mine.get(name) == cut, (rank, key, cut, mine.get(name))
+    norm = "model.norm.weight"
+    assert sum(norm in pieces for pieces in by_rank.values()) == 1
+    assert sum(f"optimizer.exp_avg.{norm}" in pieces for pieces in by_rank.values()) == 1
+
+    # The same layout from step 2: the same losses and final weights, bit for bit.
+    cfg = _config(tmp_path, "straight", **settings)
+    for name in ("again", "alone"):
+        shutil.copytree(straight, tmp_path / name)
+        shutil.rmtree(tmp_path / name / "checkpoints" / "step-00000004")
+        cfg.run.dir = str(tmp_path / name)
+        cfg.save(tmp_path / f"{name}.toml")
+    _torchrun(tmp_path / "again.toml", 4, "--resume", *layout)
+    want = _losses(straight)
+    assert _losses(tmp_path / "again") == want
+    final = "checkpoints/step-00000004/sharded"
+    a, b = ShardedCheckpoint(straight / final), ShardedCheckpoint(tmp_path / "again" / final)
+    keys = list(a.shapes())
+    assert keys == list(b.shapes())
+    for key in keys:
+        assert torch.equal(a.read([key])[key], b.read([key])[key]), key
+
+    # One process from the 4-rank checkpoint: the same run within the layouts' rounding.
+    alone = train_config.load(tmp_path / "alone.toml")
+    trainer = Trainer(alone, resume=True, quiet=True)
+    trainer.run()
+    trainer.close()
+    got = _losses(tmp_path / "alone")
+    for step in (3, 4):
+        assert abs(got[step] - want[step]) / want[step] < TOLERANCE, (step, got, want)
+
+
+class _Holder(torch.nn.Module):
+    """Named tensors with a config: what ``model_pieces`` reads of a sharded model."""
+
+    def __init__(self, config: SkyworkMoeConfig, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.config = config
+        self.tensors = tensors
+
+    def named_parameters(self, *args, **kwargs):
+        return iter([(n, t) for n, t in self.tensors.items() if not n.endswith("expert_bias")])
+
+    def named_buffers(self, *args, **kwargs):
+        return iter([(n, t) for n, t in self.tensors.items() if n.endswith("expert_bias")])
 
 
 def _failing_rank(rank: int, world: int, port: int, mode: str, result: mp.Queue) -> None:

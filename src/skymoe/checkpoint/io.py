@@ -8,6 +8,7 @@ object is ever unpickled.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -65,6 +66,10 @@ def weight_files(directory: str | Path) -> list[Path]:
     shards = sorted(d.glob("pytorch_model-*.bin")) or sorted(d.glob("model-*.safetensors"))
     if shards:
         return shards
+    if (d / "sharded").is_dir():
+        raise CheckpointError(f"{d}: a sharded training checkpoint (its weights are pieces "
+                              "under sharded/); write it as an HF directory with skymoe export "
+                              f"{d} OUT, or resume it with skymoe train --resume")
     raise CheckpointError(f"{d}: no weights found (looked for {SAFE_INDEX}, model.safetensors, "
                           f"{BIN_INDEX}, pytorch_model*.bin)")
 
@@ -189,6 +194,69 @@ def write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], directory: str | 
     tmp_files.append(_write_shard(current, d, len(tmp_files)))
     shard_names.append(list(current))
     del current
+    return _publish_shards(d, tmp_files, shard_names, total)
+
+
+def write_streamed(specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+                   tensor: Callable[[str], torch.Tensor], directory: str | Path,
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                   written: Callable[[int], None] | None = None) -> list[Path]:
+    """``write_sharded`` for tensors known in advance by (name, shape, dtype) and produced one
+    at a time by ``tensor(name)``: each shard's header is written first, then the tensors'
+    bytes as they come, so memory holds one tensor, however large the shard. ``written``
+    is told the bytes of each tensor written (a progress bar)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    groups: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+    size = total = 0
+    for spec in specs:
+        nbytes = math.prod(spec[1]) * spec[2].itemsize
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += nbytes
+        total += nbytes
+    tmp_files = []
+    for i, group in enumerate(groups):
+        path = d / f".shard-{i:05d}.safetensors.tmp"
+        with open(path, "wb") as f:
+            f.write(_safetensors_header(group))
+            for name, shape, dtype in group:
+                t = tensor(name)
+                if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                    raise CheckpointError(f"'{name}': produced {t.dtype} {list(t.shape)}, "
+                                          f"announced {dtype} {list(shape)}")
+                f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+                if written is not None:
+                    written(t.numel() * t.element_size())
+        tmp_files.append(path)
+    return _publish_shards(d, tmp_files, [[name for name, _, _ in g] for g in groups], total)
+
+
+_SAFE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+               torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+               torch.float64: "F64", torch.int64: "I64", torch.int32: "I32"}
+
+
+def _safetensors_header(group: list[tuple[str, tuple[int, ...], torch.dtype]]) -> bytes:
+    """The length-prefixed JSON header of a safetensors file holding ``group`` in order
+    (padded with spaces to 8 bytes, as safetensors itself writes it)."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in group:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFE_NAMES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def _publish_shards(d: Path, tmp_files: list[Path], shard_names: list[list[str]],
+                    total: int) -> list[Path]:
+    """Rename the written shards into place, remove stale ones, write the index last."""
     n = len(tmp_files)
     final = [d / ("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
              for i in range(n)]

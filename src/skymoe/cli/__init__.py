@@ -7,7 +7,7 @@ library and print:
 - ``generate``: ``generate``, ``bench generate``
 - ``serve``: ``serve``, ``bench serve``
 - ``train``: ``train``, ``plot``
-- ``convert``: ``upcycle``, ``quantize``
+- ``convert``: ``upcycle``, ``quantize``, ``export``
 - ``evaluate``: ``eval``
 - ``plan``: ``plan serve``, ``plan pipeline``
 - ``flags``: the flags several commands share, defined once (its docstring records which

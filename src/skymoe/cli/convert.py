@@ -1,5 +1,5 @@
-"""Checkpoint conversions: ``skymoe upcycle`` (dense -> Skywork-MoE, or advice on whether to)
-and ``skymoe quantize`` (-> FP8)."""
+"""Checkpoint conversions: ``skymoe upcycle`` (dense -> Skywork-MoE, or advice on whether to),
+``skymoe quantize`` (-> FP8) and ``skymoe export`` (training checkpoint -> HF directory)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import upcycle as up
 from ..config import SkyworkMoeConfig, format_count, parameter_counts
+from ..export import export_checkpoint
 from ..quantize import quantize_checkpoint
 from ..units import parse_size
 from . import flags
@@ -15,8 +16,9 @@ from .flags import UsageError
 
 
 def register(top: argparse._SubParsersAction) -> None:
-    """Add ``upcycle`` and ``quantize``."""
+    """Add ``upcycle``, ``quantize`` and ``export``."""
     _register_upcycle(top)
+    _register_export(top)
     p = top.add_parser(
         "quantize", help="write an FP8 checkpoint (vLLM / Skywork-MoE-FP8 convention)",
         description="Quantize an HF checkpoint to FP8: attention, expert and MLP projections "
@@ -33,6 +35,35 @@ def register(top: argparse._SubParsersAction) -> None:
                     use="--to fp8 (--fp8 elsewhere says how FP8 checkpoints load)")
     flags.add_output(p)
     p.set_defaults(func=cmd_quantize)
+
+
+def _register_export(top: argparse._SubParsersAction) -> None:
+    p = top.add_parser(
+        "export", help="write a training checkpoint's model as an HF checkpoint directory",
+        description="Write the model of a training checkpoint (sharded, as multi-process runs "
+                    "save, or an HF-format one) as an HF checkpoint directory: config.json, "
+                    "safetensors shards and the tokenizer, streamed one tensor at a time. "
+                    "CKPT may be a run directory (its latest checkpoint is exported).")
+    p.add_argument("ckpt", metavar="CKPT",
+                   help="RUN_DIR/checkpoints/step-XXXXXXXX, or RUN_DIR for its latest")
+    p.add_argument("out_dir", metavar="OUT", help="output directory")
+    flags.add_dtype(p, why="the checkpoint's torch_dtype, float32 for a run's")
+    p.add_argument("--to", choices=["fp8"],
+                   help="fp8: write the FP8 convention of skymoe quantize (projections e4m3 "
+                        "with per-tensor scales) directly")
+    flags.add_output(p)
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Write the HF directory and say what it holds."""
+    out = export_checkpoint(args.ckpt, args.out_dir,
+                            dtype=None if args.dtype == "auto" else args.dtype,
+                            to_fp8=args.to == "fp8", overwrite=args.overwrite,
+                            max_shard_bytes=parse_size(args.max_shard_size))
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"wrote {out}: {size / 1e6:.1f} MB of safetensors"
+          + (" (FP8)" if args.to == "fp8" else ""))
 
 
 def _register_upcycle(top: argparse._SubParsersAction) -> None:

@@ -70,6 +70,8 @@ class TrainSection:
     eval_batches: int = 8
     checkpoint_every: int = 100
     keep_last: int = 2
+    checkpoint_format: str = "auto"  # "hf", "sharded" (each rank writes its own pieces), or
+    #                                  "auto": sharded with several processes, else hf
     skip_nonfinite: bool = False  # skip a batch whose loss is NaN/Inf instead of stopping
     sample_prompt: str = "def"
     sample_tokens: int = 48
@@ -145,6 +147,8 @@ class TrainConfig:
             (t.warmup_steps >= 0 and t.lr_decay_steps >= 0, "warmup/decay steps must be >= 0"),
             (t.precision in ("bf16", "fp32"), "train.precision must be 'bf16' or 'fp32'"),
             (t.schedule in ("cosine", "constant"), "train.schedule must be 'cosine' or 'constant'"),
+            (t.checkpoint_format in ("auto", "hf", "sharded"),
+             "train.checkpoint_format must be 'auto', 'hf' or 'sharded'"),
             # The MoE dispatch has data-dependent shapes; under recomputation torch.compile may
             # pick another graph than in the forward, which checkpointing rejects.
             (not (t.compile and t.activation_checkpointing),

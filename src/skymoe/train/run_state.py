@@ -15,6 +15,12 @@ and renamed into place, so a checkpoint named ``step-*`` is always complete: a c
 ``kill -9`` at any moment leaves the previous checkpoints untouched and, at worst, a ``.tmp-*``
 directory that the next save removes. ``.pt`` files are only ever read with
 ``weights_only=True``: loading a checkpoint never unpickles arbitrary objects.
+
+A *sharded* checkpoint (``save_sharded_checkpoint``, multi-process runs) has ``config.json``,
+the tokenizer and ``training/`` as above, minus ``optimizer.pt``, and instead of the weights a
+``sharded/`` directory that every rank wrote its own pieces of the weights and AdamW moments
+into (torch.distributed.checkpoint; ``skymoe.parallel.sharded_state``). It is published the same
+way: all ranks write into one temporary directory, rank 0 renames it once every rank is done.
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from torch import nn
 
+from ..checkpoint.dcp import Piece, save_pieces
 from ..checkpoint.hf import load_weights, save_model
 from ..checkpoint.io import pickle_refusal
 from ..checkpoint.tokenizer import TOKENIZER_FILES
@@ -45,6 +53,7 @@ TRAINING = "training"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
 RNG = "rng.pt"
+SHARDED = "sharded"
 
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _TMP_DIR = re.compile(r"^\.tmp-.*-(\d+)$")  # every temporary name ends with the writer's pid
@@ -122,7 +131,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, (OSError, RuntimeError, SafetensorError)):
-            raise _save_failed(exc, root, name, model, optimizer) from None
+            needed = _tensor_bytes(model.state_dict()) + _tensor_bytes(
+                optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
+            raise _save_failed(exc, root, name, needed) from None
         raise
     finally:
         with _LOCK:
@@ -131,13 +142,106 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
     return final
 
 
-def _save_failed(exc: BaseException, root: Path, name: str, model: nn.Module,
-                 optimizer: torch.optim.Optimizer | dict[str, Any]) -> CheckpointError:
-    """The error for a save that failed while writing: how much space it needs against what
-    is free (a full disk surfaces from torch and safetensors as assorted errors), and that
-    the earlier checkpoints are untouched."""
-    needed = _tensor_bytes(model.state_dict()) + _tensor_bytes(
-        optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
+def save_sharded_checkpoint(run_dir: str | Path, step: int, pieces: dict[str, Piece],
+                            config: SkyworkMoeConfig, trainer_state: dict[str, Any],
+                            tokenizer_dir: str | Path | None = None, keep_last: int = 3,
+                            group: dist.ProcessGroup | None = None) -> Path:
+    """Atomically write the sharded checkpoint ``RUN_DIR/checkpoints/step-XXXXXXXX``; a
+    collective over ``group`` (every rank passes its own ``pieces``; rank 0's
+    ``trainer_state`` and RNG states are kept). Rank 0 publishes it once every rank's pieces
+    are on disk, and prunes as ``save_checkpoint`` does; a failure on any rank leaves the
+    earlier checkpoints as they were and raises ``CheckpointError`` on every rank."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    distributed = dist.is_available() and dist.is_initialized()
+    main = not distributed or dist.get_rank(group) == 0
+    rng_state = _rng_state()
+    state_text = json.dumps(trainer_state, indent=2) + "\n"
+    tokenizer_files = _tokenizer_files(tokenizer_dir)
+    root = Path(run_dir) / CHECKPOINTS
+    name = step_dir_name(step)
+    final = root / name
+    pid = _main_pid(group) if distributed else os.getpid()  # one name for every rank's files
+    tmp = root / f".tmp-{name}-{pid}"
+    failure: BaseException | None = None
+    if main:
+        with _LOCK:
+            _IN_PROGRESS.add(tmp)
+        failure = _attempt(lambda: _fresh_directory(root, tmp))
+    if _all_ok(failure is None, group):
+        failure = _attempt(lambda: save_pieces(pieces, tmp / SHARDED, group))
+        if main and failure is None:
+            def finish() -> None:
+                config.save(tmp)
+                for src in tokenizer_files:
+                    shutil.copyfile(src, tmp / src.name)
+                training = tmp / TRAINING
+                training.mkdir()
+                torch.save(rng_state, training / RNG)
+                (training / TRAINER_STATE).write_text(state_text)
+                _fsync_tree(tmp)
+                _install(tmp, final, root, pid)
+            failure = _attempt(finish)
+    ok = _all_ok(failure is None, group)
+    if main:
+        with _LOCK:
+            _IN_PROGRESS.discard(tmp)
+        if not ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not ok:
+        if failure is None:
+            raise CheckpointError(f"{root / name}: another rank could not write its part of "
+                                  "the checkpoint (its error is in its log); the earlier "
+                                  "checkpoints are intact")
+        if isinstance(failure, (OSError, RuntimeError, CheckpointError)):
+            needed = sum(p.tensor.numel() * p.tensor.element_size() for p in pieces.values())
+            raise _save_failed(failure, root, name, needed) from None
+        raise failure
+    if main:
+        _prune(root, final, keep_last, pid)
+    return final
+
+
+def _attempt(action: Any) -> BaseException | None:
+    """Run ``action``; the exception it raised (an ordinary error), or None."""
+    try:
+        action()
+    except Exception as exc:  # reported on every rank once the ranks have agreed
+        return exc
+    return None
+
+
+def _all_ok(ok: bool, group: dist.ProcessGroup | None) -> bool:
+    """Whether ``ok`` holds on every rank (a collective when distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ok
+    flag = torch.tensor([1 if ok else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def _main_pid(group: dist.ProcessGroup | None) -> int:
+    """Rank 0's process id, on every rank (it names the shared temporary directory)."""
+    pid = torch.tensor([os.getpid()], dtype=torch.int64)
+    dist.broadcast(pid, src=dist.get_global_rank(group, 0) if group is not None else 0,
+                   group=group)
+    return int(pid.item())
+
+
+def _fresh_directory(root: Path, tmp: Path) -> None:
+    created = not root.is_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    if created:
+        _fsync_dir(root.parent)
+    if tmp.exists():  # left by an earlier process that had our pid: never reuse its files
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+
+def _save_failed(exc: BaseException, root: Path, name: str, needed: int) -> CheckpointError:
+    """The error for a save that failed while writing: how much space it needs (``needed``
+    bytes) against what is free (a full disk surfaces from torch and safetensors as assorted
+    errors), and that the earlier checkpoints are untouched."""
     free = shutil.disk_usage(root).free
     latest = latest_checkpoint(root.parent)
     kept, then = (f"the latest complete checkpoint, {latest.name}, is intact",
@@ -334,14 +438,13 @@ def load_checkpoint(path: str | Path, model: nn.Module,
     """
     path = Path(path)
     model = _unwrap(model)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory (expected a training checkpoint such as "
-                              f"RUN_DIR/{CHECKPOINTS}/step-00000120)")
+    if is_sharded(path):
+        raise CheckpointError(f"{path}: a sharded checkpoint; resume it with skymoe train "
+                              "--resume, or write its model as an HF directory with skymoe "
+                              "export")
+    state, rng = _read_training(path, model.config)
     training = path / TRAINING
-    state = _read_trainer_state(training / TRAINER_STATE, path)
-    rng = _read_rng(training / RNG)
     opt_state = read_optimizer_state(training / OPTIMIZER) if optimizer is not None else None
-    _check_config(path, model.config)
     load_weights(model, path)
     if optimizer is not None:
         try:
@@ -352,6 +455,33 @@ def load_checkpoint(path: str | Path, model: nn.Module,
                                   "parameters and groups as the saved run") from None
     _restore_rng(rng)
     return state
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether checkpoint ``path`` was written by ``save_sharded_checkpoint``."""
+    return (Path(path) / SHARDED).is_dir()
+
+
+def resume_state(path: str | Path, config: SkyworkMoeConfig) -> dict[str, Any]:
+    """The trainer state of checkpoint ``path`` (either kind), after checking that it holds a
+    model of ``config``'s architecture and restoring the RNG states; the weights and the
+    optimizer are left to the caller."""
+    state, rng = _read_training(Path(path), config)
+    _restore_rng(rng)
+    return state
+
+
+def _read_training(path: Path, config: SkyworkMoeConfig) -> tuple[dict[str, Any],
+                                                                  dict[str, Any]]:
+    """(trainer state, RNG states) of a checkpoint whose architecture matches ``config``."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (expected a training checkpoint such as "
+                              f"RUN_DIR/{CHECKPOINTS}/step-00000120)")
+    training = path / TRAINING
+    state = _read_trainer_state(training / TRAINER_STATE, path)
+    rng = _read_rng(training / RNG)
+    _check_config(path, config)
+    return state, rng
 
 
 def _one_line(exc: BaseException) -> str:
@@ -432,5 +562,5 @@ def _check_config(path: Path, config: SkyworkMoeConfig) -> None:
                               "config to resume")
 
 
-__all__ = ["latest_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint",
-           "step_dir_name"]
+__all__ = ["is_sharded", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
+           "resume_state", "save_checkpoint", "save_sharded_checkpoint", "step_dir_name"]

@@ -11,6 +11,7 @@ either). The adaptive aux coefficients are updated once per step from that step'
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import sys
@@ -23,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoint import load_model, load_tokenizer
+from ..checkpoint.dcp import load_pieces
 from ..checkpoint.tokenizer import Tokenizer
 from ..config import SkyworkMoeConfig, resolve_config
 from ..errors import ConfigError, TrainingError
@@ -31,7 +33,7 @@ from ..kernels import load_kernels
 from ..model.balance import AuxCoefController, ExpertBiasController
 from ..model.moe import MoEBalance, MoETrainingOptions
 from ..model.transformer import SkyworkForCausalLM, build_model
-from ..parallel import full_state
+from ..parallel import full_state, sharded_state
 from ..parallel.apply import parallelize, parameter_placements
 from ..parallel.comm import all_reduce_
 from ..parallel.data_parallel import DataParallel
@@ -115,6 +117,13 @@ class Trainer:
             z_loss_coef=m.z_loss_coef, routing_group_size=m.routing_group_size)
         self.step = 0
         self.last_checkpoint: Path | None = None
+        self.sharded = cfg.train.checkpoint_format == "sharded" or (
+            cfg.train.checkpoint_format == "auto" and self.mesh.world.active)
+        # Checkpoint collectives on a group of their own (gloo: DCP plans on CPU), apart from
+        # the training traffic.
+        self.checkpoint_group = (torch.distributed.new_group(backend="gloo")
+                                 if self.mesh.world.active else None)
+        self._resumed_state: dict | None = None
         if resume:
             self._resume_model()
         # From the whole model (loaded or resumed), before a pipeline keeps this rank's part.
@@ -127,13 +136,16 @@ class Trainer:
         if stages is not None:  # from here on ``model`` is this rank's part of the model
             self.model = stages.model
         # Shard the model (or part) for this rank (a no-op for one process).
-        placements = parameter_placements(self.model, self.mesh)
+        self.placements = parameter_placements(self.model, self.mesh)
         numel = {n: p.numel() for n, p in self.model.named_parameters()}
         parallelize(self.model, self.mesh, cfg.parallel.a2a_chunks)
+        if resume and run_state.is_sharded(self.last_checkpoint):  # this rank's pieces only
+            load_pieces(sharded_state.model_pieces(self.model, self.placements),
+                        self.last_checkpoint / run_state.SHARDED, self.checkpoint_group)
         self.steps: step_ops.StepStrategy = (
             self._pipeline_schedule(stages) if stages is not None else step_ops.MicroBatchLoop(
                 self.model, cfg.train.micro_batch_size, self._autocast, self.device))
-        self.dp = DataParallel(self.model, self.mesh, placements, numel, cfg.parallel.zero,
+        self.dp = DataParallel(self.model, self.mesh, self.placements, numel, cfg.parallel.zero,
                                stages.tied_copies if stages is not None else frozenset())
         self.optimizer = self._build_optimizer()
         if resume:
@@ -268,9 +280,18 @@ class Trainer:
             fused=self.device.type in ("cpu", "cuda"))  # one kernel: 7x faster on CPU
 
     def _resume_model(self) -> None:
-        """Weights (into the full model, before sharding), RNG and trainer state."""
+        """RNG and trainer state, and the weights into the full model before sharding; from a
+        sharded checkpoint only the routing biases (every rank keeps all layers'), the rest
+        after sharding."""
         path = run_state.latest_checkpoint(self.run_dir)
-        state = run_state.load_checkpoint(path, self.model)
+        if run_state.is_sharded(path):
+            state = run_state.resume_state(path, self.model.config)
+            biases = {k: p for k, p in sharded_state.model_pieces(self.model).items()
+                      if k.endswith(".expert_bias")}
+            load_pieces(biases, path / run_state.SHARDED, self.checkpoint_group)
+        else:
+            state = run_state.load_checkpoint(path, self.model)
+        self._resumed_state = state
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
         self.controller.load_state_dict(state["controller"])
@@ -278,7 +299,14 @@ class Trainer:
         self._log(f"resumed from {path} (step {self.step})")
 
     def _resume_optimizer(self) -> None:
-        """This rank's part of the saved (whole-model) optimizer state."""
+        """This rank's part of the saved optimizer state."""
+        if run_state.is_sharded(self.last_checkpoint):
+            sharded_state.empty_optimizer_state(self.optimizer, self.model, self.dp,
+                                                int(self._resumed_state["optimizer_step"]))
+            load_pieces(sharded_state.optimizer_pieces(self.optimizer, self.model, self.dp,
+                                                       self.placements),
+                        self.last_checkpoint / run_state.SHARDED, self.checkpoint_group)
+            return
         file = self.last_checkpoint / run_state.TRAINING / run_state.OPTIMIZER
         saved = run_state.read_optimizer_state(file)
         try:
@@ -363,12 +391,15 @@ class Trainer:
         return float(sums[0] / sums[1]) if sums[1] else None
 
     def save(self) -> Path:
-        """Write a checkpoint of the whole model (gathered from every rank onto rank 0), so
-        it resumes under any layout."""
+        """Write a checkpoint that resumes under any layout: sharded (every rank writes its
+        own pieces) or the whole model gathered onto rank 0 as an HF directory."""
         state = {"step": self.step, "loader": self.loader.state_dict(),
                  "controller": self.controller.state_dict(),
                  "tokens_seen": self.step * self.cfg.train.batch_size * self.cfg.data.seq_len,
                  "layout": self.mesh.layout.name}
+        if self.sharded:
+            self.last_checkpoint = self._save_sharded(state)
+            return self.last_checkpoint
         full_model = full_state.gather_model(self.model, self.mesh)
         optimizer_state = full_state.gather_optimizer_state(
             self.optimizer, self.model, self.dp, self.mesh, self.full_groups)
@@ -381,6 +412,18 @@ class Trainer:
         self._barrier()
         self.last_checkpoint = path
         return path
+
+    def _save_sharded(self, state: dict) -> Path:
+        step = torch.tensor([float(sharded_state.optimizer_step(self.optimizer))])
+        all_reduce_(step, self.mesh.world, torch.distributed.ReduceOp.MAX)  # one per run
+        pieces = {**sharded_state.model_pieces(self.model, self.placements),
+                  **sharded_state.optimizer_pieces(self.optimizer, self.model, self.dp,
+                                                   self.placements)}
+        config = dataclasses.replace(self.model.config, torch_dtype="float32")
+        return run_state.save_sharded_checkpoint(
+            self.run_dir, self.step, pieces, config, {**state, "optimizer_step": int(step)},
+            tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.train.keep_last,
+            group=self.checkpoint_group)
 
     @property
     def stop_signal(self) -> int | None:
