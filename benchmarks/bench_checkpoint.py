@@ -70,8 +70,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="bench-ckpt-")) if "RUN_ROOT" not in os.environ \
-        else Path(os.environ["RUN_ROOT"])
+    # One directory for all ranks of this launch (its rendezvous port is unique).
+    root = Path(tempfile.gettempdir()) / f"bench-ckpt-{os.environ['MASTER_PORT']}"
     cfg = train_config.from_dict({
         "model": {"overrides": MODEL},
         "data": {"max_bytes": 2_000_000, "seq_len": 64},

@@ -5,8 +5,10 @@ A ``Piece`` is the part of a named whole tensor that one process holds: a contig
 write its own pieces in parallel (DCP's ``FileSystemWriter``: ``__<rank>_*.distcp`` files plus
 one ``.metadata`` index); a piece several processes hold identically (a replicated norm) is
 written once. ``load_pieces`` fills any other set of pieces from it, cut differently or by
-another number of processes (DCP reads the overlapping regions of the saved chunks). Both
-stream tensor by tensor, so memory grows by about one piece, never by a process's whole state.
+another number of processes (DCP reads the overlapping regions of the saved chunks). Loading
+reads one saved chunk at a time. Saving adds no copy of a piece that owns its storage; a piece
+that is a view into a larger tensor is copied by DCP's writer, which keeps a file's tensors
+until the file is closed, so such views cost their size in memory while saving.
 
 DCP's own readers unpickle the ``.metadata`` file, which can run code. Here it is read by an
 unpickler that builds only DCP's metadata classes and torch's sizes and dtypes, and tensors are
