@@ -11,8 +11,6 @@ optimizer state is left behind. The output appears complete or not at all.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -21,8 +19,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from .checkpoint import fp8, io, names
+from .checkpoint.convert import publish_checkpoint
 from .checkpoint.dcp import ShardedCheckpoint
-from .checkpoint.tokenizer import TOKENIZER_FILES
 from .config import SkyworkMoeConfig
 from .errors import CheckpointError
 from .model.transformer import SkyworkForCausalLM
@@ -72,8 +70,6 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, dtype: str | None =
     ckpt, out_dir = resolve_checkpoint(ckpt), Path(out_dir)
     if dtype is not None and dtype not in _DTYPES:
         raise CheckpointError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"{out_dir}: already exists; pass --overwrite to replace it")
     config = SkyworkMoeConfig.from_json_file(ckpt)
     if "quantization_config" in config.extra:
         raise CheckpointError(f"{ckpt}: already quantized; a training checkpoint holds plain "
@@ -91,24 +87,14 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, dtype: str | None =
     if to_fp8:
         out_config = dataclasses.replace(out_config, extra={
             **out_config.extra, "quantization_config": dict(fp8.QUANTIZATION_CONFIG)})
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     total = sum(torch.Size(shape).numel() * dt.itemsize for _, shape, dt in specs)
-    try:
+
+    def write(tmp: Path) -> None:
         with tqdm(total=total, unit="B", unit_scale=True, desc="export",
                   disable=(not show_progress) if show_progress is not None else None) as bar:
             io.write_streamed(specs, produce, tmp, max_shard_bytes, written=bar.update)
-        out_config.save(tmp)
-        for name in TOKENIZER_FILES:
-            if (ckpt / name).is_file():
-                shutil.copy2(ckpt / name, tmp / name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return publish_checkpoint(ckpt, out_dir, out_config, write, overwrite)
 
 
 def _plan(order: list[str], shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],

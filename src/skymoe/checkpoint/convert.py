@@ -29,15 +29,28 @@ def write_converted(src_dir: Path, out_dir: Path, config: SkyworkMoeConfig,
     A failure or an interruption never leaves an output that looks complete; an existing
     ``out_dir`` is refused unless ``overwrite``.
     """
+    total = sum(f.stat().st_size for f in io.weight_files(src_dir))
+
+    def write(tmp: Path) -> None:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"{desc} (read)",
+                  disable=(not show_progress) if show_progress is not None else None) as bar:
+            io.write_sharded(tensors(bar), tmp, max_shard_bytes)
+
+    return publish_checkpoint(src_dir, out_dir, config, write, overwrite)
+
+
+def publish_checkpoint(src_dir: Path, out_dir: Path, config: SkyworkMoeConfig,
+                       write_weights: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """``write_weights(tmp)``, then ``config`` and ``src_dir``'s tokenizer files, into a hidden
+    sibling of ``out_dir`` renamed into place at the end: a failure or an interruption never
+    leaves an output that looks complete; an existing ``out_dir`` is refused unless
+    ``overwrite``."""
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"{out_dir}: already exists; pass --overwrite to replace it")
     tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    total = sum(f.stat().st_size for f in io.weight_files(src_dir))
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"{desc} (read)",
-                  disable=(not show_progress) if show_progress is not None else None) as bar:
-            io.write_sharded(tensors(bar), tmp, max_shard_bytes)
+        write_weights(tmp)
         config.save(tmp)
         for name in TOKENIZER_FILES:
             if (src_dir / name).is_file():

@@ -77,39 +77,39 @@ def _pieces_of(name: str, local: torch.Tensor, full: tuple[int, ...], place: Pla
         yield name, Piece(view, full, tuple(offsets))
 
 
+def _named_pieces(model: nn.Module, placements: dict[str, Placement] | None,
+                  tensors: list[tuple[str, str, torch.Tensor]]) -> dict[str, Piece]:
+    """Pieces ``key_prefix + HF name`` of each (key_prefix, model name, local tensor): the
+    tensor cut as that name's placement says (whole without ``placements``)."""
+    full = _full_shapes(model.config)
+    out: dict[str, Piece] = {}
+    for key_prefix, name, t in tensors:
+        place = placements[name] if placements is not None else _WHOLE
+        shape = full.get(name, full.get("model.embed_tokens.weight"))  # a tied head's copy
+        for key, piece in _pieces_of(name, t.detach(), shape, place,
+                                     model.config.tie_word_embeddings):
+            out[key_prefix + key] = piece
+    return out
+
+
 def model_pieces(model: nn.Module, placements: dict[str, Placement] | None = None
                  ) -> dict[str, Piece]:
     """This rank's pieces of every parameter and buffer of ``model`` (a whole model, or a
     sharded model or pipeline part with ``placements``, the parameter placements it was cut
     with), under HF names."""
-    config = model.config
-    full = _full_shapes(config)
-    out: dict[str, Piece] = {}
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        place = placements[name] if placements is not None else _WHOLE
-        shape = full.get(name, full.get("model.embed_tokens.weight"))  # a tied head's copy
-        out.update(_pieces_of(name, t.detach(), shape, place, config.tie_word_embeddings))
-    return out
+    return _named_pieces(model, placements, [
+        ("", name, t) for name, t in [*model.named_parameters(), *model.named_buffers()]])
 
 
 def optimizer_pieces(optimizer: torch.optim.Optimizer, model: nn.Module, dp: DataParallel,
                      placements: dict[str, Placement] | None = None) -> dict[str, Piece]:
     """The AdamW moments this rank owns (all of its parameters' without ZeRO-1), as pieces
     ``optimizer.<moment>.<HF name>``."""
-    full = _full_shapes(model.config)
     owned = {it.name for it in dp.items if dp.owns(it)}
-    out: dict[str, Piece] = {}
-    for name, p in model.named_parameters():
-        state = optimizer.state.get(p, {})
-        if name not in owned or MOMENTS[0] not in state:
-            continue
-        place = placements[name] if placements is not None else _WHOLE
-        shape = full.get(name, full.get("model.embed_tokens.weight"))
-        for moment in MOMENTS:
-            for key, piece in _pieces_of(name, state[moment], shape, place,
-                                         model.config.tie_word_embeddings):
-                out[f"optimizer.{moment}.{key}"] = piece
-    return out
+    states = [(name, optimizer.state.get(p, {})) for name, p in model.named_parameters()]
+    return _named_pieces(model, placements, [
+        (f"optimizer.{moment}.", name, state[moment]) for name, state in states
+        if name in owned and MOMENTS[0] in state for moment in MOMENTS])
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer) -> int:
