@@ -111,12 +111,12 @@ def main() -> None:
         print("| rank | gathered: peak RSS growth | sharded: peak RSS growth | gathered: s "
               "| sharded: s |\n|---:|---:|---:|---:|---:|")
         for r, entry in enumerate(report["ranks"]):
-            print(f"| {r} | {entry['hf']['peak_growth_mib']:.0f} MiB | "
-                  f"{entry['sharded']['peak_growth_mib']:.0f} MiB | {entry['hf']['seconds']:.2f} "
+            print(f"| {r} | {entry['hf']['peak_growth_mib']:.2f} MiB | "
+                  f"{entry['sharded']['peak_growth_mib']:.2f} MiB | {entry['hf']['seconds']:.2f} "
                   f"| {entry['sharded']['seconds']:.2f} |")
         zero = report["ranks"][0]
         print(f"rank 0: sharded growth / gathered growth = "
-              f"{zero['sharded']['peak_growth_mib'] / zero['hf']['peak_growth_mib']:.3f}; "
+              f"{zero['sharded']['peak_growth_mib'] / zero['hf']['peak_growth_mib']:.5f}; "
               f"wall time sharded / gathered = "
               f"{zero['sharded']['seconds'] / zero['hf']['seconds']:.2f}")
         if args.json:

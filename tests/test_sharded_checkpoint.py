@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,9 @@ def test_a_sharded_checkpoint_holds_pieces_and_a_clear_error_for_hf_loaders(runs
     assert sorted(p.name for p in ckpt.iterdir()) == [
         "config.json", "sharded", "tokenizer.json", "tokenizer_config.json", "training"]
     keys = ShardedCheckpoint(ckpt / "sharded").shapes()
-    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in keys
+    # Experts stacked: w1 and w3 of each expert side by side, so a rank's block is compact.
+    assert keys["model.layers.1.block_sparse_moe.experts.w13"][0] == (4, 2, 64, 32)
+    assert keys["model.layers.1.block_sparse_moe.experts.w2"][0] == (4, 32, 64)
     assert "optimizer.exp_avg_sq.model.layers.0.self_attn.q_proj.weight" in keys
     with pytest.raises(CheckpointError, match="sharded training checkpoint.*skymoe export"):
         load_model(ckpt)
@@ -141,15 +144,15 @@ def test_export_equals_the_single_process_checkpoint_and_fp8_equals_quantize(run
 
 def test_an_interrupted_export_leaves_nothing(runs, tmp_path, monkeypatch):
     calls = []
-    real = ShardedCheckpoint.read
+    real = ShardedCheckpoint.read_block
 
-    def failing(self, keys):
-        calls.append(keys)
+    def failing(self, *block):
+        calls.append(block)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return real(self, keys)
+        return real(self, *block)
 
-    monkeypatch.setattr(ShardedCheckpoint, "read", failing)
+    monkeypatch.setattr(ShardedCheckpoint, "read_block", failing)
     with pytest.raises(KeyboardInterrupt):
         export_checkpoint(runs / "sharded", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -174,3 +177,31 @@ def test_a_failed_sharded_save_keeps_the_earlier_checkpoints(runs, tmp_path, mon
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [first.name]
     assert torch.equal(ShardedCheckpoint(first / "sharded").read(["w"])["w"], WHOLE)
 
+
+
+def test_background_saves_write_what_the_step_held(runs, tmp_path, monkeypatch):
+    """``train.async_checkpoint``: each checkpoint holds its own step's state although
+    training went on while it was written (slowed down here so that the next step runs
+    first), the same as the synchronous run's, and the run ends with the last one on disk."""
+    real = run_state.save_sharded_checkpoint
+
+    def slow(**kwargs):
+        time.sleep(1.0)
+        return real(**kwargs)
+
+    monkeypatch.setattr(run_state, "save_sharded_checkpoint", slow)
+    cfg = _config(tmp_path, "async", train={**SETTINGS["train"], "async_checkpoint": True})
+    cfg.tokenizer.path = str(runs / "hf" / "tokenizer")
+    trainer = Trainer(cfg, quiet=True)
+    summary = trainer.run()
+    trainer.close()
+    assert summary.checkpoint == tmp_path / "async" / "checkpoints" / "step-00000002"
+    for step in (1, 2):
+        name = f"checkpoints/{run_state.step_dir_name(step)}"
+        ours, sync = tmp_path / "async" / name, runs / "sharded" / name
+        a, b = ShardedCheckpoint(ours / "sharded"), ShardedCheckpoint(sync / "sharded")
+        assert list(a.shapes()) == list(b.shapes())
+        for key in a.shapes():
+            assert torch.equal(a.read([key])[key], b.read([key])[key]), (step, key)
+        state = "training/trainer_state.json"
+        assert (ours / state).read_text() == (sync / state).read_text()

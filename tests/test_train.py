@@ -193,6 +193,7 @@ def test_run_dir_with_a_run_needs_resume(tmp_path):
     (["train.lr"], "section.key=value"),
     (["train.compile=true", "train.activation_checkpointing=true"], "cannot be combined"),
     (["train.compile=true", "parallel.tp=2"], "does not work with parallel.tp > 1"),
+    (["train.async_checkpoint=true", 'train.checkpoint_format="hf"'], "writes sharded"),
 ])
 def test_config_errors_name_the_setting(overrides, match):
     with pytest.raises(ConfigError, match=match):

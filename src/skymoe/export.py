@@ -24,6 +24,7 @@ from .checkpoint.dcp import ShardedCheckpoint
 from .config import SkyworkMoeConfig
 from .errors import CheckpointError
 from .model.transformer import SkyworkForCausalLM
+from .parallel.sharded_state import hf_blocks
 from .train import run_state
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -49,8 +50,12 @@ def _source(ckpt: Path) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]],
     one of them."""
     if run_state.is_sharded(ckpt):
         sharded = ShardedCheckpoint(ckpt / run_state.SHARDED)
-        shapes = {k: v for k, v in sharded.shapes().items() if not k.startswith("optimizer.")}
-        return shapes, lambda name: sharded.read([name])[name]
+        shapes, blocks = {}, {}
+        for key, (shape, dtype) in sharded.shapes().items():
+            if not key.startswith("optimizer."):
+                for name, hf_shape, offsets, sizes in hf_blocks(key, shape):
+                    shapes[name], blocks[name] = (hf_shape, dtype), (key, offsets, sizes)
+        return shapes, lambda name: sharded.read_block(*blocks[name]).view(shapes[name][0])
     infos = io.tensor_infos(ckpt)
 
     def read(name: str) -> torch.Tensor:

@@ -23,6 +23,7 @@ import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -250,13 +251,23 @@ class ShardedCheckpoint:
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """The whole tensors ``keys``."""
         shapes = self.shapes()
-        missing = [k for k in keys if k not in shapes]
-        if missing:
-            raise CheckpointError(f"{self.directory}: holds no tensor '{missing[0]}'")
-        out = {k: torch.empty(shapes[k][0], dtype=shapes[k][1]) for k in keys}
-        _load({k: Piece.whole(t) for k, t in out.items()}, self.directory, None, alone=True,
-              metadata=self.metadata)
+        return {k: self.read_block(k, (0,) * len(shapes[k][0]), shapes[k][0])
+                if k in shapes else self._missing(k) for k in keys}
+
+    def read_block(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]
+                   ) -> torch.Tensor:
+        """The block of tensor ``key`` of ``sizes`` at ``offsets``; only the saved chunks
+        that overlap it are read."""
+        md = self.metadata.state_dict_metadata.get(key)
+        if not isinstance(md, TensorStorageMetadata):
+            self._missing(key)
+        out = torch.empty(sizes, dtype=md.properties.dtype)
+        _load({key: Piece(out, tuple(md.size), tuple(offsets))}, self.directory, None,
+              alone=True, metadata=self.metadata)
         return out
+
+    def _missing(self, key: str) -> NoReturn:
+        raise CheckpointError(f"{self.directory}: holds no tensor '{key}'")
 
 
 __all__ = ["Piece", "ShardedCheckpoint", "load_pieces", "read_metadata", "save_pieces"]

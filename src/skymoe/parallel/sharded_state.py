@@ -1,20 +1,19 @@
 """Sharded checkpoints of a sharded model and its (ZeRO-1) optimizer: every rank writes and
 reads only what it holds.
 
-The checkpoint's tensors are the whole model's, under their Hugging Face names (experts one by
-one: ``...experts.{e}.w1.weight``), so any layout, or one process, reads its own cut of them,
+The checkpoint's tensors are the whole model's, under their Hugging Face names except the
+experts, which stay stacked (``...experts.w13`` as ``[E, 2, F, H]``, w1 then w3 of each expert;
+``...experts.w2`` as ``[E, H, F]``), so any layout, or one process, reads its own cut of them,
 and ``skymoe export`` writes an HF directory from them tensor by tensor. A rank's part of each
 tensor (``placement``) becomes one contiguous ``Piece``: tensor-parallel head and vocabulary
-ranges, an expert-parallel rank's experts, an expert-tensor-parallel rank's slice of each
-expert's w1, w3 and w2. The AdamW moments are stored as ``optimizer.exp_avg.<name>`` and
+ranges, an expert-parallel rank's experts and an expert-tensor-parallel rank's slice of them,
+each a view of the rank's whole local tensor, so saving copies nothing. The AdamW moments are stored as ``optimizer.exp_avg.<name>`` and
 ``optimizer.exp_avg_sq.<name>`` pieces, written by the rank that owns them under ZeRO-1; copies
 held by several ranks (replicated norms and routers, data-parallel replicas without ZeRO, the
 pipeline's tied LM head) are written once.
 """
 
 from __future__ import annotations
-
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -48,33 +47,28 @@ def _span(index: torch.Tensor | None, size: int) -> tuple[int, int]:
     return (int(real[0]) if len(real) else 0), len(real)
 
 
-def _pieces_of(name: str, local: torch.Tensor, full: tuple[int, ...], place: Placement,
-               tied: bool) -> Iterator[tuple[str, Piece]]:
-    """The HF-named pieces of one (sharded) parameter, buffer or moment ``local``."""
+def _piece_of(name: str, local: torch.Tensor, full: tuple[int, ...], place: Placement,
+              tied: bool) -> tuple[str, Piece] | None:
+    """The checkpoint key and piece of one (sharded) parameter, buffer or moment ``local``
+    (None when this rank holds none of it: only vocabulary padding)."""
     if tied and name == "lm_head.weight":  # a pipeline's copy of the tied embedding
         name = "model.embed_tokens.weight"
-    if name.endswith((".experts.w13", ".experts.w2")):
-        prefix, which = name.rsplit(".", 1)
-        experts = place.index.get(0, torch.arange(full[0]))
-        if which == "w13":
-            ffn = full[1] // 2
-            start, length = _span(place.index.get(1, torch.arange(ffn))[: local.shape[1] // 2],
-                                  ffn)
-            for i, e in enumerate(experts.tolist()):
-                for w, rows in (("w1", local[i, :length]), ("w3", local[i, length:])):
-                    yield f"{prefix}.{e}.{w}.weight", Piece(rows, (ffn, full[2]), (start, 0))
-        else:
-            start, _ = _span(place.index.get(2), full[2])
-            for i, e in enumerate(experts.tolist()):
-                yield f"{prefix}.{e}.w2.weight", Piece(local[i], full[1:], (0, start))
-        return
+    if name.endswith(".experts.w13"):
+        # Stacked [E, 2 * F, H] with a rank's [w1 rows; w3 rows] side by side: stored as
+        # [E, 2, F, H], so a rank's experts and FFN slice are one compact block (a view of
+        # the whole local tensor, which DCP writes without copying).
+        experts, ffn = full[0], full[1] // 2
+        rows = local.shape[1] // 2
+        e0, _ = _span(place.index.get(0), experts)
+        f0, _ = _span(place.index.get(1, torch.arange(ffn))[:rows], ffn)
+        return name, Piece(local.view(local.shape[0], 2, rows, full[2]),
+                           (experts, 2, ffn, full[2]), (e0, 0, f0, 0))
     view, offsets = local, []
     for dim, size in enumerate(full):
         start, length = _span(place.index.get(dim), size)
         view = view.narrow(dim, 0, length)
         offsets.append(start)
-    if view.numel():
-        yield name, Piece(view, full, tuple(offsets))
+    return (name, Piece(view, full, tuple(offsets))) if view.numel() else None
 
 
 def _named_pieces(model: nn.Module, placements: dict[str, Placement] | None,
@@ -86,9 +80,9 @@ def _named_pieces(model: nn.Module, placements: dict[str, Placement] | None,
     for key_prefix, name, t in tensors:
         place = placements[name] if placements is not None else _WHOLE
         shape = full.get(name, full.get("model.embed_tokens.weight"))  # a tied head's copy
-        for key, piece in _pieces_of(name, t.detach(), shape, place,
-                                     model.config.tie_word_embeddings):
-            out[key_prefix + key] = piece
+        found = _piece_of(name, t.detach(), shape, place, model.config.tie_word_embeddings)
+        if found is not None:
+            out[key_prefix + found[0]] = found[1]
     return out
 
 
@@ -112,6 +106,22 @@ def optimizer_pieces(optimizer: torch.optim.Optimizer, model: nn.Module, dp: Dat
         if name in owned and MOMENTS[0] in state for moment in MOMENTS])
 
 
+def hf_blocks(key: str, shape: tuple[int, ...]
+              ) -> list[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """The HF tensors of checkpoint tensor ``key`` of ``shape``, each as (HF name, HF shape,
+    offsets and sizes of its block in the checkpoint tensor): a stacked expert tensor gives
+    every expert's w1, w3 (from ``w13``) or w2, any other tensor itself."""
+    prefix, _, which = key.rpartition(".")
+    if which == "w13" and prefix.endswith(".experts"):
+        _, _, ffn, hidden = shape
+        return [(f"{prefix}.{e}.{w}.weight", (ffn, hidden), (e, half, 0, 0), (1, 1, ffn, hidden))
+                for e in range(shape[0]) for half, w in enumerate(("w1", "w3"))]
+    if which == "w2" and prefix.endswith(".experts"):
+        return [(f"{prefix}.{e}.w2.weight", shape[1:], (e, 0, 0), (1, *shape[1:]))
+                for e in range(shape[0])]
+    return [(key, shape, (0,) * len(shape), shape)]
+
+
 def optimizer_step(optimizer: torch.optim.Optimizer) -> int:
     """The step count of this rank's AdamW states (every state steps together), 0 if none."""
     steps = {int(s["step"]) for s in optimizer.state.values() if "step" in s}
@@ -132,4 +142,4 @@ def empty_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, dp
                                   **{m: torch.zeros_like(p) for m in MOMENTS}}
 
 
-__all__ = ["empty_optimizer_state", "model_pieces", "optimizer_pieces", "optimizer_step"]
+__all__ = ["empty_optimizer_state", "hf_blocks", "model_pieces", "optimizer_pieces", "optimizer_step"]

@@ -72,6 +72,8 @@ class TrainSection:
     keep_last: int = 2
     checkpoint_format: str = "auto"  # "hf", "sharded" (each rank writes its own pieces), or
     #                                  "auto": sharded with several processes, else hf
+    async_checkpoint: bool = False  # write sharded checkpoints in the background (a staged
+    #                                 copy of this rank's pieces in memory while writing)
     skip_nonfinite: bool = False  # skip a batch whose loss is NaN/Inf instead of stopping
     sample_prompt: str = "def"
     sample_tokens: int = 48
@@ -149,6 +151,9 @@ class TrainConfig:
             (t.schedule in ("cosine", "constant"), "train.schedule must be 'cosine' or 'constant'"),
             (t.checkpoint_format in ("auto", "hf", "sharded"),
              "train.checkpoint_format must be 'auto', 'hf' or 'sharded'"),
+            (not (t.async_checkpoint and t.checkpoint_format == "hf"),
+             "train.async_checkpoint writes sharded checkpoints; it cannot be combined with "
+             "train.checkpoint_format = 'hf'"),
             # The MoE dispatch has data-dependent shapes; under recomputation torch.compile may
             # pick another graph than in the forward, which checkpointing rejects.
             (not (t.compile and t.activation_checkpointing),

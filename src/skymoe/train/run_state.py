@@ -98,7 +98,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
         raise TypeError(f"trainer_state must be a dict, got {type(trainer_state).__name__}")
     # Capture the RNG first so the saved state is exactly the caller's, and serialize the state
     # before touching the disk so a non-serializable value fails without leaving anything.
-    rng_state = _rng_state()
+    rng_state = capture_rng()
     state_text = json.dumps(trainer_state, indent=2) + "\n"
     tokenizer_files = _tokenizer_files(tokenizer_dir)
     model = _unwrap(model)
@@ -145,17 +145,18 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module,
 def save_sharded_checkpoint(run_dir: str | Path, step: int, pieces: dict[str, Piece],
                             config: SkyworkMoeConfig, trainer_state: dict[str, Any],
                             tokenizer_dir: str | Path | None = None, keep_last: int = 3,
-                            group: dist.ProcessGroup | None = None) -> Path:
+                            group: dist.ProcessGroup | None = None,
+                            rng: dict[str, Any] | None = None) -> Path:
     """Atomically write the sharded checkpoint ``RUN_DIR/checkpoints/step-XXXXXXXX``; a
     collective over ``group`` (every rank passes its own ``pieces``; rank 0's
-    ``trainer_state`` and RNG states are kept). Rank 0 publishes it once every rank's pieces
+    ``trainer_state`` and RNG states, ``rng`` or this process's now, are kept). Rank 0 publishes it once every rank's pieces
     are on disk, and prunes as ``save_checkpoint`` does; a failure on any rank leaves the
     earlier checkpoints as they were and raises ``CheckpointError`` on every rank."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an integer >= 0, got {step!r}")
     distributed = dist.is_available() and dist.is_initialized()
     main = not distributed or dist.get_rank(group) == 0
-    rng_state = _rng_state()
+    rng_state = rng if rng is not None else capture_rng()
     state_text = json.dumps(trainer_state, indent=2) + "\n"
     tokenizer_files = _tokenizer_files(tokenizer_dir)
     root = Path(run_dir) / CHECKPOINTS
@@ -339,7 +340,8 @@ def _tokenizer_files(tokenizer_dir: str | Path | None) -> list[Path]:
     return files
 
 
-def _rng_state() -> dict[str, Any]:
+def capture_rng() -> dict[str, Any]:
+    """This process's random number generator states (torch, Python, CUDA)."""
     state: dict[str, Any] = {"cpu": torch.get_rng_state(), "python": random.getstate()}
     try:
         import numpy as np

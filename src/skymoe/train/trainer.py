@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -44,6 +45,7 @@ from ..parallel.pipeline import PipelineSchedule, PipelineStages, build_schedule
 from ..parallel.schedules import SCHEDULES, stages_of_rank
 from ..runtime import keep_freed_memory
 from . import data, run_state
+from .background_save import BackgroundSaver
 from . import step as step_ops
 from .bpe import train_bpe_tokenizer
 from .config import TrainConfig
@@ -118,11 +120,15 @@ class Trainer:
         self.step = 0
         self.last_checkpoint: Path | None = None
         self.sharded = cfg.train.checkpoint_format == "sharded" or (
-            cfg.train.checkpoint_format == "auto" and self.mesh.world.active)
+            cfg.train.checkpoint_format == "auto"
+            and (self.mesh.world.active or cfg.train.async_checkpoint))
+        self._saver = BackgroundSaver() if cfg.train.async_checkpoint else None
+        self._failed = False
         # Checkpoint collectives on a group of their own (gloo: DCP plans on CPU), apart from
-        # the training traffic.
-        self.checkpoint_group = (torch.distributed.new_group(backend="gloo")
-                                 if self.mesh.world.active else None)
+        # the training traffic, and from its thread when saving in the background.
+        self.checkpoint_group = (torch.distributed.new_group(
+            backend="gloo", timeout=timedelta(seconds=cfg.parallel.timeout_s))
+            if self.mesh.world.active else None)
         self._resumed_state: dict | None = None
         if resume:
             self._resume_model()
@@ -317,7 +323,10 @@ class Trainer:
                                 "with the model and settings the run was saved with") from None
 
     def close(self) -> None:
-        """Leave the process group (under torchrun); the trainer cannot train afterwards."""
+        """Finish a checkpoint still being written (unless the run failed), then leave the
+        process group (under torchrun); the trainer cannot train afterwards."""
+        if not self._failed:
+            self.wait_for_checkpoint()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -392,11 +401,15 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a checkpoint that resumes under any layout: sharded (every rank writes its
-        own pieces) or the whole model gathered onto rank 0 as an HF directory."""
+        own pieces) or the whole model gathered onto rank 0 as an HF directory. With
+        ``train.async_checkpoint`` it is written in the background and appears at the
+        returned path once written (``wait_for_checkpoint``)."""
         state = {"step": self.step, "loader": self.loader.state_dict(),
                  "controller": self.controller.state_dict(),
                  "tokens_seen": self.step * self.cfg.train.batch_size * self.cfg.data.seq_len,
                  "layout": self.mesh.layout.name}
+        if self._saver is not None:  # the previous checkpoint until this one is written
+            return self._save_sharded(state)
         if self.sharded:
             self.last_checkpoint = self._save_sharded(state)
             return self.last_checkpoint
@@ -413,6 +426,13 @@ class Trainer:
         self.last_checkpoint = path
         return path
 
+    def wait_for_checkpoint(self) -> Path | None:
+        """With ``train.async_checkpoint``: wait until the checkpoint being written is on
+        disk (raising its error), and return the latest checkpoint."""
+        if self._saver is not None:
+            self.last_checkpoint = self._saver.wait() or self.last_checkpoint
+        return self.last_checkpoint
+
     def _save_sharded(self, state: dict) -> Path:
         step = torch.tensor([float(sharded_state.optimizer_step(self.optimizer))])
         all_reduce_(step, self.mesh.world, torch.distributed.ReduceOp.MAX)  # one per run
@@ -420,10 +440,15 @@ class Trainer:
                   **sharded_state.optimizer_pieces(self.optimizer, self.model, self.dp,
                                                    self.placements)}
         config = dataclasses.replace(self.model.config, torch_dtype="float32")
-        return run_state.save_sharded_checkpoint(
-            self.run_dir, self.step, pieces, config, {**state, "optimizer_step": int(step)},
-            tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.train.keep_last,
-            group=self.checkpoint_group)
+        state = {**state, "optimizer_step": int(step)}
+        where = dict(run_dir=self.run_dir, step=self.step, config=config,
+                     tokenizer_dir=self.tokenizer_dir, keep_last=self.cfg.train.keep_last,
+                     group=self.checkpoint_group)
+        if self._saver is None:
+            return run_state.save_sharded_checkpoint(pieces=pieces, trainer_state=state, **where)
+        self.wait_for_checkpoint()
+        self._saver.start(pieces, state, **where)
+        return self.run_dir / run_state.CHECKPOINTS / run_state.step_dir_name(self.step)
 
     @property
     def stop_signal(self) -> int | None:
@@ -457,6 +482,10 @@ class Trainer:
                     if ((t.checkpoint_every and self.step % t.checkpoint_every == 0)
                             or self.step == t.steps or stopping):
                         self.save()
+                self.wait_for_checkpoint()
+        except BaseException:
+            self._failed = True  # close() then leaves a background save unfinished
+            raise
         finally:
             self._bar.close()
             if self.metrics is not None:
