@@ -46,7 +46,8 @@ def build_checkpoint(directory: Path) -> None:
     from skymoe.checkpoint import save_model
     from skymoe.config import resolve_config
     from skymoe.model.transformer import build_model
-    from skymoe.train.data import default_corpus_sources, read_documents
+    from skymoe.train.data import read_documents
+    from skymoe.train.sources import default_corpus_sources
 
     if (directory / "tokenizer.model").is_file() and (directory / "config.json").is_file():
         return

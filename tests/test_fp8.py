@@ -222,7 +222,7 @@ def test_quantized_trained_model_agrees_with_the_original(tmp_path):
     assert size(tmp_path / "fp8") < 0.75 * size(tmp_path / "bf16")
     reference = load_model(tmp_path / "bf16", dtype=torch.float32)
     quantized = load_model(tmp_path / "fp8", dtype=torch.float32)
-    stream = trainer.val_seqs.reshape(-1)[:512].tolist()
+    stream = trainer.val_rows.read_range(0, len(trainer.val_rows)).reshape(-1)[:512].tolist()
     result = evaluate(quantized, stream, context=16, stride=8, reference=reference)
     assert result.kl_mean < KL_MEAN_LIMIT, result
     assert result.top1_agreement >= 0.95, result

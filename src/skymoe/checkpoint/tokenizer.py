@@ -25,14 +25,22 @@ class Tokenizer:
 
     def __init__(self, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
                  vocab_size: int, bos_id: int | None, eos_id: int | None, add_bos: bool,
-                 source: str, max_token_bytes: int) -> None:
+                 source: str, max_token_bytes: int,
+                 encode_batch: Callable[[list[str]], list[list[int]]] | None = None) -> None:
         self._encode, self._decode = encode, decode
+        self._encode_batch = encode_batch or (lambda texts: [encode(t) for t in texts])
         self.vocab_size, self.bos_id, self.eos_id = vocab_size, bos_id, eos_id
         self.add_bos, self.source = add_bos, source
         self.max_token_bytes = max(1, max_token_bytes)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = self._encode(text)
+        return self._with_bos(self._encode(text), add_bos)
+
+    def encode_batch(self, texts: list[str], add_bos: bool | None = None) -> list[list[int]]:
+        """``encode`` of each text, by the tokenizer library's own (parallel) batch encoder."""
+        return [self._with_bos(ids, add_bos) for ids in self._encode_batch(texts)]
+
+    def _with_bos(self, ids: list[int], add_bos: bool | None) -> list[int]:
         want_bos = self.add_bos if add_bos is None else add_bos
         if want_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id] + ids
@@ -139,7 +147,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                          tok.get_vocab_size(), ids_of(_special(tok_cfg, "bos_token"), "bos_token_id"),
                          ids_of(_special(tok_cfg, "eos_token"), "eos_token_id"), add_bos,
                          str(d / "tokenizer.json"),
-                         _longest(tok.get_vocab(with_added_tokens=True)))
+                         _longest(tok.get_vocab(with_added_tokens=True)),
+                         lambda texts: [e.ids for e in
+                                        tok.encode_batch(texts, add_special_tokens=True)])
     if (d / "tokenizer.model").is_file():
         import sentencepiece as spm
         try:
@@ -150,7 +160,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         eos = sp.eos_id() if sp.eos_id() >= 0 else _first_id(model_cfg.get("eos_token_id"))
         return Tokenizer(lambda s: sp.encode(s), lambda ids: sp.decode(ids), sp.get_piece_size(),
                          bos, eos, add_bos, str(d / "tokenizer.model"),
-                         _longest(sp.id_to_piece(i) for i in range(sp.get_piece_size())))
+                         _longest(sp.id_to_piece(i) for i in range(sp.get_piece_size())),
+                         lambda texts: sp.encode(texts))  # a list: sentencepiece's threads
     raise CheckpointError(f"{d}: no tokenizer.json or tokenizer.model; save a tokenizer with "
                           "the checkpoint (skymoe init writes a byte-level one)")
 

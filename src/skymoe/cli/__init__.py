@@ -7,6 +7,7 @@ library and print:
 - ``generate``: ``generate``, ``bench generate``
 - ``serve``: ``serve``, ``bench serve``
 - ``train``: ``train``, ``plot``
+- ``data``: ``data prepare``
 - ``convert``: ``upcycle``, ``quantize``, ``export``
 - ``evaluate``: ``eval``
 - ``plan``: ``plan serve``, ``plan pipeline``
@@ -24,7 +25,7 @@ import argparse
 import sys
 
 from ..errors import SkymoeError, describe_os_error
-from . import convert, evaluate, generate, info, plan, serve, train
+from . import convert, data, evaluate, generate, info, plan, serve, train
 from .flags import UsageError
 
 __all__ = ["UsageError", "build_parser", "main"]
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="skymoe", description="Skywork-MoE models: inspect, create and run them.")
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (info, generate, serve, train, convert, evaluate):
+    for module in (info, generate, serve, train, data, convert, evaluate):
         module.register(top)
     bench = top.add_parser("bench", help="benchmarks (generate, serve)",
                            description="Throughput benchmarks of skymoe itself.")

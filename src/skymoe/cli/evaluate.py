@@ -7,7 +7,7 @@ import argparse
 from ..checkpoint import load_model, load_tokenizer
 from ..infer.evaluate import evaluate, separator_id, token_stream
 from ..kernels import load_kernels
-from ..train import data
+from ..train import data, sources
 from . import flags
 from .flags import UsageError
 
@@ -52,9 +52,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if reference is not None and reference.config.vocab_size != model.config.vocab_size:
         raise UsageError(f"--reference has vocab_size {reference.config.vocab_size}, the model "
                          f"{model.config.vocab_size}: compare models that share a tokenizer")
-    sources = args.data or data.default_corpus_sources()
+    corpus = args.data or sources.default_corpus_sources()
     patterns = args.pattern or (["*"] if args.data else ["*.py"])
-    docs = data.read_documents(sources, patterns, args.text_field)
+    docs = data.read_documents(corpus, patterns, args.text_field)
     stream = token_stream(docs, tokenizer, separator_id(tokenizer, model.config, args.model),
                           args.max_tokens)
     context = min(args.context, model.config.max_position_embeddings)

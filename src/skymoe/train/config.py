@@ -38,6 +38,10 @@ class DataSection:
     max_bytes: int = 0            # use at most this many bytes of text (0: all)
     seq_len: int = 256
     val_fraction: float = 0.02
+    prepared: list = field(default_factory=list)  # skymoe data prepare directories, instead
+    #                                               of sources (their own validation split)
+    weights: list = field(default_factory=list)   # mixture weights of the prepared
+    #                                               directories (default: their token counts)
 
 
 @dataclass
@@ -177,6 +181,12 @@ class TrainConfig:
              "moe: need 0 <= beta <= 1 and non-negative xi, alpha_max, aux_coef"),
             (d.seq_len >= 2, "data.seq_len must be >= 2"),
             (0 <= d.val_fraction < 1, "data.val_fraction must be in [0, 1)"),
+            (not (d.prepared and d.sources),
+             "data.prepared and data.sources are alternatives; set one"),
+            (not d.weights or (len(d.weights) == len(d.prepared)
+                               and all(isinstance(w, (int, float)) and w > 0
+                                       for w in d.weights)),
+             "data.weights needs one positive weight per data.prepared directory"),
             (t.eval_every >= 0 and t.checkpoint_every >= 0, "intervals must be >= 0"),
             (self.parallel.expert in ("", "ep", "etp", "edp"),
              "parallel.expert must be 'ep', 'etp' or 'edp'"),

@@ -8,10 +8,6 @@ broken JSONL/Parquet, empty corpus) is raised as a one-line ``DataError``.
 
 from __future__ import annotations
 
-import fnmatch
-import json
-import os
-import sysconfig
 from array import array
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -19,153 +15,22 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from ..errors import DataError
-
-_SKIP_DIRS = ("__pycache__",)
+from .sources import iter_chunks
+from .token_rows import TokenRows
 
 
 # --------------------------------------------------------------------------------------- reading
-# Parts of the standard library left out of the default corpus: tests (odd encodings on
-# purpose), vendored packages and GUI demos.
-_STDLIB_EXCLUDED = {"test", "tests", "site-packages", "lib2to3", "idlelib", "tkinter",
-                    "turtledemo", "ensurepip", "__pycache__", "lib-dynload"}
-
-
-def default_corpus_sources() -> list[Path]:
-    """The Python standard library's own source: present on every machine that runs us."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return [p for p in sorted(root.iterdir())
-            if p.name not in _STDLIB_EXCLUDED and not p.name.startswith("config-")
-            and (p.is_dir() or p.suffix == ".py")]
-
-
 def read_documents(sources: Sequence[str | Path], patterns: Sequence[str] = ("*",),
                    text_field: str = "text") -> list[str]:
-    """Read every document of a corpus.
-
-    Each source is a file or a directory; directories are walked recursively in sorted order and
-    only files whose name matches one of the fnmatch ``patterns`` are read (hidden files and
-    directories and ``__pycache__`` are skipped). ``.jsonl`` files hold one JSON object per line
-    with the document in ``text_field``; ``.parquet`` files hold it in column ``text_field``; any
-    other file is one UTF-8 document. Empty and whitespace-only documents are dropped, and so
-    are empty files found in a directory (a package's empty ``__init__.py``).
-
-    Raises ``DataError`` for a missing source, a directory without matching files or without
-    any non-empty document, an unreadable file, and an explicitly named file without any
-    non-empty document.
-    """
-    if isinstance(sources, (str, Path)):  # a lone path would otherwise be iterated per character
-        sources = [sources]
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    docs: list[str] = []
-    for source in sources:
-        source_docs = []
-        for path in _corpus_files(Path(source), patterns):
-            source_docs.extend(d for d in _read_file(path, text_field) if d.strip())
-        if not source_docs:
-            raise DataError(f"{source}: empty (no non-empty documents); add text to it or "
-                            "point the data sources elsewhere")
-        docs.extend(source_docs)
-    if not docs:
-        raise DataError("the corpus is empty: no sources given; pass at least one file or "
-                        "directory")
-    return docs
-
-
-def _corpus_files(source: Path, patterns: Sequence[str]) -> list[Path]:
-    """The files a source stands for: itself, or the matching files below a directory."""
-    if not source.exists():
-        raise DataError(f"{source}: no such file or directory; check the data path")
-    if not source.is_dir():
-        return [source]  # an explicitly named file is read whatever its name
-    found = []
-    for root, dirs, files in os.walk(source):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in _SKIP_DIRS]  # prune
-        for name in files:
-            if not name.startswith(".") and any(fnmatch.fnmatch(name, p) for p in patterns):
-                found.append(Path(root) / name)
-    if not found:
-        raise DataError(f"{source}: directory has no files matching {list(patterns)}; check the "
-                        "path or the patterns")
-    # Sort on path components (not strings) so the order does not depend on os.walk or on '/'.
-    return sorted(found, key=lambda p: p.relative_to(source).parts)
-
-
-def _read_file(path: Path, text_field: str) -> list[str]:
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(path, text_field)
-    if suffix == ".parquet":
-        return _read_parquet(path, text_field)
-    return [_read_text(path)]
-
-
-def _not_utf8(path: Path, exc: UnicodeDecodeError) -> DataError:
-    return DataError(f"{path}: not UTF-8 text (bad byte at offset {exc.start}); convert it to "
-                     "UTF-8 or exclude it with patterns")
-
-
-def _read_text(path: Path) -> str:
-    try:
-        # utf-8-sig: a byte-order mark is an encoding artefact, not text to train on.
-        return path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise _not_utf8(path, exc) from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from None
-
-
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    docs = []
-    try:
-        # Iterate the file's lines, not str.splitlines(): that would also split at U+2028 and
-        # friends, which JSON allows unescaped inside strings.
-        with open(path, encoding="utf-8-sig", newline=None) as f:
-            for lineno, line in enumerate(f, start=1):
-                if line.strip():
-                    docs.append(_jsonl_text(line, text_field, path, lineno))
-    except UnicodeDecodeError as exc:
-        raise _not_utf8(path, exc) from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from None
-    return docs
-
-
-def _jsonl_text(line: str, text_field: str, path: Path, lineno: int) -> str:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                        "each line must be one JSON object") from None
-    text = obj.get(text_field) if isinstance(obj, dict) else None
-    if not isinstance(text, str):
-        raise DataError(f"{path}:{lineno}: no string field {text_field!r}; set text_field to the "
-                        "field that holds the document text")
-    return text
-
-
-def _read_parquet(path: Path, text_field: str) -> list[str]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{path}: reading Parquet needs pyarrow; pip install pyarrow") from None
-    try:
-        pf = pq.ParquetFile(path)
-        schema = pf.schema_arrow
-        if text_field not in schema.names:
-            raise DataError(f"{path}: no column {text_field!r} (columns: {schema.names}); set "
-                            "text_field to the column that holds the document text")
-        kind = schema.field(text_field).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise DataError(f"{path}: column {text_field!r} has type {kind}, not string; set "
-                            "text_field to a string column")
-        docs = []
-        for batch in pf.iter_batches(columns=[text_field]):
-            docs.extend(d for d in batch.column(0).to_pylist() if d is not None)
-    except (pa.ArrowException, OSError) as exc:  # corrupt or truncated file
-        raise DataError(f"{path}: not a readable Parquet file ({exc}); re-export it or exclude "
-                        "it with patterns") from None
+    """Every document of a corpus in memory, read as ``sources.iter_chunks`` describes
+    (directories walked in sorted order, JSONL and Parquet by ``text_field``, empty documents
+    dropped); bad input raises a one-line ``DataError``."""
+    docs, parts = [], []
+    for chunk in iter_chunks(sources, patterns, text_field):
+        parts.append(chunk.text)
+        if chunk.ends_document:
+            docs.append("".join(parts))
+            parts = []
     return docs
 
 
@@ -223,25 +88,25 @@ def pack_documents(token_lists: Iterable[list[int]], seq_len: int, eos_id: int) 
 # ---------------------------------------------------------------------------------------- loader
 
 class SequenceLoader:
-    """Deterministic, resumable shuffled batches over packed sequences ``[N, L]``.
+    """Deterministic, resumable shuffled batches over rows of tokens (``TokenRows``, or a
+    tensor ``[N, L]``).
 
     Epoch ``e`` visits the rows in ``torch.randperm(N)`` order seeded with ``seed + e`` (or in
     order when ``shuffle=False``), ``batch_size`` rows at a time; an incomplete last batch is
     dropped. ``state_dict()`` / ``load_state_dict()`` resume exactly where a run stopped.
+    ``next_batch(local)`` reads only the rows ``local`` of the batch: a data-parallel rank's.
     """
 
-    def __init__(self, sequences: torch.Tensor, batch_size: int, seed: int,
+    def __init__(self, sequences: torch.Tensor | TokenRows, batch_size: int, seed: int,
                  shuffle: bool = True) -> None:
-        if sequences.dim() != 2 or sequences.is_floating_point() or sequences.is_complex():
-            raise DataError(f"sequences must be an integer tensor [N, seq_len], got "
-                            f"{sequences.dtype} {list(sequences.shape)}")
+        self.rows = (sequences if isinstance(sequences, TokenRows)
+                     else TokenRows.from_tensor(sequences))
         if batch_size < 1:
             raise DataError(f"batch_size={batch_size} must be at least 1")
-        n = sequences.shape[0]
+        n = len(self.rows)
         if n < batch_size:
             raise DataError(f"only {n} sequences for batch_size={batch_size}; use a smaller "
                             "batch_size or seq_len, or more data")
-        self.sequences = sequences.long()
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self._epoch, self._position = 0, 0
         self._order: torch.Tensor | None = None  # cached visiting order of self._epoch
@@ -254,11 +119,11 @@ class SequenceLoader:
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.sequences.shape[0] // self.batch_size
+        return len(self.rows) // self.batch_size
 
     def _epoch_order(self) -> torch.Tensor:
         if self._order is None:
-            n = self.sequences.shape[0]
+            n = len(self.rows)
             if self.shuffle:
                 gen = torch.Generator().manual_seed(self.seed + self._epoch)
                 self._order = torch.randperm(n, generator=gen)
@@ -266,17 +131,28 @@ class SequenceLoader:
                 self._order = torch.arange(n)
         return self._order
 
-    def next_batch(self) -> torch.Tensor:
-        """The next ``[batch_size, L]`` int64 batch, moving to the next epoch when needed."""
-        idx = self._epoch_order()[self._position: self._position + self.batch_size]
-        self._position += self.batch_size
-        self._roll_over()
-        return self.sequences[idx]
+    def take(self, count: int) -> torch.Tensor:
+        """The indices of the next ``count`` rows (continuing into later epochs), advancing
+        the state as drawing them would."""
+        parts = []
+        while count > 0:
+            n = min(count, self.batches_per_epoch * self.batch_size - self._position)
+            parts.append(self._epoch_order()[self._position: self._position + n])
+            self._position += n
+            count -= n
+            self._roll_over()
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+    def next_batch(self, local: tuple[int, int] | None = None) -> torch.Tensor:
+        """The next ``[batch_size, L]`` int64 batch, moving to the next epoch when needed; with
+        ``local = (start, stop)`` only those rows of it are read and returned."""
+        idx = self.take(self.batch_size)
+        return self.rows.read(idx if local is None else idx[local[0]:local[1]])
 
     def _roll_over(self) -> None:
         # Move to the next epoch as soon as no full batch is left, so that `epoch` (and a saved
         # state) already names the epoch of the next batch: `while loader.epoch < n` stops right.
-        if self._position + self.batch_size > self.sequences.shape[0]:
+        if self._position + self.batch_size > len(self.rows):
             self._epoch, self._position, self._order = self._epoch + 1, 0, None
 
     def state_dict(self) -> dict[str, int]:
@@ -290,8 +166,8 @@ class SequenceLoader:
         except (KeyError, TypeError, ValueError):
             raise DataError(f"bad loader state {state!r}; expected {{'epoch': int, "
                             "'position': int}") from None
-        if epoch < 0 or not 0 <= position <= self.sequences.shape[0]:
-            raise DataError(f"loader state {state!r} does not fit {self.sequences.shape[0]} "
+        if epoch < 0 or not 0 <= position <= len(self.rows):
+            raise DataError(f"loader state {state!r} does not fit {len(self.rows)} "
                             "sequences; resume with the same data and seq_len")
         self._epoch, self._position, self._order = epoch, position, None
         self._roll_over()
@@ -299,4 +175,4 @@ class SequenceLoader:
     def iter_batches_once(self) -> Iterator[torch.Tensor]:
         """All full batches in order, without shuffling and without touching the state."""
         for start in range(0, self.batches_per_epoch * self.batch_size, self.batch_size):
-            yield self.sequences[start: start + self.batch_size]
+            yield self.rows.read_range(start, start + self.batch_size)

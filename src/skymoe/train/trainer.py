@@ -28,7 +28,7 @@ from ..checkpoint import load_model, load_tokenizer
 from ..checkpoint.dcp import load_pieces
 from ..checkpoint.tokenizer import Tokenizer
 from ..config import SkyworkMoeConfig, resolve_config
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, DataError, TrainingError
 from ..infer.generate import SamplingParams, generate
 from ..kernels import load_kernels
 from ..model.balance import AuxCoefController, ExpertBiasController
@@ -44,8 +44,11 @@ from ..parallel.mesh import build_mesh, init_distributed
 from ..parallel.pipeline import PipelineSchedule, PipelineStages, build_schedule
 from ..parallel.schedules import SCHEDULES, stages_of_rank
 from ..runtime import keep_freed_memory
-from . import data, run_state
+from . import data, run_state, sources
 from .background_save import BackgroundSaver
+from .mixture import MixtureLoader
+from .prepare import PreparedData, tokenizer_fingerprint
+from .token_rows import TokenRows
 from . import step as step_ops
 from .bpe import train_bpe_tokenizer
 from .config import TrainConfig
@@ -182,11 +185,13 @@ class Trainer:
 
     def _tokenizer_and_data(self) -> Tokenizer:
         d, cfg = self.cfg.data, self.cfg
-        sources = d.sources or data.default_corpus_sources()
+        if d.prepared:
+            return self._prepared_data()
+        corpus = d.sources or sources.default_corpus_sources()
         patterns = d.patterns if d.sources else ["*.py"]
-        names = ", ".join(map(str, sources)) if d.sources else "the Python standard library source"
+        names = ", ".join(map(str, corpus)) if d.sources else "the Python standard library source"
         self._log(f"reading corpus: {names}")
-        docs = data.read_documents(sources, patterns, d.text_field)
+        docs = data.read_documents(corpus, patterns, d.text_field)
         if d.max_bytes:
             docs = _first_bytes(docs, d.max_bytes)
         train_docs, val_docs = data.split_documents(docs, d.val_fraction, cfg.train.seed)
@@ -213,10 +218,44 @@ class Trainer:
         train_seqs = data.pack_documents(data.tokenize_documents(tokenizer, train_docs),
                                          d.seq_len, tokenizer.eos_id)
         self.loader = data.SequenceLoader(train_seqs, cfg.train.batch_size, cfg.train.seed)
-        self.val_seqs = (data.pack_documents(data.tokenize_documents(tokenizer, val_docs),
-                                             d.seq_len, tokenizer.eos_id) if val_docs else None)
+        self.val_rows = (TokenRows.from_tensor(data.pack_documents(
+            data.tokenize_documents(tokenizer, val_docs), d.seq_len, tokenizer.eos_id))
+            if val_docs else None)
         self._log(f"corpus: {len(train_docs)} training documents -> {train_seqs.shape[0]} "
                   f"sequences of {d.seq_len} tokens; {len(val_docs)} held out")
+        return tokenizer
+
+    def _prepared_data(self) -> Tokenizer:
+        """The tokenizer and loaders of ``data.prepared`` (memory-mapped token shards)."""
+        d, cfg = self.cfg.data, self.cfg
+        prepared = [PreparedData(p) for p in d.prepared]
+        # The run's tokenizer: the configured one, the starting model's, or the data's own.
+        tok_path = Path(cfg.tokenizer.path or cfg.model.init_from or prepared[0].tokenizer_dir)
+        tokenizer = load_tokenizer(tok_path)
+        fingerprint = tokenizer_fingerprint(tok_path)
+        for p in prepared:
+            if p.fingerprint != fingerprint:
+                raise ConfigError(
+                    f"{p.directory}: prepared with another tokenizer "
+                    f"({p.meta['tokenizer']['source']}) than this run's ({tok_path}); prepare "
+                    f"it again with --tokenizer {tok_path}, or train with its tokenizer")
+        self.tokenizer_dir = tok_path
+        train = [p.rows("train", d.seq_len) for p in prepared]
+        for p, rows in zip(prepared, train):
+            if not len(rows):
+                raise DataError(f"{p.directory}: {p.tokens('train')} training tokens, fewer "
+                                f"than data.seq_len = {d.seq_len}")
+        if len(train) == 1 and not d.weights:
+            self.loader = data.SequenceLoader(train[0], cfg.train.batch_size, cfg.train.seed)
+        else:
+            self.loader = MixtureLoader(train, d.weights or [r.tokens for r in train],
+                                        cfg.train.batch_size, cfg.train.seed)
+        val = TokenRows([s for p in prepared for s in p.rows("val", d.seq_len).segments],
+                        d.seq_len)
+        self.val_rows = val if len(val) else None
+        self._log(f"prepared data: {', '.join(map(str, d.prepared))}: "
+                  f"{sum(map(len, train))} training sequences of {d.seq_len} tokens, "
+                  f"{len(val)} validation sequences")
         return tokenizer
 
     def _model_config(self) -> SkyworkMoeConfig:
@@ -340,24 +379,28 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def accumulate_gradients(self, batch: torch.Tensor) -> tuple[float, float]:
+    def accumulate_gradients(self, batch: torch.Tensor, local: bool = False
+                             ) -> tuple[float, float]:
         """Fill ``.grad`` with the gradient of the batch's loss (CE + aux terms), accumulated
-        over micro-batches, each scaled by its share of the batch. Returns (loss, CE loss)."""
+        over micro-batches, each scaled by its share of the batch. Returns (loss, CE loss).
+        ``batch``: the whole batch, or with ``local`` only this data-parallel rank's rows."""
         self.optimizer.zero_grad(set_to_none=True)
         self.stats.reset()
-        local = batch[self.local_rows[0]:self.local_rows[1]]  # this data-parallel rank's rows
-        return step_ops.accumulate_gradients(self.steps, local.to(self.device), self.balance(),
+        if not local:
+            batch = batch[self.local_rows[0]:self.local_rows[1]]  # this rank's rows
+        return step_ops.accumulate_gradients(self.steps, batch.to(self.device), self.balance(),
                                              self.dp, self.stats)
 
     def balance(self) -> MoEBalance:
         """The MoE routing options and the controller's current coefficients, for a step."""
         return MoEBalance.for_layers(self.moe_options, self.moe_layers, self.controller.alphas)
 
-    def train_step(self, batch: torch.Tensor) -> StepResult:
-        """Gradients of one batch, clipping and the AdamW update. A non-finite loss or gradient
-        raises TrainingError, or with ``skip_nonfinite`` skips the update."""
+    def train_step(self, batch: torch.Tensor, local: bool = False) -> StepResult:
+        """Gradients of one batch (all of it, or with ``local`` this rank's rows), clipping
+        and the AdamW update. A non-finite loss or gradient raises TrainingError, or with
+        ``skip_nonfinite`` skips the update."""
         t = self.cfg.train
-        total, ce_total = self.accumulate_gradients(batch)
+        total, ce_total = self.accumulate_gradients(batch, local)
         grad_norm = self.dp.clip_grad_norm(t.grad_clip)
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -379,7 +422,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean next-token CE over up to ``eval_batches`` held-out batches (dropless routing)."""
-        if self.val_seqs is None or self.val_seqs.shape[0] == 0:
+        if self.val_rows is None:
             return None
         t = self.cfg.train
         dp = self.mesh.dp
@@ -387,12 +430,13 @@ class Trainer:
         self.model.eval()
         sums = torch.zeros(2, dtype=torch.float64)  # sum of loss * sequences, sequences
         try:
-            starts = range(0, self.val_seqs.shape[0], rows)
+            starts = range(0, len(self.val_rows), rows)
             for i, start in enumerate(starts[:max(1, t.eval_batches * t.micro_batch_size
                                                   // rows)]):
                 if i % dp.size != dp.rank:  # data-parallel ranks share the batches
                     continue
-                sums += self.steps.loss_sums(self.val_seqs[start:start + rows].to(self.device))
+                batch = self.val_rows.read_range(start, start + rows)
+                sums += self.steps.loss_sums(batch.to(self.device))
         finally:
             self.model.train()
         all_reduce_(sums, self.mesh.pp)
@@ -499,10 +543,10 @@ class Trainer:
         """One optimizer step on the next batch, its metrics record and progress update."""
         t = self.cfg.train
         tokens_per_step = t.batch_size * self.cfg.data.seq_len
-        batch = self.loader.next_batch()
+        batch = self.loader.next_batch(self.local_rows)  # only this rank's rows are read
         bias_ranges = self.bias_controller.ranges() if self.bias_controller else None
         began = time.perf_counter()
-        last = self.train_step(batch)
+        last = self.train_step(batch, local=True)
         elapsed = time.perf_counter() - began
         self.step += 1
         record = {"kind": "train", "step": self.step, "tokens": self.step * tokens_per_step,
