@@ -148,8 +148,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
                          ids_of(_special(tok_cfg, "eos_token"), "eos_token_id"), add_bos,
                          str(d / "tokenizer.json"),
                          _longest(tok.get_vocab(with_added_tokens=True)),
-                         lambda texts: [e.ids for e in
-                                        tok.encode_batch(texts, add_special_tokens=True)])
+                         # encode_batch_fast (tokenizers >= 0.20): the same ids without
+                         # character offsets, which cost time and memory here.
+                         lambda texts: [e.ids for e in getattr(
+                             tok, "encode_batch_fast", tok.encode_batch)(
+                                 texts, add_special_tokens=True)])
     if (d / "tokenizer.model").is_file():
         import sentencepiece as spm
         try:
