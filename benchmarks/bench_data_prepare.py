@@ -3,8 +3,10 @@
 number of workers.
 
 The corpora are documents of 100 to 4,000 pseudo-words (a Zipf-like draw from 20,000 generated
-words, with punctuation and paragraph breaks), seeded; the tokenizer is a byte-level BPE of
-8,192 tokens trained (``train_bpe_tokenizer``) on the first 20 MB of the small corpus. Each side
+words, with punctuation and paragraph breaks), each corpus with its own word list (seeded by
+its position in ``--sizes``); the tokenizer is a byte-level BPE of 8,192 tokens trained
+(``train_bpe_tokenizer``) on the first 20 MB of the first corpus, so later corpora tokenize
+into more, shorter tokens (both sides tokenize the same corpus with the same tokenizer). Each side
 runs in a fresh process: skymoe with ``--threads`` tokenizer threads, ``datasets`` with
 ``num_proc`` = the same number of processes (``TOKENIZERS_PARALLELISM=false`` in them, the usual
 setting under multiprocessing), calling the tokenizer's ``encode_batch`` (what transformers'
