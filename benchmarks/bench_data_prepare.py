@@ -3,10 +3,10 @@
 number of workers.
 
 The corpora are documents of 100 to 4,000 pseudo-words (a Zipf-like draw from 20,000 generated
-words, with punctuation and paragraph breaks), each corpus with its own word list (seeded by
-its position in ``--sizes``); the tokenizer is a byte-level BPE of 8,192 tokens trained
-(``train_bpe_tokenizer``) on the first 20 MB of the first corpus, so later corpora tokenize
-into more, shorter tokens (both sides tokenize the same corpus with the same tokenizer). Each side
+words, with punctuation and paragraph breaks): one word list for all corpora, the documents
+seeded by the corpus's position in ``--sizes``, so every corpus has the same statistics and
+only its size differs; the tokenizer is a byte-level BPE of 8,192 tokens trained
+(``train_bpe_tokenizer``) on the first 20 MB of the first corpus. Each side
 runs in a fresh process: skymoe with ``--threads`` tokenizer threads, ``datasets`` with
 ``num_proc`` = the same number of processes (``TOKENIZERS_PARALLELISM=false`` in them, the usual
 setting under multiprocessing), calling the tokenizer's ``encode_batch`` (what transformers'
@@ -47,9 +47,10 @@ def _words(gen: np.random.Generator, n: int) -> np.ndarray:
 
 
 def generate_corpus(path: Path, size_bytes: int, seed: int) -> None:
-    """JSONL documents of pseudo-words up to ``size_bytes``."""
-    gen = np.random.default_rng(seed)
-    vocab = _words(gen, 20_000)
+    """JSONL documents of pseudo-words up to ``size_bytes``: the same word list whatever the
+    seed, the documents drawn from ``seed``."""
+    vocab = _words(np.random.default_rng(0), 20_000)
+    gen = np.random.default_rng([1, seed])
     zipf = 1.0 / np.arange(1, len(vocab) + 1)
     zipf /= zipf.sum()
     punct = np.array(["", "", "", "", ",", ".", ".\n\n"])

@@ -53,12 +53,15 @@ def resolve(name: str, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
 
 def hf_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """All weights of ``model`` under their HF names (views; nothing is copied), FP8 modules'
-    values and scales included (values held widened are narrowed back to e4m3, exactly)."""
+    values and scales included (values held widened are narrowed back to e4m3, exactly); LoRA
+    adapters are not model weights and are left out."""
     seen: set[int] = set()
     buffers = dict(model.named_buffers())
     for name, p in [*model.named_parameters(remove_duplicate=False), *buffers.items()]:
         if id(p) in seen and name == "lm_head.weight":
             continue  # tied embeddings are stored once, as HF does
+        if ".lora." in name:
+            continue  # LoRA adapters are stored apart (skymoe.checkpoint.adapter)
         seen.add(id(p))
         data = p.detach()
         if name + "_scale" in buffers and data.dtype != torch.float8_e4m3fn:

@@ -79,6 +79,12 @@ def _use_scaled_mm(x: torch.Tensor, w: torch.Tensor, per_tensor: bool = True) ->
             and w.shape[-1] % 16 == 0 and scaled_mm_supported(x.device))
 
 
+def _needs_input_grad(x: torch.Tensor) -> bool:
+    # torch._scaled_mm has no backward: training through a frozen FP8 base (LoRA) widens the
+    # values per call instead, which autograd differentiates.
+    return x.requires_grad and torch.is_grad_enabled()
+
+
 def _widen(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return w.to(dtype if dtype in (torch.float32, torch.bfloat16, torch.float16)
                 else torch.bfloat16)
@@ -98,7 +104,8 @@ class Fp8Linear(nn.Module):
             (out_features, 1) if per_channel else (), dtype=torch.float32, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _use_scaled_mm(x, self.weight, self.weight_scale.numel() == 1):
+        if not _needs_input_grad(x) and _use_scaled_mm(x, self.weight,
+                                                       self.weight_scale.numel() == 1):
             return _fp8_matmul(x, self.weight, self.weight_scale)
         y = F.linear(x, _widen(self.weight, x.dtype).to(x.dtype))
         scale = self.weight_scale.reshape(-1) if self.weight_scale.numel() > 1 \
@@ -122,6 +129,7 @@ class Fp8Experts(UsesKernels, nn.Module):
         self.register_buffer("w13_scale", torch.ones(num_experts, 2, device=device))
         self.register_buffer("w2_scale", torch.ones(num_experts, device=device))
         self.parallel = None  # an expert-parallel dispatcher, as on SwiGLUExperts
+        self.lora: nn.Module | None = None  # low-rank adapters (skymoe.model.lora)
 
     def forward(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                 keep_TK: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,7 +141,8 @@ class Fp8Experts(UsesKernels, nn.Module):
     def sorted_ffn(self, x_SH: torch.Tensor, counts: list[int], first: int = 0) -> torch.Tensor:
         """The FFN of rows sorted by expert for experts ``first, first + 1, ...``."""
         last = first + len(counts)
-        if _use_scaled_mm(x_SH, self.w13) and _use_scaled_mm(x_SH, self.w2):
+        if (self.lora is None and not _needs_input_grad(x_SH)
+                and _use_scaled_mm(x_SH, self.w13) and _use_scaled_mm(x_SH, self.w2)):
             return self._ffn_scaled_mm(x_SH, counts, first)
         dtype = x_SH.dtype
         expert_S = first + torch.repeat_interleave(torch.arange(len(counts), device=x_SH.device),
@@ -141,9 +150,14 @@ class Fp8Experts(UsesKernels, nn.Module):
         ffn = self.w13.shape[1] // 2  # this rank's share under expert tensor parallelism
         h = grouped_linear(x_SH, _widen(self.w13[first:last], dtype).to(dtype), counts).float()
         h = h * self.w13_scale[expert_S].repeat_interleave(ffn, dim=1)
-        h = self.kernels.swiglu(h).to(dtype)
-        y = grouped_linear(h, _widen(self.w2[first:last], dtype).to(dtype), counts).float()
-        return (y * self.w2_scale[expert_S, None]).to(dtype)
+        if self.lora is not None:
+            h = h + self.lora.delta13(x_SH, counts, first).float()
+        a = self.kernels.swiglu(h).to(dtype)
+        y = grouped_linear(a, _widen(self.w2[first:last], dtype).to(dtype), counts).float()
+        y = y * self.w2_scale[expert_S, None]
+        if self.lora is not None:
+            y = y + self.lora.delta2(a, counts, first).float()
+        return y.to(dtype)
 
     def _ffn_scaled_mm(self, x_SH: torch.Tensor, counts: list[int], first: int) -> torch.Tensor:
         """One FP8 GEMM per projection per non-empty expert."""

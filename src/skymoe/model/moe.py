@@ -161,10 +161,17 @@ def dispatch_sorted(x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK:
 
 
 def sorted_swiglu(x_SH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
-                  counts: list[int], kernels: Kernels = PYTORCH_KERNELS) -> torch.Tensor:
-    """The SwiGLU FFN of rows sorted by expert (``counts[e]`` rows for expert e)."""
+                  counts: list[int], kernels: Kernels = PYTORCH_KERNELS,
+                  lora: nn.Module | None = None, first: int = 0) -> torch.Tensor:
+    """The SwiGLU FFN of rows sorted by expert (``counts[e]`` rows for expert e), plus the
+    low-rank adapters' part when ``lora`` (``skymoe.model.lora.ExpertLoRA``, whose experts
+    ``first, first + 1, ...`` these are) is given."""
     h_S2F = grouped_linear(x_SH, w13_EFH, counts)  # fresh and used only here: consumable
-    return grouped_linear(kernels.swiglu(h_S2F, consume_input=True), w2_EHF, counts)
+    if lora is not None:
+        h_S2F = h_S2F + lora.delta13(x_SH, counts, first)
+    a_SF = kernels.swiglu(h_S2F, consume_input=True)
+    y_SH = grouped_linear(a_SF, w2_EHF, counts)
+    return y_SH + lora.delta2(a_SF, counts, first) if lora is not None else y_SH
 
 
 def experts_grouped(x_TH: torch.Tensor, w13_EFH: torch.Tensor, w2_EHF: torch.Tensor,
@@ -206,20 +213,28 @@ class SwiGLUExperts(UsesKernels, nn.Module):
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * ffn, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, ffn))
         self.parallel: ExpertDispatcher | None = None
+        self.lora: nn.Module | None = None  # low-rank adapters (skymoe.model.lora)
 
     def forward(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                 keep_TK: torch.Tensor | None = None) -> torch.Tensor:
         if self.parallel is not None:
             return self.parallel(self, x_TH, expert_ids_TK, weights_TK, keep_TK)
-        return EXPERT_IMPLS[self.impl](x_TH, self.w13, self.w2, expert_ids_TK, weights_TK,
-                                       keep_TK, kernels=self.kernels)
+        if self.lora is not None and self.impl != "loop":
+            return dispatch_sorted(x_TH, expert_ids_TK, weights_TK, self.num_experts,
+                                   self.sorted_ffn, keep_TK, self.kernels)
+        w13, w2 = self.w13, self.w2
+        if self.lora is not None:  # the reference loop: on the merged weights
+            d13, d2 = self.lora.delta_weights()
+            w13, w2 = (w13 + d13).to(w13.dtype), (w2 + d2).to(w2.dtype)
+        return EXPERT_IMPLS[self.impl](x_TH, w13, w2, expert_ids_TK, weights_TK, keep_TK,
+                                       kernels=self.kernels)
 
     def sorted_ffn(self, x_SH: torch.Tensor, counts: list[int], first: int = 0) -> torch.Tensor:
         """The FFN of rows sorted by expert for this module's experts ``first, first + 1, ...``
         (``counts[i]`` rows each)."""
         last = first + len(counts)
         return sorted_swiglu(x_SH, self.w13[first:last], self.w2[first:last], counts,
-                             self.kernels)
+                             self.kernels, self.lora, first)
 
 
 @dataclass

@@ -27,9 +27,10 @@ import os
 import shutil
 import time
 from array import array
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -181,44 +182,65 @@ def prepare_dataset(sources: Sequence[str | Path], tokenizer_dir: str | Path,
                          time.perf_counter() - began, skipped, count[0])
 
 
+@dataclass
+class _Batch:
+    texts: list[str]
+    ends: list[bool]  # whether each text ends its document
+    nbytes: int  # input bytes the texts came from
+
+
+def _batches(chunks, batch_bytes: int) -> Iterator[_Batch]:
+    """The chunks grouped into batches of at least ``batch_bytes`` characters (the last one
+    may be smaller, or empty when there was no input)."""
+    batch = _Batch([], [], 0)
+    size = 0
+    for chunk in chunks:
+        batch.texts.append(chunk.text)
+        batch.ends.append(chunk.ends_document)
+        batch.nbytes += chunk.nbytes
+        size += len(chunk.text)
+        if size >= batch_bytes:
+            yield batch
+            batch, size = _Batch([], [], 0), 0
+    yield batch
+
+
 def _tokenize_into(chunks, tokenizer: Tokenizer, writers: dict[str, _ShardWriter],
                    val_fraction: float, seed: int, batch_bytes: int, bar: tqdm,
                    began: float) -> int:
-    """Tokenize the chunks batch by batch into the writers; the input bytes read."""
-    texts: list[str] = []
-    ends: list[bool] = []
-    pending = [0, 0]  # text bytes of the batch, input bytes since the last bar update
+    """Tokenize the chunks batch by batch into the writers; the input bytes read.
+
+    One batch is tokenized (in the tokenizer library, which releases the GIL) while this
+    thread reads the next one and writes the previous one, so the Python-side work hides
+    behind the tokenizer's instead of adding to it."""
+    eos = np.array([tokenizer.eos_id], dtype=np.int64)
     state = {"document": 0, "tokens": 0, "read": 0}
     val_salted = seed ^ _VAL_SEED_SALT
 
-    def flush() -> None:
-        eos = np.array([tokenizer.eos_id], dtype=np.int64)
+    def write(encoded: list[list[int]], batch: _Batch) -> None:
         # The document each chunk belongs to, and which of them are held out.
-        docs = state["document"] + np.cumsum([0] + ends[:-1])
+        docs = state["document"] + np.cumsum([0] + batch.ends[:-1])
         held_out = seeded_uniform(val_salted, docs) < val_fraction
-        for ids, end, val in zip(tokenizer.encode_batch(texts, add_bos=False) if texts else [],
-                                 ends, held_out):
+        for ids, end, val in zip(encoded, batch.ends, held_out):
             tokens = np.asarray(ids, dtype=np.int64)
             writers["val" if val else "train"].write(
                 np.concatenate([tokens, eos]) if end else tokens, end)
             state["tokens"] += len(tokens) + end
-        state["document"] += sum(ends)
-        texts.clear()
-        ends.clear()
-        state["read"] += pending[1]
-        bar.update(pending[1])
-        pending[:] = [0, 0]
+        state["document"] += sum(batch.ends)
+        state["read"] += batch.nbytes
+        bar.update(batch.nbytes)
         rate = state["tokens"] / max(time.perf_counter() - began, 1e-9)
         bar.set_postfix(tokens=f"{state['tokens']:,}", tok_s=f"{rate:,.0f}", refresh=False)
 
-    for chunk in chunks:
-        texts.append(chunk.text)
-        ends.append(chunk.ends_document)
-        pending[0] += len(chunk.text)
-        pending[1] += chunk.nbytes
-        if pending[0] >= batch_bytes:
-            flush()
-    flush()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as pool:
+        previous: tuple[Future, _Batch] | None = None
+        for batch in _batches(chunks, batch_bytes):
+            current = (pool.submit(tokenizer.encode_batch, batch.texts, False), batch)
+            if previous is not None:
+                write(previous[0].result(), previous[1])
+            previous = current
+        if previous is not None:
+            write(previous[0].result(), previous[1])
     return state["read"]
 
 
