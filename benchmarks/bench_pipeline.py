@@ -77,9 +77,9 @@ def worker(args: argparse.Namespace) -> None:
     parallelize(stage, mesh)
     dp = DataParallel(stage, mesh, placements, numel, zero=True)
     optimizer = torch.optim.AdamW(stage.parameters(), lr=1e-4, fused=True)
-    schedule = build_schedule(stages, mesh, MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ_LEN, "1f1b",
-                              torch.bfloat16,
-                              autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    schedule = step_ops.PipelineSteps(build_schedule(
+        stages, mesh, MICRO_BATCHES, MICRO_BATCH_SIZE, SEQ_LEN, "1f1b", torch.bfloat16,
+        autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16)))
     stats = MoEStepStats(moe_layers)
     batch = torch.randint(config.vocab_size, (MICRO_BATCHES * MICRO_BATCH_SIZE, SEQ_LEN),
                           generator=torch.Generator().manual_seed(0))

@@ -42,7 +42,7 @@ from skymoe.parallel.pipeline import PipelineStages, build_schedule
 from skymoe.parallel.schedules import stages_of_rank
 from skymoe.parallel.pipeline_layout import PipelineLayout
 from skymoe.train.metrics import MoEStepStats
-from skymoe.train.step import MicroBatchLoop, accumulate_gradients
+from skymoe.train.step import MicroBatchLoop, PipelineSteps, accumulate_gradients
 
 STEPS = 2
 TOLERANCE = 1e-5
@@ -300,8 +300,9 @@ def sharded_run(case: Case, mesh: ParallelMesh) -> tuple[StepRecord, dict]:
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     rows = split_range(case.rows, layout.dp, mesh.coords.dp)
     micro_batches = (rows[1] - rows[0]) // case.micro
-    strategy = (build_schedule(stages, mesh, micro_batches, case.micro, case.seq_len,
-                               case.schedule) if stages is not None
+    strategy = (PipelineSteps(build_schedule(stages, mesh, micro_batches, case.micro,
+                                             case.seq_len, case.schedule))
+                if stages is not None
                 else MicroBatchLoop(model, case.micro, contextlib.nullcontext,
                                     torch.device("cpu")))
     record = StepRecord()

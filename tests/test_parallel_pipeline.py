@@ -31,7 +31,7 @@ from skymoe.parallel.schedules import stages_of_rank
 from skymoe.parallel.pipeline_layout import PipelineLayout
 from skymoe.train import config as train_config
 from skymoe.train.metrics import MoEStepStats
-from skymoe.train.step import accumulate_gradients
+from skymoe.train.step import PipelineSteps, accumulate_gradients
 
 from distributed import spawn
 
@@ -101,7 +101,7 @@ def _pipeline_worker(rank: int, world: int, layout: ParallelLayout, stages: Pipe
     optimizer = torch.optim.SGD(stage.parameters(), lr=0.1)
     rows = split_range(ROWS, layout.dp, mesh.coords.dp)
     micro_batches = (rows[1] - rows[0]) // MICRO
-    pipe = build_schedule(pipeline, mesh, micro_batches, MICRO, SEQ, schedule)
+    pipe = PipelineSteps(build_schedule(pipeline, mesh, micro_batches, MICRO, SEQ, schedule))
     stats = MoEStepStats(moe_layers)
     for step, batch in enumerate(batches):
         optimizer.zero_grad(set_to_none=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -29,9 +28,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError
-from ..model.lora import (ATTENTION_TARGETS, EXPERTS_TARGET, LORA, MLP_TARGETS, ExpertLoRA,
-                          LinearLoRA, LoRAConfig, add_lora, remove_lora)
-from ..model.moe import MoEBlock
+from ..model.lora import (ATTENTION_TARGETS, EXPERTS_TARGET, LORA, MLP_TARGETS, LoRAConfig,
+                          add_lora, remove_lora)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -49,25 +47,33 @@ def _module_path(name: str, model_type: str) -> str:
     return f"{name}.".replace(".block_sparse_moe.", ".mlp.")[:-1]
 
 
-def adapter_tensors(model: nn.Module, model_type: str
-                    ) -> Iterator[tuple[str, torch.Tensor, nn.Parameter, str]]:
-    """(PEFT name, tensor in PEFT's layout, the model's parameter, how to convert) of every
-    adapter tensor of ``model``; the conversion is "same", "A" or "B" (expert factors)."""
-    for name, module in model.named_modules():
-        lora = getattr(module, LORA, None)
-        path = _PREFIX + _module_path(name, model_type)
-        if isinstance(lora, LinearLoRA):
-            yield f"{path}.lora_A.weight", lora.A.detach(), lora.A, "same"
-            yield f"{path}.lora_B.weight", lora.B.detach(), lora.B, "same"
-        elif isinstance(lora, ExpertLoRA):
-            for which, site in (("w13", f"{path}.base_layer"), ("w2", path)):
-                A, B = getattr(lora, f"{which}_A"), getattr(lora, f"{which}_B")
-                yield f"{site}.lora_A.weight", _peft_A(A.detach()), A, "A"
-                yield f"{site}.lora_B.weight", _peft_B(B.detach()), B, "B"
-        if isinstance(module, MoEBlock):
-            for pname, p in module.gate.named_parameters():
-                if p.requires_grad:
-                    yield f"{path}.gate.{pname}", p.detach(), p, "same"
+def to_peft(tensors: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's names and layouts (see the module docstring), from
+    the model's trainable tensors by name: adapter factors (``...q_proj.lora.A``,
+    ``...experts.lora.w13_B``) and router weights (``...block_sparse_moe.gate.weight``)."""
+    out = {}
+    for name, t in tensors.items():
+        peft_name, kind = _peft_name(name, model_type)
+        out[peft_name] = (_peft_A(t) if kind == "A" else _peft_B(t) if kind == "B"
+                          else t).float().contiguous()
+    return out
+
+
+def _peft_name(name: str, model_type: str) -> tuple[str, str]:
+    """(PEFT's name, layout conversion: "same", "A" or "B") of a trainable tensor of the
+    model; ``CheckpointError`` for a tensor that is neither an adapter nor a router."""
+    owner, sep, leaf = name.partition(f".{LORA}.")
+    if sep:
+        path = _PREFIX + _module_path(owner, model_type)
+        if leaf in ("A", "B"):
+            return f"{path}.lora_{leaf}.weight", "same"
+        which, _, factor = leaf.rpartition("_")  # w13_A -> (w13, A)
+        site = f"{path}.base_layer" if which == "w13" else path
+        return f"{site}.lora_{factor}.weight", factor
+    if ".block_sparse_moe.gate." in name:
+        return _PREFIX + _module_path(name, model_type), "same"
+    raise CheckpointError(f"{name}: trainable, but neither a LoRA adapter nor a router; an "
+                          "adapter file holds only those")
 
 
 def _peft_A(a_ERI: torch.Tensor) -> torch.Tensor:
@@ -79,26 +85,31 @@ def _peft_B(b_EOR: torch.Tensor) -> torch.Tensor:
     return b_EOR.permute(1, 2, 0).reshape(out, r * e)  # column k*E + e
 
 
-def _from_peft(kind: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _from_peft(kind: str, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     if kind == "A":
-        return t.reshape(like.shape)
+        return t.reshape(shape)
     if kind == "B":
-        e, out, r = like.shape
+        e, out, r = shape
         return t.reshape(out, r, e).permute(2, 0, 1)
     return t
 
 
-def save_adapter(model: nn.Module, directory: str | Path, cfg: LoRAConfig, model_type: str,
-                 base: str = "") -> Path:
-    """Write ``model``'s adapters (and a trained router) into ``directory`` in PEFT's format;
-    ``model_type`` is the base's (``skywork_moe``, ``mixtral``, ``llama``), ``base`` its
-    path or hub name for ``base_model_name_or_path``."""
+def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's trainable tensors by name (what an adapter file holds)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(tensors: dict[str, torch.Tensor], directory: str | Path, cfg: LoRAConfig,
+                 model_type: str, base: str = "") -> Path:
+    """Write an adapter (``tensors``: the model's trainable tensors by name, as
+    ``trainable_tensors`` gives them) into ``directory`` in PEFT's format; ``model_type`` is
+    the base's (``skywork_moe``, ``mixtral``, ``llama``), ``base`` its path or hub name for
+    ``base_model_name_or_path``."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    tensors = {n: t.float().contiguous() for n, t, _, _ in adapter_tensors(model, model_type)}
     meta = {"format": "pt", "skymoe_model_type": model_type,
             "skymoe_targets": ",".join(cfg.targets)}
-    save_file(tensors, d / ADAPTER_WEIGHTS, metadata=meta)
+    save_file(to_peft(tensors, model_type), d / ADAPTER_WEIGHTS, metadata=meta)
     linear_targets = [t for t in cfg.targets if t != EXPERTS_TARGET]
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
@@ -161,46 +172,64 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
 def load_adapter(model: nn.Module, directory: str | Path, model_type: str) -> LoRAConfig:
     """Add the adapter in ``directory`` to ``model`` (whose base is of ``model_type``) and fill
     it; returns its config. A tensor the model lacks, a missing one or a shape that does not
-    fit is refused by name, before the model is changed."""
-    d = Path(directory)
-    cfg = read_adapter_config(d)
-    file = d / ADAPTER_WEIGHTS
+    fit is refused by name, and the model is left as it was."""
+    cfg = read_adapter_config(directory)
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    add_lora(model, cfg)
+    try:
+        fill_adapter(model, directory, model_type)
+    except CheckpointError:
+        remove_lora(model)
+        for n, p in model.named_parameters():
+            p.requires_grad_(trainable[n])
+        raise
+    return cfg
+
+
+def fill_adapter(model: nn.Module, directory: str | Path, model_type: str) -> None:
+    """Copy the adapter file in ``directory`` into ``model``'s trainable tensors (its
+    adapters, and routers that train), checking every name and shape first."""
+    file = Path(directory) / ADAPTER_WEIGHTS
     try:
         with safe_open(file, "pt") as f:
             meta = f.metadata() or {}
             stored = {name: f.get_tensor(name) for name in f.keys()}
     except FileNotFoundError:
-        raise CheckpointError(f"{d}: no {ADAPTER_WEIGHTS}") from None
+        raise CheckpointError(f"{directory}: no {ADAPTER_WEIGHTS}") from None
     except (OSError, SafetensorError) as exc:
         raise CheckpointError(f"{file}: unreadable ({exc})") from None
     made_for = meta.get("skymoe_model_type")
     if made_for and made_for != model_type:
         raise CheckpointError(f"{file}: an adapter for a {made_for} base; this base is "
                               f"{model_type}")
-    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
-    add_lora(model, cfg)
-    try:
-        expected = {n: (p, kind, t.shape)
-                    for n, t, p, kind in adapter_tensors(model, model_type)}
-        extra = sorted(set(stored) - set(expected))
-        if extra:
-            raise CheckpointError(f"{file}: tensor {extra[0]} has no place in this "
-                                  f"{model_type} model ({len(extra)} such); an adapter for "
-                                  "another base?")
-        missing = sorted(set(expected) - set(stored))
-        if missing:
-            raise CheckpointError(f"{file}: tensor {missing[0]} is missing ({len(missing)} "
-                                  "missing)")
-        for name, (param, kind, shape) in expected.items():
-            if tuple(stored[name].shape) != tuple(shape):
-                raise CheckpointError(f"{file}: tensor {name} is {list(stored[name].shape)}; "
-                                      f"this model needs {list(shape)} (another base?)")
-    except CheckpointError:  # leave the model as it was
-        remove_lora(model)
-        for n, p in model.named_parameters():
-            p.requires_grad_(trainable[n])
-        raise
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    expected = {}
+    for name, p in params.items():
+        peft_name, kind = _peft_name(name, model_type)
+        expected[peft_name] = (p, kind)
+    extra = sorted(set(stored) - set(expected))
+    if extra:
+        raise CheckpointError(f"{file}: tensor {extra[0]} has no place in this {model_type} "
+                              f"model ({len(extra)} such); an adapter for another base?")
+    missing = sorted(set(expected) - set(stored))
+    if missing:
+        raise CheckpointError(f"{file}: tensor {missing[0]} is missing ({len(missing)} "
+                              "missing)")
+    for name, (p, kind) in expected.items():
+        need = _peft_shape(kind, tuple(p.shape))
+        if tuple(stored[name].shape) != need:
+            raise CheckpointError(f"{file}: tensor {name} is {list(stored[name].shape)}; this "
+                                  f"model needs {list(need)} (an adapter for another base?)")
     with torch.no_grad():
-        for name, (param, kind, _) in expected.items():
-            param.copy_(_from_peft(kind, stored[name], param))
-    return cfg
+        for name, (p, kind) in expected.items():
+            p.copy_(_from_peft(kind, stored[name], tuple(p.shape)))
+
+
+def _peft_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if kind == "A":
+        e, r, i = shape
+        return (e * r, i)
+    if kind == "B":
+        e, o, r = shape
+        return (o, r * e)
+    return shape

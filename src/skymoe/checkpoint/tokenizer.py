@@ -12,7 +12,7 @@ from ..errors import CheckpointError
 BYTE_SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2 as in Skywork/Llama configs
 # Files of a checkpoint directory that belong to its tokenizer (copied along with the weights).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "special_tokens_map.json", "generation_config.json")
+                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 
 
 class Tokenizer:

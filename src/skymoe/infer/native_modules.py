@@ -117,10 +117,11 @@ class NativeAttention(Attention):
                 self.sliding_window or 0)
 
     def forward(self, x_BTH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | SlotKVCache | None = None, start: int = 0) -> torch.Tensor:
-        step = self.decode_args(x_BTH, cos, sin, cache, start)
+                cache: KVCache | SlotKVCache | None = None, start: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        step = self.decode_args(x_BTH, cos, sin, cache, start) if mask is None else None
         if step is None:
-            return super().forward(x_BTH, cos, sin, cache, start)
+            return super().forward(x_BTH, cos, sin, cache, start, mask)
         b, _, hidden = x_BTH.shape
         out = self.native.attention_decode(x_BTH.reshape(b, hidden).contiguous(), *step,
                                            *self.weight_args())
@@ -199,11 +200,12 @@ class NativeMoEDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | SlotKVCache | None = None, start: int | None = None,
-                balance: None = None) -> tuple[torch.Tensor, None]:
+                balance: None = None, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, None]:
         """``DecoderLayer.forward`` for inference (no MoE training output)."""
         step = self.layer.self_attn.decode_args(x, cos, sin, cache, start or 0)
-        if step is None or x.dtype != self.weight_args[0].dtype:
-            return self.layer(x, cos, sin, cache, start)
+        if step is None or mask is not None or x.dtype != self.weight_args[0].dtype:
+            return self.layer(x, cos, sin, cache, start, mask=mask)
         b, _, hidden = x.shape
         out = self.native.moe_layer_decode(x.reshape(b, hidden).contiguous(), *step,
                                            *self.weight_args)

@@ -182,6 +182,22 @@ def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     return torch.bmm(probs, v3).view(b, heads, 1, d)
 
 
+def packed_causal_mask(position_ids_BT: torch.Tensor, window: int | None = None
+                       ) -> torch.Tensor:
+    """[B, 1, T, T] boolean attention mask of packed rows: a new sequence starts wherever the
+    position restarts at 0, and a query sees only the keys of its own sequence at or before
+    it (within the last ``window`` positions), so packed sequences do not see each other."""
+    b, t = position_ids_BT.shape
+    seq_BT = (position_ids_BT == 0).cumsum(dim=1)
+    same = seq_BT[:, :, None] == seq_BT[:, None, :]
+    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids_BT.device).tril()
+    visible = same & causal
+    if window is not None:
+        pos = position_ids_BT
+        visible &= pos[:, None, :] > pos[:, :, None] - window
+    return visible[:, None]
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention through ``scaled_dot_product_attention``."""
 
@@ -196,12 +212,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
 
     def forward(self, x_BTH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | SlotKVCache | None = None, start: int = 0) -> torch.Tensor:
+                cache: KVCache | SlotKVCache | None = None, start: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` [B, 1, T, T] (boolean, True = visible) replaces the causal mask when given
+        (packed rows: ``packed_causal_mask``); it is for forwards without a cache."""
         b, t, _ = x_BTH.shape
         q = self.q_proj(x_BTH).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x_BTH).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BTH).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if mask is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                 enable_gqa=self.kv_heads != self.heads)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
         if isinstance(cache, SlotKVCache):  # rows at different positions: an explicit mask
             k, v = cache.update(self.layer_idx, k, v)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask(self.sliding_window),

@@ -108,6 +108,12 @@ class CausalLMLoss:
         return causal_lm_loss(logits_BTV, labels_BT, self.kernels)
 
 
+def label_count(labels_BT: torch.Tensor) -> int:
+    """How many next-token predictions ``causal_lm_loss`` averages over: the label positions
+    after each row's first that are not ignored."""
+    return int((labels_BT[:, 1:] != IGNORE_INDEX).sum())
+
+
 def next_token_labels(labels_BT: torch.Tensor) -> torch.Tensor:
     """Flat [B*T] targets for next-token prediction: ``labels[t + 1]``, -100 at each
     sequence's last position."""

@@ -18,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import SkyworkMoeConfig
 from ..kernels import Kernels, UsesKernels
-from .layers import Attention, KVCache, RMSNorm, RotaryEmbedding, SlotKVCache
+from .layers import (Attention, KVCache, RMSNorm, RotaryEmbedding, SlotKVCache,
+                     packed_causal_mask)
 from .loss import CausalLMLoss, causal_lm_loss
 from .moe import EXPERT_IMPLS, MoEBalance, MoEBlock, MoEOutput, MoEStats
 
@@ -67,8 +68,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | SlotKVCache | None = None, start: int | None = None,
-                balance: MoEBalance | None = None) -> tuple[torch.Tensor, MoEOutput | None]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+                balance: MoEBalance | None = None, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, MoEOutput | None]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
         h = self.post_attention_layernorm(x)
         if not hasattr(self, "block_sparse_moe"):
             return x + self.mlp(h), None
@@ -276,7 +278,8 @@ class SkyworkForCausalLM(nn.Module):
                 cache: KVCache | SlotKVCache | None = None, start: int | None = None,
                 last_only: bool = False, slots: torch.Tensor | None = None,
                 logits_at: torch.Tensor | None = None,
-                balance: MoEBalance | None = None) -> CausalLMOutput:
+                balance: MoEBalance | None = None,
+                position_ids: torch.Tensor | None = None) -> CausalLMOutput:
         """Logits for ``input_ids`` [B, T] (a part without the embedding: hidden states
         [B, T, H]).
 
@@ -287,11 +290,19 @@ class SkyworkForCausalLM(nn.Module):
         logits of the last position only, ``logits_at`` [B] those of position ``logits_at[i]``
         of row i only (rows of different lengths, right-padded); either gives [B, 1, V].
         ``balance`` (training) drops assignments beyond capacity and returns the MoE layers'
-        aux loss and statistics.
+        aux loss and statistics. ``position_ids`` [B, T] (no cache) give each token's position:
+        a row packing several sequences restarts at 0 for each, and attention then stays
+        within each sequence (``packed_causal_mask``).
         """
         x = self.embed(input_ids)
         b, t = x.shape[:2]
-        if isinstance(cache, SlotKVCache):  # each row continues its own sequence
+        mask = None
+        if position_ids is not None:
+            if cache is not None:
+                raise ValueError("position_ids are for forwards without a KV cache")
+            cos, sin = self.rotary.cos_sin_at(position_ids, x.dtype)
+            mask = packed_causal_mask(position_ids, self.config.sliding_window)
+        elif isinstance(cache, SlotKVCache):  # each row continues its own sequence
             if slots is None:
                 raise ValueError("a SlotKVCache forward needs slots= (the cache slot of each row)")
             cos, sin = self.rotary.cos_sin_at(cache.begin(slots, t), x.dtype)
@@ -300,7 +311,7 @@ class SkyworkForCausalLM(nn.Module):
                 start = cache.length
             start = start or 0
             cos, sin = self.rotary.cos_sin(start, t, x.device, x.dtype)
-        x, moe = self.run_layers(x, cos, sin, cache, start, balance)
+        x, moe = self.run_layers(x, cos, sin, cache, start, balance, mask=mask)
         if isinstance(cache, SlotKVCache):
             cache.finish()
         elif cache is not None:
@@ -330,7 +341,8 @@ class SkyworkForCausalLM(nn.Module):
 
     def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    cache: KVCache | SlotKVCache | None = None, start: int | None = 0,
-                   balance: MoEBalance | None = None, layer_ids: Iterable[int] | None = None
+                   balance: MoEBalance | None = None, layer_ids: Iterable[int] | None = None,
+                   mask: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, dict[int, MoEOutput]]:
         """The decoder layers (``layer_ids``: a subset of those held, in order), with
         activation checkpointing for layers marked ``recompute`` in training; returns the
@@ -342,10 +354,10 @@ class SkyworkForCausalLM(nn.Module):
         moe: dict[int, MoEOutput] = {}
         for layer in layers:
             if recompute and layer.recompute:
-                x, out = checkpoint(layer, x, cos, sin, cache, start, balance,
+                x, out = checkpoint(layer, x, cos, sin, cache, start, balance, mask,
                                     use_reentrant=False)
             else:
-                x, out = layer(x, cos, sin, cache, start, balance)
+                x, out = layer(x, cos, sin, cache, start, balance, mask)
             if out is not None:
                 moe[layer.layer_idx] = out
         return x, moe

@@ -67,7 +67,7 @@ class DataParallel:
     """Gradient reduction, norm and (ZeRO-1) parameter broadcast for a sharded model.
 
     ``placements`` maps parameter names to this rank's placements (``parameter_placements``
-    computed on the full model). ``full_numel`` gives each name's unsharded size, which decides
+    computed on the full model); frozen parameters are left out. ``full_numel`` gives each name's unsharded size, which decides
     ownership identically on every rank. ``counted_elsewhere``: parameters whose gradient
     another rank's copy already counts in the norm.
     """
@@ -81,6 +81,8 @@ class DataParallel:
         self.counted_elsewhere = counted_elsewhere
         self.items: list[ReplicatedParam] = []
         for name, p in model.named_parameters():
+            if not p.requires_grad:  # frozen (a LoRA base): no gradient, no update
+                continue
             part = placements[name]
             self.items.append(ReplicatedParam(name, p, part,
                                               mesh.edp if part.expert else mesh.dp, 0))

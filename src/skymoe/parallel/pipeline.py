@@ -26,6 +26,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 
 from ..errors import ConfigError
+from ..model.loss import label_count
 from ..model.moe import MoEBalance, MoEOutput, MoEStats, accumulate_stats
 from ..model.transformer import SkyworkForCausalLM
 from .comm import CollectiveOrder, CommGroup, all_reduce_
@@ -126,11 +127,12 @@ class StepInputs:
 
     def __init__(self) -> None:
         self.balance: MoEBalance | None = None
+        self.ce_scale: float | None = None  # see PipelineSchedule.forward_backward
         self.aux = torch.zeros((), dtype=torch.float64)
         self.stats: dict[int, MoEStats] = {}
 
-    def reset(self, balance: MoEBalance | None) -> None:
-        self.balance = balance
+    def reset(self, balance: MoEBalance | None, ce_scale: float | None = None) -> None:
+        self.balance, self.ce_scale = balance, ce_scale
         self.aux.zero_()
         self.stats = {}
 
@@ -233,18 +235,21 @@ class PipelineSchedule:
         self.micro_batches, self.micro_batch_size, self.pp = micro_batches, micro_batch_size, pp
         self.forward_only = forward_only  # whether the schedule can run forward-only passes
 
-    def forward_backward(self, local_batch: torch.Tensor, balance: MoEBalance | None
+    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                         balance: MoEBalance | None, ce_per_token: float
                          ) -> tuple[torch.Tensor, dict[int, MoEStats]]:
         """Fill ``.grad`` with the gradient of the data-parallel rank's rows (run as the
         schedule's equal micro-batches; the rank holding the first stage feeds the tokens,
-        the one holding the last computes the loss). Returns the (loss, CE loss) of the
-        rank's rows and the MoE statistics of every MoE layer, each summed over the pipeline
-        ranks (so every rank of the pipeline sees the whole model's)."""
+        the one holding the last computes the loss, each micro-batch's mean CE weighed by
+        its label tokens times ``ce_per_token``). Returns the (loss, CE loss) of the rank's
+        rows and the MoE statistics of every MoE layer, each summed over the pipeline ranks
+        (so every rank of the pipeline sees the whole model's)."""
         stages, inputs = self.stages, self.inputs
-        inputs.reset(balance)
+        # The schedule divides the gradients by the micro-batch count: scale it back in.
+        inputs.reset(balance, ce_per_token * self.micro_batches)
         micro_losses: list[torch.Tensor] = []
-        self.schedule.step(*((local_batch,) if stages.is_first else ()),
-                           target=local_batch if stages.is_last else None,
+        self.schedule.step(*((input_ids,) if stages.is_first else ()),
+                           target=labels if stages.is_last else None,
                            losses=micro_losses if stages.is_last else None,
                            return_outputs=False)
         stages.sync_tied_gradients()
@@ -253,7 +258,7 @@ class PipelineSchedule:
                             dtype=torch.float64)
         return all_reduce_(sums, self.pp), self._whole_model_stats()
 
-    def expert_loads(self, local_batch: torch.Tensor, balance: MoEBalance
+    def expert_loads(self, input_ids: torch.Tensor, balance: MoEBalance
                      ) -> dict[int, torch.Tensor]:
         """Every MoE layer's expert load over the rank's rows: the schedule's forward-only
         pass in training mode, statistics summed over the pipeline ranks."""
@@ -263,8 +268,8 @@ class PipelineSchedule:
                               "parallel.pp_schedule or moe.aux_loss")
         stages = self.stages
         self.inputs.reset(balance)
-        self.schedule.eval(*((local_batch,) if stages.is_first else ()),
-                           target=local_batch if stages.is_last else None,
+        self.schedule.eval(*((input_ids,) if stages.is_first else ()),
+                           target=input_ids if stages.is_last else None,
                            losses=[] if stages.is_last else None, return_outputs=False)
         return {i: s.load for i, s in self._whole_model_stats().items()}
 
@@ -273,20 +278,23 @@ class PipelineSchedule:
         """Rows per evaluation call: a whole schedule step (its shapes are fixed)."""
         return self.micro_batches * self.micro_batch_size
 
-    def loss_sums(self, batch: torch.Tensor) -> torch.Tensor:
-        """(sum of loss * sequences, sequences) of ``batch`` through the pipeline, forward
-        only; zeros except on the last stage's ranks, for a batch of another size, and for a
-        schedule that cannot run forward-only passes."""
+    def loss_sums(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(sum of CE over label tokens, label tokens) of a batch through the pipeline,
+        forward only; zeros except on the last stage's ranks, for a batch of another size,
+        and for a schedule that cannot run forward-only passes."""
         stages = self.stages
-        if batch.shape[0] != self.eval_rows or not self.forward_only:
+        if input_ids.shape[0] != self.eval_rows or not self.forward_only:
             return torch.zeros(2, dtype=torch.float64)
         self.inputs.reset(None)
         losses: list[torch.Tensor] = []
-        self.schedule.eval(*((batch,) if stages.is_first else ()),
-                           target=batch if stages.is_last else None,
+        self.schedule.eval(*((input_ids,) if stages.is_first else ()),
+                           target=labels if stages.is_last else None,
                            losses=losses if stages.is_last else None, return_outputs=False)
-        total = sum(float(loss) for loss in losses) * self.micro_batch_size
-        return torch.tensor([total, self.micro_batch_size * len(losses)], dtype=torch.float64)
+        if not stages.is_last:
+            return torch.zeros(2, dtype=torch.float64)
+        counts = [label_count(m) for m in labels.split(self.micro_batch_size)]
+        total = sum(float(loss) * n for loss, n in zip(losses, counts))
+        return torch.tensor([total, sum(counts)], dtype=torch.float64)
 
     def _whole_model_stats(self) -> dict[int, MoEStats]:
         """This rank's statistics, zeros for MoE layers held elsewhere, summed over the
@@ -327,7 +335,9 @@ def build_schedule(stages: PipelineStages, mesh: ParallelMesh, micro_batches: in
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with autocast():
-            return part.loss_function(logits, labels)
+            loss = part.loss_function(logits, labels)
+        # Training: the micro-batch's mean CE weighed by its label tokens (forward_backward).
+        return loss * (label_count(labels) * inputs.ce_scale) if inputs.ce_scale else loss
 
     logits_dtype = logits_dtype or part.dtype
     inputs = StepInputs()

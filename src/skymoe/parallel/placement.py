@@ -12,7 +12,8 @@ lists, per dimension, the indices of the full tensor this rank keeps:
   row counts, and the padding rows (past the real vocabulary) are zeros;
 - experts: this rank's experts (``EP``) and, with ``ETP``, its part of each expert's
   intermediate size (in ``w13`` both the w1 and the w3 rows of that part);
-- norms and routers: everything (replicated).
+- norms and routers: everything (replicated);
+- LoRA adapters (``...lora.*``): everything (replicated; training refuses LoRA under TP/EP).
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def placement(name: str, config: SkyworkMoeConfig, layout: ParallelLayout,
     """Where parameter ``name`` (the model's own names) lives on the rank at ``coords``; the
     vocabulary is padded to a multiple of ``vocab_multiple`` before it is split."""
     c, tp, t = config, layout.tp, coords.tp
+    if ".lora." in name:  # LoRA adapters are replicated (not yet sharded under TP or EP)
+        return Placement({}, tp_replicated=True)
     if re.search(r"(^|\.)(input_layernorm|post_attention_layernorm|norm)\.weight$", name) \
             or re.search(r"block_sparse_moe\.(gate(\.\d+)?\.weight|expert_bias)$", name):
         return Placement({}, tp_replicated=True)

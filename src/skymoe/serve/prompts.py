@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .chat import render_chat
 from .protocol import APIError, ChatCompletionRequest, bad_request, message_text
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def encode_chat(state: ServerState, req: ChatCompletionRequest) -> list[int]:
                 for i, m in enumerate(req.messages)]
     if _certainly_too_long(state, "".join(m["content"] for m in messages)):
         raise _too_long(state, "the messages are", "messages")
-    ids = state.tokenizer.encode(template.render(messages), add_bos=template.add_bos)
+    ids = state.tokenizer.encode(render_chat(template, messages), add_bos=template.add_bos)
     if not ids:
         raise bad_request("the messages render to an empty prompt", "messages")
     return ids

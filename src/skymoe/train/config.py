@@ -42,6 +42,12 @@ class DataSection:
     #                                               of sources (their own validation split)
     weights: list = field(default_factory=list)   # mixture weights of the prepared
     #                                               directories (default: their token counts)
+    format: str = "text"          # "text" (documents) or "sft": JSONL of chats (messages) or
+    #                               prompt/completion pairs, loss on the answers
+    loss_on: str = "completion"   # sft: "completion" (assistant turns) or "all" tokens
+    too_long: str = "truncate"    # sft: a sample over seq_len is "truncate"d or "drop"ped
+    pack: bool = True             # sft: several samples per row, kept apart (else one per row)
+    isolate_documents: bool = False  # text: attention and positions restart at each document
 
 
 @dataclass
@@ -123,6 +129,19 @@ class ParallelSection:
 
 
 @dataclass
+class LoraSection:
+    enabled: bool = False         # train low-rank adapters on a frozen model.init_from base
+    rank: int = 16
+    alpha: float = 32.0           # the adapters' output scaled by alpha / rank
+    dropout: float = 0.0
+    targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                   "experts"])  # also gate/up/down_proj
+    train_router: bool = False    # the MoE routers train too (in full)
+    base_dtype: str = "bf16"      # the frozen base: "bf16", "fp32", or "fp8" (an FP8
+    #                               checkpoint's values kept at one byte each)
+
+
+@dataclass
 class RunSection:
     dir: str = "runs/default"
 
@@ -135,6 +154,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     moe: MoESection = field(default_factory=MoESection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     run: RunSection = field(default_factory=RunSection)
 
     def validate(self) -> None:
@@ -187,6 +207,19 @@ class TrainConfig:
                                and all(isinstance(w, (int, float)) and w > 0
                                        for w in d.weights)),
              "data.weights needs one positive weight per data.prepared directory"),
+            (d.format in ("text", "sft"), "data.format must be 'text' or 'sft'"),
+            (d.loss_on in ("completion", "all"), "data.loss_on must be 'completion' or 'all'"),
+            (d.too_long in ("truncate", "drop"), "data.too_long must be 'truncate' or 'drop'"),
+            (not (d.format == "sft" and d.prepared),
+             "data.format = 'sft' reads JSONL from data.sources, not data.prepared"),
+            (not (d.format == "sft" and not d.sources),
+             "data.format = 'sft' needs data.sources (JSONL files of chats or prompt/"
+             "completion pairs)"),
+            (not (d.format == "sft" and d.pack and self.parallel.pp > 1),
+             "packed fine-tuning rows cannot pass pipeline stages; set data.pack = false with "
+             "parallel.pp > 1"),
+            (not (d.isolate_documents and self.parallel.pp > 1),
+             "data.isolate_documents does not work with parallel.pp > 1 yet"),
             (t.eval_every >= 0 and t.checkpoint_every >= 0, "intervals must be >= 0"),
             (self.parallel.expert in ("", "ep", "etp", "edp"),
              "parallel.expert must be 'ep', 'etp' or 'edp'"),
@@ -196,9 +229,32 @@ class TrainConfig:
              f"parallel.pp_schedule must be one of {', '.join(SCHEDULES)}"),
             (self.parallel.pp_stages_per_rank >= 1, "parallel.pp_stages_per_rank must be >= 1"),
         ]
-        for ok, message in checks:
+        for ok, message in checks + self._lora_checks():
             if not ok:
                 raise ConfigError(f"training config: {message}")
+
+    def _lora_checks(self) -> list[tuple[bool, str]]:
+        lora, p = self.lora, self.parallel
+        if not lora.enabled:
+            return []
+        known = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                 "experts")
+        return [
+            (bool(self.model.init_from), "lora.enabled needs a base to adapt: set "
+             "model.init_from to a checkpoint directory"),
+            (lora.rank >= 1 and lora.alpha > 0, "lora.rank must be >= 1 and lora.alpha > 0"),
+            (0 <= lora.dropout < 1, "lora.dropout must be in [0, 1)"),
+            (bool(lora.targets) and all(t in known for t in lora.targets),
+             f"lora.targets must be names among {', '.join(known)}"),
+            (lora.base_dtype in ("bf16", "fp32", "fp8"),
+             "lora.base_dtype must be 'bf16', 'fp32' or 'fp8'"),
+            # Adapters are replicated like the data-parallel weights; sharding them like
+            # tensor- and expert-parallel weights is not built yet.
+            (p.tp == 1 and p.ep == 1 and p.etp == 1 and not p.expert,
+             "lora.enabled works with data and pipeline parallelism (parallel.dp, "
+             "parallel.pp); parallel.tp, ep, etp and expert are not supported with LoRA yet"),
+            (not self.train.compile, "train.compile does not work with lora.enabled yet"),
+        ]
 
     def layout(self) -> ParallelLayout:
         """The ``ParallelLayout`` of the [parallel] section."""

@@ -88,8 +88,8 @@ def pack_documents(token_lists: Iterable[list[int]], seq_len: int, eos_id: int) 
 # ---------------------------------------------------------------------------------------- loader
 
 class SequenceLoader:
-    """Deterministic, resumable shuffled batches over rows of tokens (``TokenRows``, or a
-    tensor ``[N, L]``).
+    """Deterministic, resumable shuffled batches over rows of tokens (``TokenRows``, a tensor
+    ``[N, L]``, or any rows read the same way, such as fine-tuning rows).
 
     Epoch ``e`` visits the rows in ``torch.randperm(N)`` order seeded with ``seed + e`` (or in
     order when ``shuffle=False``), ``batch_size`` rows at a time; an incomplete last batch is
@@ -99,8 +99,8 @@ class SequenceLoader:
 
     def __init__(self, sequences: torch.Tensor | TokenRows, batch_size: int, seed: int,
                  shuffle: bool = True) -> None:
-        self.rows = (sequences if isinstance(sequences, TokenRows)
-                     else TokenRows.from_tensor(sequences))
+        self.rows = (TokenRows.from_tensor(sequences) if isinstance(sequences, torch.Tensor)
+                     else sequences)
         if batch_size < 1:
             raise DataError(f"batch_size={batch_size} must be at least 1")
         n = len(self.rows)

@@ -41,11 +41,12 @@ from ..parallel.data_parallel import DataParallel
 from ..parallel.health import guard_collectives
 from ..parallel.layout import split_range
 from ..parallel.mesh import build_mesh, init_distributed
-from ..parallel.pipeline import PipelineSchedule, PipelineStages, build_schedule
+from ..parallel.pipeline import PipelineStages, build_schedule
 from ..parallel.schedules import SCHEDULES, stages_of_rank
 from ..runtime import keep_freed_memory
 from . import data, run_state, sources
 from .background_save import BackgroundSaver
+from .batch import Batch
 from .mixture import MixtureLoader
 from .prepare import PreparedData, tokenizer_fingerprint
 from .token_rows import TokenRows
@@ -200,17 +201,16 @@ class Trainer:
         tok_path = cfg.tokenizer.path or cfg.model.init_from
         if tok_path:
             tokenizer = load_tokenizer(tok_path)
-        elif (tok_dir / "tokenizer.json").is_file():  # resumed run: the run's own tokenizer
-            tokenizer = load_tokenizer(tok_dir)
         else:
-            # One process trains and saves it; the others read what it wrote.
-            if self.is_main:
+            # A resumed run has its own tokenizer; otherwise one process trains and saves it
+            # and the others read what it wrote. Every rank takes the barrier: a rank that
+            # looked for the file only after the main one wrote it must not skip it.
+            if self.is_main and not (tok_dir / "tokenizer.json").is_file():
                 self._log(f"training a byte-level BPE tokenizer "
                           f"(vocab {cfg.tokenizer.vocab_size})")
-                tokenizer = train_bpe_tokenizer(train_docs, cfg.tokenizer.vocab_size, tok_dir)
+                train_bpe_tokenizer(train_docs, cfg.tokenizer.vocab_size, tok_dir)
             self._barrier()
-            if not self.is_main:
-                tokenizer = load_tokenizer(tok_dir)
+            tokenizer = load_tokenizer(tok_dir)
         self.tokenizer_dir = Path(tok_path) if tok_path else tok_dir
         if tokenizer.eos_id is None:
             raise ConfigError(f"{self.tokenizer_dir}: the tokenizer has no EOS token, needed "
@@ -301,18 +301,18 @@ class Trainer:
                   f"{p.pp_schedule} schedule")
         return PipelineStages(self.model, pipe, stages)
 
-    def _pipeline_schedule(self, stages: PipelineStages) -> PipelineSchedule:
+    def _pipeline_schedule(self, stages: PipelineStages) -> step_ops.PipelineSteps:
         t = self.cfg.train
         if not SCHEDULES[self.cfg.parallel.pp_schedule].forward_only:
             self._log(f"note: the {self.cfg.parallel.pp_schedule} schedule cannot run "
                       "forward-only passes (torch.distributed.pipelining), so this run "
                       "computes no validation loss")
         rows = self.local_rows[1] - self.local_rows[0]
-        return build_schedule(
+        return step_ops.PipelineSteps(build_schedule(
             stages, self.mesh, rows // t.micro_batch_size, t.micro_batch_size,
             self.cfg.data.seq_len, self.cfg.parallel.pp_schedule,
             torch.bfloat16 if t.precision == "bf16" else torch.float32, self.device,
-            self._autocast)
+            self._autocast))
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         params = dict(self.model.named_parameters())
@@ -379,15 +379,17 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def accumulate_gradients(self, batch: torch.Tensor, local: bool = False
+    def accumulate_gradients(self, batch: Batch | torch.Tensor, local: bool = False
                              ) -> tuple[float, float]:
         """Fill ``.grad`` with the gradient of the batch's loss (CE + aux terms), accumulated
-        over micro-batches, each scaled by its share of the batch. Returns (loss, CE loss).
-        ``batch``: the whole batch, or with ``local`` only this data-parallel rank's rows."""
+        over micro-batches. Returns (loss, CE loss). ``batch``: the whole batch (a ``Batch``,
+        or token rows that are their own labels), or with ``local`` only this data-parallel
+        rank's rows."""
         self.optimizer.zero_grad(set_to_none=True)
         self.stats.reset()
+        batch = Batch.of(batch)
         if not local:
-            batch = batch[self.local_rows[0]:self.local_rows[1]]  # this rank's rows
+            batch = batch.rows(*self.local_rows)  # this rank's rows
         return step_ops.accumulate_gradients(self.steps, batch.to(self.device), self.balance(),
                                              self.dp, self.stats)
 
@@ -395,7 +397,7 @@ class Trainer:
         """The MoE routing options and the controller's current coefficients, for a step."""
         return MoEBalance.for_layers(self.moe_options, self.moe_layers, self.controller.alphas)
 
-    def train_step(self, batch: torch.Tensor, local: bool = False) -> StepResult:
+    def train_step(self, batch: Batch | torch.Tensor, local: bool = False) -> StepResult:
         """Gradients of one batch (all of it, or with ``local`` this rank's rows), clipping
         and the AdamW update. A non-finite loss or gradient raises TrainingError, or with
         ``skip_nonfinite`` skips the update."""
@@ -428,14 +430,14 @@ class Trainer:
         dp = self.mesh.dp
         rows = self.steps.eval_rows  # a pipeline evaluates a whole schedule step at a time
         self.model.eval()
-        sums = torch.zeros(2, dtype=torch.float64)  # sum of loss * sequences, sequences
+        sums = torch.zeros(2, dtype=torch.float64)  # CE summed over label tokens, tokens
         try:
             starts = range(0, len(self.val_rows), rows)
             for i, start in enumerate(starts[:max(1, t.eval_batches * t.micro_batch_size
                                                   // rows)]):
                 if i % dp.size != dp.rank:  # data-parallel ranks share the batches
                     continue
-                batch = self.val_rows.read_range(start, start + rows)
+                batch = Batch.of(self.val_rows.read_range(start, start + rows))
                 sums += self.steps.loss_sums(batch.to(self.device))
         finally:
             self.model.train()
