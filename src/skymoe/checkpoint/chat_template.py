@@ -75,7 +75,7 @@ class ChatTemplate:
                 raise CheckpointError(f"{d / 'tokenizer_config.json'}: chat_template must be a "
                                       "string or a list with a template named 'default'")
             origin = str(d / "tokenizer_config.json")
-        if source is None:
+        if source is None or source == DEFAULT_TEMPLATE:  # also the default, saved by a run
             return cls(DEFAULT_TEMPLATE, _compile(DEFAULT_TEMPLATE, origin), bos, eos, True,
                        DEFAULT_STOP, origin)
         return cls(source, _compile(source, origin), bos, eos, False, (), origin)

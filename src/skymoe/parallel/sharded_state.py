@@ -79,7 +79,8 @@ def _named_pieces(model: nn.Module, placements: dict[str, Placement] | None,
     out: dict[str, Piece] = {}
     for key_prefix, name, t in tensors:
         place = placements[name] if placements is not None else _WHOLE
-        shape = full.get(name, full.get("model.embed_tokens.weight"))  # a tied head's copy
+        shape = full.get(name) or (full["model.embed_tokens.weight"]  # a tied head's copy
+                                   if name == "lm_head.weight" else tuple(t.shape))  # adapters
         found = _piece_of(name, t.detach(), shape, place, model.config.tie_word_embeddings)
         if found is not None:
             out[key_prefix + found[0]] = found[1]

@@ -48,6 +48,7 @@ class DataSection:
     too_long: str = "truncate"    # sft: a sample over seq_len is "truncate"d or "drop"ped
     pack: bool = True             # sft: several samples per row, kept apart (else one per row)
     isolate_documents: bool = False  # text: attention and positions restart at each document
+    skip_bad: bool = False        # sft: skip (and count) malformed lines instead of failing
 
 
 @dataclass
@@ -254,6 +255,11 @@ class TrainConfig:
              "lora.enabled works with data and pipeline parallelism (parallel.dp, "
              "parallel.pp); parallel.tp, ep, etp and expert are not supported with LoRA yet"),
             (not self.train.compile, "train.compile does not work with lora.enabled yet"),
+            (self.train.checkpoint_format != "hf", "a LoRA run's checkpoints hold the adapters "
+             "(sharded format); train.checkpoint_format = 'hf' does not apply"),
+            (lora.base_dtype == "fp32" or self.train.precision == "bf16",
+             f"lora.base_dtype = {lora.base_dtype!r} computes in bf16: set train.precision = "
+             "'bf16' (or lora.base_dtype = 'fp32')"),
         ]
 
     def layout(self) -> ParallelLayout:

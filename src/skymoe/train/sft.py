@@ -63,9 +63,9 @@ class SftStats:
     skipped_examples: list[str] = field(default_factory=list)
 
 
-def iter_records(sources: Sequence[str | Path]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(``file:line``, record) of every non-empty JSONL line of the sources (files, or
-    directories of ``*.jsonl``); a broken line is a ``DataError`` naming it."""
+def iter_lines(sources: Sequence[str | Path]) -> Iterator[tuple[str, bytes]]:
+    """(``file:line``, line) of every non-empty line of the sources (JSONL files, or
+    directories of ``*.jsonl``)."""
     for source in sources:
         for path in corpus_files(Path(source), ("*.jsonl",)):
             try:
@@ -74,16 +74,19 @@ def iter_records(sources: Sequence[str | Path]) -> Iterator[tuple[str, dict[str,
                 raise DataError(f"{path}: cannot be read ({exc.strerror})") from None
             with f:
                 for number, raw in enumerate(f, 1):
-                    where = f"{path}:{number}"
-                    if not raw.strip():
-                        continue
-                    try:
-                        record = json.loads(raw)
-                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                        raise DataError(f"{where}: not a JSON object ({exc})") from None
-                    if not isinstance(record, dict):
-                        raise DataError(f"{where}: not a JSON object")
-                    yield where, record
+                    if raw.strip():
+                        yield f"{path}:{number}", raw
+
+
+def parse_record(raw: bytes, where: str) -> dict[str, Any]:
+    """One JSONL line as a JSON object; anything else is a ``DataError`` naming ``where``."""
+    try:
+        record = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{where}: not a JSON object ({exc})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: not a JSON object")
+    return record
 
 
 def encode_record(record: dict[str, Any], where: str, tokenizer: Tokenizer,
@@ -103,10 +106,10 @@ def encode_record(record: dict[str, Any], where: str, tokenizer: Tokenizer,
                         f"found keys {sorted(record)[:8]}")
     ids: list[int] = []
     labels: list[int] = []
-    for i, (text, trained) in enumerate(pieces):
+    for text, trained in pieces:
         if not text:
             continue
-        piece = tokenizer.encode(text, add_bos=add_bos if i == 0 else False)
+        piece = tokenizer.encode(text, add_bos=False if ids else add_bos)  # BOS opens a sample
         ids += piece
         labels += piece if trained or loss_on == "all" else [IGNORE_INDEX] * len(piece)
     ids.append(tokenizer.eos_id)
@@ -153,9 +156,10 @@ def encode_samples(sources: Sequence[str | Path], tokenizer: Tokenizer,
         raise DataError(f"too_long = {too_long!r}; use one of {TOO_LONG}")
     stats = SftStats()
     samples = []
-    for where, record in iter_records(sources):
+    for where, raw in iter_lines(sources):
         try:
-            sample = encode_record(record, where, tokenizer, template, loss_on)
+            sample = encode_record(parse_record(raw, where), where, tokenizer, template,
+                                   loss_on)
         except DataError as exc:
             if not skip_bad:
                 raise
@@ -235,4 +239,4 @@ def split_samples(samples: list[Sample], val_fraction: float, seed: int
 
 
 __all__ = ["LOSS_ON", "TOO_LONG", "Sample", "SftRows", "SftStats", "encode_record",
-           "encode_samples", "iter_records", "split_samples"]
+           "encode_samples", "iter_lines", "parse_record", "split_samples"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import shutil
 import signal
 import sys
 import time
@@ -26,12 +27,15 @@ from tqdm import tqdm
 
 from ..checkpoint import load_model, load_tokenizer
 from ..checkpoint.dcp import load_pieces
-from ..checkpoint.tokenizer import Tokenizer
+from ..checkpoint.chat_template import TEMPLATE_FILE, ChatTemplate
+from ..checkpoint.tokenizer import TOKENIZER_FILES, Tokenizer
 from ..config import SkyworkMoeConfig, resolve_config
 from ..errors import ConfigError, DataError, TrainingError
 from ..infer.generate import SamplingParams, generate
 from ..kernels import load_kernels
 from ..model.balance import AuxCoefController, ExpertBiasController
+from ..model.fp8 import Fp8Experts, Fp8Linear
+from ..model.lora import LoRAConfig, add_lora
 from ..model.moe import MoEBalance, MoETrainingOptions
 from ..model.transformer import SkyworkForCausalLM, build_model
 from ..parallel import full_state, sharded_state
@@ -44,7 +48,7 @@ from ..parallel.mesh import build_mesh, init_distributed
 from ..parallel.pipeline import PipelineStages, build_schedule
 from ..parallel.schedules import SCHEDULES, stages_of_rank
 from ..runtime import keep_freed_memory
-from . import data, run_state, sources
+from . import data, run_state, sft, sources
 from .background_save import BackgroundSaver
 from .batch import Batch
 from .mixture import MixtureLoader
@@ -123,7 +127,10 @@ class Trainer:
             z_loss_coef=m.z_loss_coef, routing_group_size=m.routing_group_size)
         self.step = 0
         self.last_checkpoint: Path | None = None
-        self.sharded = cfg.train.checkpoint_format == "sharded" or (
+        # A LoRA run's checkpoints hold only what trains (adapters, a trained router, buffers
+        # such as routing biases) and the optimizer's states of those: the frozen base is
+        # model.init_from, loaded again on resume.
+        self.sharded = cfg.lora.enabled or cfg.train.checkpoint_format == "sharded" or (
             cfg.train.checkpoint_format == "auto"
             and (self.mesh.world.active or cfg.train.async_checkpoint))
         self._saver = BackgroundSaver() if cfg.train.async_checkpoint else None
@@ -150,7 +157,7 @@ class Trainer:
         numel = {n: p.numel() for n, p in self.model.named_parameters()}
         parallelize(self.model, self.mesh, cfg.parallel.a2a_chunks)
         if resume and run_state.is_sharded(self.last_checkpoint):  # this rank's pieces only
-            load_pieces(sharded_state.model_pieces(self.model, self.placements),
+            load_pieces(self._model_pieces(),
                         self.last_checkpoint / run_state.SHARDED, self.checkpoint_group)
         self.steps: step_ops.StepStrategy = (
             self._pipeline_schedule(stages) if stages is not None else step_ops.MicroBatchLoop(
@@ -188,6 +195,8 @@ class Trainer:
         d, cfg = self.cfg.data, self.cfg
         if d.prepared:
             return self._prepared_data()
+        if d.format == "sft":
+            return self._sft_data()
         corpus = d.sources or sources.default_corpus_sources()
         patterns = d.patterns if d.sources else ["*.py"]
         names = ", ".join(map(str, corpus)) if d.sources else "the Python standard library source"
@@ -258,6 +267,45 @@ class Trainer:
                   f"{len(val)} validation sequences")
         return tokenizer
 
+    def _sft_data(self) -> Tokenizer:
+        """The tokenizer and loaders of ``data.format = "sft"`` (chats or prompt/completion
+        pairs, see ``train.sft``). The run's tokenizer directory gets the chat template the
+        samples were rendered with (the base's, or the default), so every checkpoint of the
+        run is served with the template it was trained on."""
+        d, cfg = self.cfg.data, self.cfg
+        source = cfg.tokenizer.path or cfg.model.init_from
+        if not source:
+            raise ConfigError("data.format = 'sft' fine-tunes a model with its tokenizer: set "
+                              "model.init_from (or tokenizer.path)")
+        tokenizer = load_tokenizer(source)
+        if tokenizer.eos_id is None:
+            raise ConfigError(f"{source}: the tokenizer has no EOS token, which ends every "
+                              "fine-tuning sample")
+        template = ChatTemplate.load(source)
+        tok_dir = self.run_dir / "tokenizer"
+        if self.is_main:
+            tok_dir.mkdir(parents=True, exist_ok=True)
+            for name in TOKENIZER_FILES:
+                if name != TEMPLATE_FILE and (Path(source) / name).is_file():
+                    shutil.copyfile(Path(source) / name, tok_dir / name)
+            template.save(tok_dir)
+        self._barrier()
+        self.tokenizer_dir = tok_dir
+        samples, stats = sft.encode_samples(d.sources, tokenizer, template, d.seq_len,
+                                            d.loss_on, d.too_long, d.skip_bad)
+        train, val = sft.split_samples(samples, d.val_fraction, cfg.train.seed)
+        rows = sft.SftRows(train, d.seq_len, tokenizer.eos_id, d.pack)
+        self.loader = data.SequenceLoader(rows, cfg.train.batch_size, cfg.train.seed)
+        self.val_rows = sft.SftRows(val, d.seq_len, tokenizer.eos_id, d.pack) if val else None
+        skipped = f", {len(stats.skipped_examples)} bad lines skipped" if d.skip_bad else ""
+        self._log(f"fine-tuning data: {stats.samples} samples ({len(train)} train, {len(val)} "
+                  f"held out) in {len(rows)} rows of {d.seq_len} tokens"
+                  f"{' (packed)' if d.pack else ''}; {stats.trained_tokens} trained tokens; "
+                  f"{stats.truncated} truncated, {stats.dropped_too_long} dropped as too long, "
+                  f"{stats.dropped_untrained} without an answer token{skipped}; chat template: "
+                  f"{template.origin}")
+        return tokenizer
+
     def _model_config(self) -> SkyworkMoeConfig:
         m = self.cfg.model
         base = resolve_config(m.init_from or m.config)
@@ -273,7 +321,9 @@ class Trainer:
 
     def _build_model(self) -> SkyworkForCausalLM:
         config = self._model_config()
-        if self.cfg.model.init_from:
+        if self.cfg.lora.enabled:
+            model = self._lora_model()
+        elif self.cfg.model.init_from:
             model = load_model(self.cfg.model.init_from, dtype=torch.float32, device=self.device)
         else:
             model = build_model(config, device=self.device, dtype=torch.float32,
@@ -285,6 +335,28 @@ class Trainer:
         # The kernel backend, chosen (and on CPU built, once per machine) here, not in a forward.
         model.use_kernels(load_kernels(self.device, progress=self._log))
         return model.train()
+
+    def _lora_model(self) -> SkyworkForCausalLM:
+        """The frozen ``model.init_from`` base (bf16, fp32, or its FP8 values kept at one byte)
+        with fresh adapters, the same on every rank (seeded by ``train.seed``)."""
+        lora = self.cfg.lora
+        path = self.cfg.model.init_from
+        if lora.base_dtype == "fp8":
+            model = load_model(path, dtype=torch.bfloat16, device=self.device, fp8="keep")
+            if not any(isinstance(m, (Fp8Linear, Fp8Experts)) for m in model.modules()):
+                raise ConfigError(f"lora.base_dtype = 'fp8' needs an FP8 checkpoint; {path} "
+                                  "is not one (write one with skymoe export --to fp8)")
+        else:
+            dtype = torch.bfloat16 if lora.base_dtype == "bf16" else torch.float32
+            model = load_model(path, dtype=dtype, device=self.device)
+        adapted = add_lora(model, LoRAConfig(
+            rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+            targets=tuple(lora.targets), train_router=lora.train_router), seed=self.cfg.train.seed)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        self._log(f"LoRA rank {lora.rank} on {len(adapted)} modules of a {lora.base_dtype} base: "
+                  f"{trainable:,} trainable of {total:,} parameters")
+        return model
 
     def _pipeline_stages(self) -> PipelineStages:
         """This rank's stages of the full model under ``parallel.pp_layers``/``pp_recompute``."""
@@ -315,7 +387,7 @@ class Trainer:
             self._autocast))
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        params = dict(self.model.named_parameters())
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         decay, no_decay = _param_groups((n, p.shape) for n, p in params.items())
         t = self.cfg.train
         return torch.optim.AdamW(
@@ -437,7 +509,7 @@ class Trainer:
                                                   // rows)]):
                 if i % dp.size != dp.rank:  # data-parallel ranks share the batches
                     continue
-                batch = Batch.of(self.val_rows.read_range(start, start + rows))
+                batch = self._batch(self.val_rows.read_range(start, start + rows))
                 sums += self.steps.loss_sums(batch.to(self.device))
         finally:
             self.model.train()
@@ -472,6 +544,15 @@ class Trainer:
         self.last_checkpoint = path
         return path
 
+    def _model_pieces(self) -> dict:
+        """This rank's pieces of the model a checkpoint holds (with LoRA: what trains)."""
+        pieces = sharded_state.model_pieces(self.model, self.placements)
+        if not self.cfg.lora.enabled:
+            return pieces
+        kept = {*(n for n, p in self.model.named_parameters() if p.requires_grad),
+                *(n for n, _ in self.model.named_buffers())}
+        return {k: v for k, v in pieces.items() if k in kept}
+
     def wait_for_checkpoint(self) -> Path | None:
         """With ``train.async_checkpoint``: wait until the checkpoint being written is on
         disk (raising its error), and return the latest checkpoint."""
@@ -482,7 +563,7 @@ class Trainer:
     def _save_sharded(self, state: dict) -> Path:
         step = torch.tensor([float(sharded_state.optimizer_step(self.optimizer))])
         all_reduce_(step, self.mesh.world, torch.distributed.ReduceOp.MAX)  # one per run
-        pieces = {**sharded_state.model_pieces(self.model, self.placements),
+        pieces = {**self._model_pieces(),
                   **sharded_state.optimizer_pieces(self.optimizer, self.model, self.dp,
                                                    self.placements)}
         config = dataclasses.replace(self.model.config, torch_dtype="float32")
@@ -545,7 +626,7 @@ class Trainer:
         """One optimizer step on the next batch, its metrics record and progress update."""
         t = self.cfg.train
         tokens_per_step = t.batch_size * self.cfg.data.seq_len
-        batch = self.loader.next_batch(self.local_rows)  # only this rank's rows are read
+        batch = self._batch(self.loader.next_batch(self.local_rows))  # this rank's rows only
         bias_ranges = self.bias_controller.ranges() if self.bias_controller else None
         began = time.perf_counter()
         last = self.train_step(batch, local=True)
@@ -569,6 +650,13 @@ class Trainer:
         self._bar.set_postfix(postfix, refresh=False)
         self._bar.update(1)
         return last
+
+    def _batch(self, rows: torch.Tensor | Batch) -> Batch:
+        """Rows read from the data as a batch: documents kept apart when
+        ``data.isolate_documents``."""
+        if self.cfg.data.isolate_documents and not isinstance(rows, Batch):
+            return Batch.isolated_documents(rows, self.tokenizer.eos_id)
+        return Batch.of(rows)
 
     def _should_stop(self) -> bool:
         """Whether a stop signal reached any rank (all ranks stop at the same step)."""
