@@ -250,3 +250,81 @@ def test_lora_under_data_and_pipeline_parallelism_matches_one_process(tmp_path, 
 def _train_losses(run: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+
+
+@pytest.mark.parametrize("base_dtype", ["bf16", "fp8"])
+def test_lora_on_a_bf16_or_fp8_base_trains_the_adapters_only(tmp_path, base, base_dtype):
+    from skymoe.model.fp8 import Fp8Experts, Fp8Linear
+    from skymoe.quantize import quantize_checkpoint
+
+    start = base
+    if base_dtype == "fp8":
+        start = quantize_checkpoint(base, tmp_path / "fp8")
+    cfg = _lora_config(tmp_path, start, "run", precision="bf16", steps=3, eval_every=3,
+                       checkpoint_every=0)
+    cfg.lora.base_dtype = base_dtype
+    trainer = Trainer(cfg, quiet=True)
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+              if not p.requires_grad}
+    summary = trainer.run()
+    trainer.close()
+    assert summary.val_loss is not None and torch.isfinite(torch.tensor(summary.val_loss))
+    params = dict(trainer.model.named_parameters())
+    assert all(torch.equal(params[n], t) for n, t in frozen.items())
+    assert all(p.dtype == torch.float32 for n, p in params.items() if p.requires_grad)
+    if base_dtype == "fp8":  # the base's projections keep their one-byte values
+        fp8 = [m for m in trainer.model.modules() if isinstance(m, (Fp8Linear, Fp8Experts))]
+        assert fp8 and all(t.dtype == torch.float8_e4m3fn for m in fp8
+                           for t in m.buffers() if t.element_size() == 1)
+    else:
+        assert all(p.dtype == torch.bfloat16 for n, p in params.items()
+                   if not p.requires_grad and p.dim() == 2)
+
+
+def test_an_fp8_base_must_be_an_fp8_checkpoint(tmp_path, base):
+    cfg = _lora_config(tmp_path, base, "run", precision="bf16")
+    cfg.lora.base_dtype = "fp8"
+    with pytest.raises(ConfigError, match="FP8 checkpoint"):
+        Trainer(cfg, quiet=True)
+
+
+def test_a_lora_run_exports_an_adapter_that_merges_and_loads_with_the_same_logits(
+        tmp_path, base):
+    """export -> adapter dir (with the run's chat template); merge -> a checkpoint whose
+    logits equal the base with the adapter applied; generate --adapter runs it."""
+    import subprocess
+    import sys
+
+    from skymoe.checkpoint.adapter import load_adapter
+    from skymoe.export import export_checkpoint
+    from skymoe.merge import merge_adapter
+
+    trainer = Trainer(_lora_config(tmp_path, base, "run", eval_every=0), quiet=True)
+    trainer.run()
+    trainer.close()
+    adapter = export_checkpoint(tmp_path / "run", tmp_path / "adapter")
+    assert (adapter / "adapter_config.json").is_file() and (adapter / TEMPLATE_FILE).is_file()
+    assert not (adapter / "config.json").exists()
+    with pytest.raises(Exception, match="already exists"):
+        export_checkpoint(tmp_path / "run", adapter)
+
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with_adapter = load_model(base, dtype=torch.float32).eval()
+    load_adapter(with_adapter, adapter, with_adapter.config.model_type)
+    plain = load_model(base, dtype=torch.float32).eval()
+    merged = load_model(merge_adapter(base, adapter, tmp_path / "merged"),
+                        dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = with_adapter(ids).logits
+        assert not torch.allclose(plain(ids).logits, want, atol=1e-4)  # the adapter matters
+        torch.testing.assert_close(merged(ids).logits, want, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "merged" / TEMPLATE_FILE).is_file()
+
+    fp8 = merge_adapter(base, adapter, tmp_path / "merged-fp8", to_fp8=True)
+    assert "quantization_config" in json.loads((fp8 / "config.json").read_text())
+
+    out = subprocess.run([sys.executable, "-m", "skymoe", "generate", str(base), "--adapter",
+                          str(adapter), "--prompt", "alpha beta ->", "--max-new-tokens", "4"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("alpha beta ->")

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("checkpoint", {"checkpoint"}),
     ("parallel", {"parallel"}),
     ("infer", {"infer"}),
-    ("train", {"train", "upcycle", "quantize", "export"}),
+    ("train", {"train", "upcycle", "quantize", "export", "merge"}),
     ("planning", {"planning"}),
     ("serve", {"serve"}),
     ("cli", {"cli", "__main__"}),

@@ -6,6 +6,10 @@ and writes ``config.json``, safetensors shards (+ index) and the tokenizer files
 tensor: each whole tensor is assembled from its pieces, cast (``dtype``) or quantized to the FP8
 convention (``fp8``), and streamed into its shard, so memory holds one tensor at a time. The
 optimizer state is left behind. The output appears complete or not at all.
+
+A LoRA run's checkpoint holds its adapters, not a model: it is written as a PEFT adapter
+directory (``adapter_model.safetensors``, ``adapter_config.json``) with the run's tokenizer and
+chat template, for ``--adapter`` or ``skymoe merge``.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from .checkpoint import fp8, io, names
+from .checkpoint.adapter import save_adapter
 from .checkpoint.convert import publish_checkpoint
 from .checkpoint.dcp import ShardedCheckpoint
 from .config import SkyworkMoeConfig
 from .errors import CheckpointError
+from .model.lora import LoRAConfig
 from .model.transformer import SkyworkForCausalLM
 from .parallel.sharded_state import hf_blocks
 from .train import run_state
@@ -73,6 +79,12 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, dtype: str | None =
     in ``dtype`` (default: the checkpoint's), or with ``to_fp8`` the FP8 convention of
     ``skymoe quantize`` (projections e4m3 with per-tensor scales, the rest in ``dtype``)."""
     ckpt, out_dir = resolve_checkpoint(ckpt), Path(out_dir)
+    if run_state.is_sharded(ckpt) and "lora" in run_state.read_trainer_state(ckpt):
+        if dtype is not None or to_fp8:
+            raise CheckpointError(f"{ckpt}: a LoRA run's checkpoint holds adapters, exported "
+                                  "as they trained (fp32); drop --dtype/--to, or merge them "
+                                  "into the base with skymoe merge")
+        return export_adapter(ckpt, out_dir, overwrite)
     if dtype is not None and dtype not in _DTYPES:
         raise CheckpointError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
     config = SkyworkMoeConfig.from_json_file(ckpt)
@@ -100,6 +112,22 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, dtype: str | None =
             io.write_streamed(specs, produce, tmp, max_shard_bytes, written=bar.update)
 
     return publish_checkpoint(ckpt, out_dir, out_config, write, overwrite)
+
+
+def export_adapter(ckpt: Path, out_dir: Path, overwrite: bool = False) -> Path:
+    """The adapters (and a trained router) of LoRA checkpoint ``ckpt`` as a PEFT adapter
+    directory with the run's tokenizer and chat template."""
+    settings = run_state.read_trainer_state(ckpt)["lora"]
+    cfg = LoRAConfig(rank=settings["rank"], alpha=settings["alpha"],
+                     dropout=settings["dropout"], targets=tuple(settings["targets"]),
+                     train_router=settings["train_router"])
+    config = SkyworkMoeConfig.from_json_file(ckpt)
+    sharded = ShardedCheckpoint(ckpt / run_state.SHARDED)
+    keys = [k for k in sharded.shapes() if not k.startswith("optimizer.")
+            and (".lora." in k or (cfg.train_router and ".gate." in k))]
+    tensors = sharded.read(keys)  # adapters are small: read whole
+    return publish_checkpoint(ckpt, out_dir, None, lambda tmp: save_adapter(
+        tensors, tmp, cfg, config.model_type, base=settings.get("base", "")), overwrite)
 
 
 def _plan(order: list[str], shapes: dict[str, tuple[tuple[int, ...], torch.dtype]],

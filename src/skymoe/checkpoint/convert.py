@@ -39,11 +39,11 @@ def write_converted(src_dir: Path, out_dir: Path, config: SkyworkMoeConfig,
     return publish_checkpoint(src_dir, out_dir, config, write, overwrite)
 
 
-def publish_checkpoint(src_dir: Path, out_dir: Path, config: SkyworkMoeConfig,
+def publish_checkpoint(src_dir: Path, out_dir: Path, config: SkyworkMoeConfig | None,
                        write_weights: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """``write_weights(tmp)``, then ``config`` and ``src_dir``'s tokenizer files, into a hidden
-    sibling of ``out_dir`` renamed into place at the end: a failure or an interruption never
-    leaves an output that looks complete; an existing ``out_dir`` is refused unless
+    """``write_weights(tmp)``, then ``config`` (if any) and ``src_dir``'s tokenizer files, into
+    a hidden sibling of ``out_dir`` renamed into place at the end: a failure or an interruption
+    never leaves an output that looks complete; an existing ``out_dir`` is refused unless
     ``overwrite``."""
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"{out_dir}: already exists; pass --overwrite to replace it")
@@ -51,7 +51,8 @@ def publish_checkpoint(src_dir: Path, out_dir: Path, config: SkyworkMoeConfig,
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write_weights(tmp)
-        config.save(tmp)
+        if config is not None:
+            config.save(tmp)
         for name in TOKENIZER_FILES:
             if (src_dir / name).is_file():
                 shutil.copy2(src_dir / name, tmp / name)

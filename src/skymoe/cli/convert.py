@@ -9,6 +9,7 @@ from pathlib import Path
 from .. import upcycle as up
 from ..config import SkyworkMoeConfig, format_count, parameter_counts
 from ..export import export_checkpoint
+from ..merge import merge_adapter
 from ..quantize import quantize_checkpoint
 from ..units import parse_size
 from . import flags
@@ -16,9 +17,10 @@ from .flags import UsageError
 
 
 def register(top: argparse._SubParsersAction) -> None:
-    """Add ``upcycle``, ``quantize`` and ``export``."""
+    """Add ``upcycle``, ``quantize``, ``export`` and ``merge``."""
     _register_upcycle(top)
     _register_export(top)
+    _register_merge(top)
     p = top.add_parser(
         "quantize", help="write an FP8 checkpoint (vLLM / Skywork-MoE-FP8 convention)",
         description="Quantize an HF checkpoint to FP8: attention, expert and MLP projections "
@@ -64,6 +66,31 @@ def cmd_export(args: argparse.Namespace) -> None:
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"wrote {out}: {size / 1e6:.1f} MB of safetensors"
           + (" (FP8)" if args.to == "fp8" else ""))
+
+
+def _register_merge(top: argparse._SubParsersAction) -> None:
+    p = top.add_parser(
+        "merge", help="fold a LoRA adapter into its base: a merged HF checkpoint",
+        description="Write BASE with the LoRA ADAPTER (PEFT format, e.g. skymoe export of a "
+                    "LoRA run) folded into its weights, as an HF checkpoint directory in the "
+                    "base's dtype (an FP8 base is widened to bf16), or re-quantized to FP8 "
+                    "with --to fp8. The tokenizer and chat template come from ADAPTER when it has "
+                    "them, else from BASE. Holds the model in memory once.")
+    p.add_argument("base", metavar="BASE", help="the base checkpoint directory")
+    p.add_argument("adapter", metavar="ADAPTER", help="the adapter directory")
+    p.add_argument("out_dir", metavar="OUT", help="output directory")
+    p.add_argument("--to", choices=["fp8"],
+                   help="fp8: write the FP8 convention of skymoe quantize (projections e4m3 "
+                        "with per-tensor scales)")
+    flags.add_output(p, shards=False)
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    """Write the merged checkpoint and say where."""
+    out = merge_adapter(args.base, args.adapter, args.out_dir, to_fp8=args.to == "fp8",
+                        overwrite=args.overwrite)
+    print(f"wrote {out}" + (" (FP8)" if args.to == "fp8" else ""))
 
 
 def _register_upcycle(top: argparse._SubParsersAction) -> None:

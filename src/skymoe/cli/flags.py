@@ -35,15 +35,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch
 
 from ..checkpoint import load_model
+from ..checkpoint.adapter import load_adapter
+from ..checkpoint.chat_template import TEMPLATE_FILE
 from ..checkpoint.fp8 import FP8_MODES
 from ..errors import SkymoeError
 from ..infer import SamplingParams
+from ..model.lora import merge_lora
 from ..model.transformer import SkyworkForCausalLM
 
+TEMPLATE_SOURCES = (TEMPLATE_FILE, "tokenizer_config.json")
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 
@@ -98,12 +103,38 @@ def add_loading(p: argparse.ArgumentParser, dtype: str = "auto", why: str = "",
                        help="CPU threads (default: torch's choice)")
 
 
+def add_adapter(p: argparse.ArgumentParser) -> None:
+    """``--adapter``: a LoRA adapter merged into the loaded weights."""
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a LoRA adapter directory (PEFT format, e.g. skymoe export of a LoRA "
+                        "run) folded into the weights at load; its chat template, if it has "
+                        "one, is used")
+
+
 def load(args: argparse.Namespace) -> SkyworkForCausalLM:
     """The checkpoint MODEL loaded as ``--dtype`` and ``--fp8`` say, on ``--threads`` threads
-    (where the command has that flag)."""
+    (where the command has that flag), with ``--adapter`` merged (where it has that flag)."""
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    return load_model(args.model, dtype=DTYPES[args.dtype], fp8=args.fp8)
+    model = load_model(args.model, dtype=DTYPES[args.dtype], fp8=args.fp8)
+    if getattr(args, "adapter", None):
+        load_adapter(model, args.adapter, model.config.model_type)
+        try:
+            merge_lora(model)
+        except ValueError:
+            raise UsageError(f"{args.model} holds FP8 weights, which an adapter cannot be "
+                             "folded into in place: load it with --fp8 dequantize, or write a "
+                             "merged checkpoint with skymoe merge --to fp8") from None
+    return model
+
+
+def template_dir(args: argparse.Namespace) -> str:
+    """Where the chat template comes from: ``--adapter``'s directory when it has a tokenizer
+    (a fine-tuned run's, with the template it trained on), else MODEL."""
+    adapter = getattr(args, "adapter", None)
+    if adapter and any((Path(adapter) / f).is_file() for f in TEMPLATE_SOURCES):
+        return adapter
+    return args.model
 
 
 def add_tp(p: argparse.ArgumentParser, how: str) -> None:

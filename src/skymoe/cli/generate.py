@@ -32,6 +32,7 @@ def register(top: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
     flags.add_sampling(p)
     flags.add_loading(p)
+    flags.add_adapter(p)
     flags.add_tp(p, "one process each, under torchrun --nproc-per-node TP; heads split "
                     "unevenly, experts along the intermediate size")
     p.set_defaults(func=cmd_generate)

@@ -56,6 +56,7 @@ def register(top: argparse._SubParsersAction) -> None:
                    help="a request body not received within this time after its headers gets "
                         "408 (default 30)")
     flags.add_loading(p)
+    flags.add_adapter(p)
     flags.add_tp(p, "one process each, under torchrun --nproc-per-node TP")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"],
@@ -115,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             run_worker(Engine(rank.model, tokenizer, max_len=max_model_len, **engine_limits),
                        lockstep)
             return 0
-        return serve(rank.model, tokenizer, args.model,
+        return serve(rank.model, tokenizer, flags.template_dir(args),
                      model_name=args.served_model_name or args.model, host=args.host,
                      port=args.port, api_key=flags.api_key(args), max_model_len=max_model_len,
                      log_level=args.log_level, lockstep=lockstep, limits=limits,

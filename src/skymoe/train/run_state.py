@@ -491,6 +491,13 @@ def _one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
+    """The trainer state (step, loader, settings such as ``lora``) of training checkpoint
+    ``checkpoint``, either kind."""
+    checkpoint = Path(checkpoint)
+    return _read_trainer_state(checkpoint / TRAINING / TRAINER_STATE, checkpoint)
+
+
 def _read_trainer_state(file: Path, checkpoint: Path) -> dict[str, Any]:
     if not file.is_file():
         raise CheckpointError(f"{checkpoint}: not a training checkpoint (no {TRAINING}/"

@@ -526,6 +526,9 @@ class Trainer:
                  "controller": self.controller.state_dict(),
                  "tokens_seen": self.step * self.cfg.train.batch_size * self.cfg.data.seq_len,
                  "layout": self.mesh.layout.name}
+        if self.cfg.lora.enabled:  # what `skymoe export` needs to write the adapter
+            state["lora"] = {**dataclasses.asdict(self.cfg.lora),
+                             "base": self.cfg.model.init_from}
         if self._saver is not None:  # the previous checkpoint until this one is written
             return self._save_sharded(state)
         if self.sharded:
