@@ -328,3 +328,33 @@ def test_a_lora_run_exports_an_adapter_that_merges_and_loads_with_the_same_logit
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("alpha beta ->")
+
+
+def test_the_embedded_example_asks_for_documented_functions_and_answers_with_their_code():
+    import ast
+    import itertools
+
+    from skymoe.train.sft_example import stdlib_samples
+
+    samples = list(itertools.islice(stdlib_samples(max_chars=300), 200))
+    assert len(samples) == 200 and samples == list(stdlib_samples(max_chars=300, limit=200))
+    for s in samples:
+        user, assistant = s["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        (fn,) = ast.parse(assistant["content"]).body
+        assert isinstance(fn, ast.FunctionDef) and f"`{fn.name}`" in user["content"]
+        assert ast.get_docstring(fn) is None and len(assistant["content"]) <= 300
+
+
+def test_a_fine_tune_starts_from_a_run_directory_and_measures_the_base_first(tmp_path, base):
+    run_dir = base.parent.parent  # the pre-training run whose checkpoint is the base
+    cfg = _lora_config(tmp_path, run_dir, "ft", steps=2, eval_every=2, checkpoint_every=0)
+    trainer = Trainer(cfg, quiet=True)
+    assert Path(trainer.cfg.model.init_from) == base
+    trainer.run()
+    answer = trainer.sample("alpha beta ->", max_new_tokens=3)
+    trainer.close()
+    val = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text()
+           .splitlines() if '"val"' in line]
+    assert [r["step"] for r in val] == [0, 2]
+    assert isinstance(answer, str) and "alpha beta" not in answer  # the answer alone

@@ -6,14 +6,16 @@ import argparse
 import os
 
 from ..train.prepare import prepare_dataset
+from ..train.sft_example import write_samples
 from . import flags
 
 
 def register(top: argparse._SubParsersAction) -> None:
-    """Add ``data prepare``."""
-    data = top.add_parser("data", help="prepare training data (tokenize once)",
+    """Add ``data prepare`` and ``data sft-example``."""
+    data = top.add_parser("data", help="prepare training data (tokenize once; the SFT example)",
                           description="Training data tools.")
-    p = data.add_subparsers(dest="what", required=True, metavar="WHAT").add_parser(
+    commands = data.add_subparsers(dest="what", required=True, metavar="WHAT")
+    p = commands.add_parser(
         "prepare", help="tokenize a corpus into memory-mapped token shards",
         description="Read text files, directories, JSONL and Parquet as a stream, tokenize "
                     "them in batches with the tokenizer library's own threads and write "
@@ -45,6 +47,17 @@ def register(top: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="tokenizer threads (default: every core)")
     p.set_defaults(func=cmd_prepare)
+    p = commands.add_parser(
+        "sft-example", help="write the embedded fine-tuning example's chat samples",
+        description="Write chat samples (JSONL, {\"messages\": [...]}) built from the Python "
+                    "standard library: the user asks for a documented function by name, "
+                    "module and the docstring's first paragraph; the assistant answers with "
+                    "its code. Nothing is downloaded; the same Python gives the same samples.")
+    p.add_argument("out", metavar="OUT", help="output JSONL file")
+    p.add_argument("--max-chars", type=int, default=400,
+                   help="leave out functions whose code is longer (default 400)")
+    p.add_argument("--limit", type=int, default=0, help="at most this many samples (0: all)")
+    p.set_defaults(func=cmd_sft_example)
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -65,3 +78,10 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         print(f"skipped {report.skipped_count} bad input(s); the first:")
         for message in report.skipped:
             print(f"  {message}")
+
+
+def cmd_sft_example(args: argparse.Namespace) -> None:
+    """Write the samples and say how many."""
+    flags.require_positive(max_chars=args.max_chars)
+    n = write_samples(args.out, args.max_chars, args.limit)
+    print(f"wrote {n} chat samples to {args.out}")

@@ -112,6 +112,8 @@ class Trainer:
         if cfg.train.keep_freed_memory and self.device.type == "cpu":
             keep_freed_memory()
         self._check_run_dir(resume)
+        if cfg.model.init_from:
+            cfg.model.init_from = str(_starting_checkpoint(Path(cfg.model.init_from)))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = self._tokenizer_and_data()
@@ -604,6 +606,8 @@ class Trainer:
         try:
             with guard_collectives(self.mesh, self.cfg.parallel.timeout_s):
                 stopping = self._should_stop()
+                if self.step == 0 and self.cfg.model.init_from and t.eval_every:
+                    val_loss = self._validate()  # the starting model's, to compare with
                 while self.step < t.steps and not stopping:
                     last = self._logged_step()
                     stopping = self._should_stop()  # agreed by all ranks before saving
@@ -681,11 +685,18 @@ class Trainer:
         return val_loss
 
     def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
-        """A short sampled continuation from the current model (temperature 0.8, top-p 0.95)."""
+        """A short sampled continuation from the current model (temperature 0.8, top-p 0.95);
+        after fine-tuning on chats, the answer to ``prompt`` as the user's message."""
         t = self.cfg.train
-        # Documents were packed after an EOS, without BOS: start the prompt the same way.
         text = prompt if prompt is not None else t.sample_prompt
-        ids = [self.tokenizer.eos_id] + self.tokenizer.encode(text, add_bos=False)
+        if self.cfg.data.format == "sft":  # rendered as the samples were: the answer follows
+            template = ChatTemplate.load(self.tokenizer_dir)
+            ids = self.tokenizer.encode(template.render([{"role": "user", "content": text}]),
+                                        add_bos=template.add_bos)
+            shown = len(ids)
+        else:  # documents were packed after an EOS, without BOS: start the prompt the same way
+            ids = [self.tokenizer.eos_id] + self.tokenizer.encode(text, add_bos=False)
+            shown = 1
         self.model.eval()
         try:
             new = generate(self.model, torch.tensor([ids], device=self.device),
@@ -694,7 +705,7 @@ class Trainer:
                            eos_ids=[self.tokenizer.eos_id])
         finally:
             self.model.train()
-        return self.tokenizer.decode(ids[1:] + new[0].tolist())
+        return self.tokenizer.decode(ids[shown:] + new[0].tolist())
 
 
 def _param_groups(shapes: Iterable[tuple[str, Sequence[int]]]) -> list[list[str]]:
@@ -703,6 +714,21 @@ def _param_groups(shapes: Iterable[tuple[str, Sequence[int]]]) -> list[list[str]
     named = list(shapes)
     return [[n for n, shape in named if len(shape) >= 2],
             [n for n, shape in named if len(shape) < 2]]
+
+
+def _starting_checkpoint(path: Path) -> Path:
+    """``model.init_from`` as a checkpoint directory: itself, or a run directory's latest
+    checkpoint (an HF-format one; a sharded one must be exported first)."""
+    if not (path / run_state.CHECKPOINTS).is_dir():
+        return path
+    latest = run_state.latest_checkpoint(path)
+    if latest is None:
+        raise ConfigError(f"model.init_from = {path}: a run directory without a checkpoint")
+    if run_state.is_sharded(latest):
+        raise ConfigError(f"model.init_from = {path}: its latest checkpoint {latest} is "
+                          f"sharded; write it as an HF directory first (skymoe export "
+                          f"{latest} OUT) and start from OUT")
+    return latest
 
 
 def _first_bytes(docs: list[str], limit: int) -> list[str]:
