@@ -17,18 +17,12 @@ from skymoe.checkpoint.adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_ada
 from skymoe.errors import CheckpointError
 from skymoe.model.lora import LoRAConfig, add_lora, lora_parameters
 
-VOCAB = 96
+from test_hf_parity import VOCAB, _native_moe_config
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "experts")
 
 
 def moe_config(**overrides) -> SkyworkMoeConfig:
-    kwargs = dict(model_type="mixtral", vocab_size=VOCAB, hidden_size=64,
-                  intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-                  moe_use_logits_norm=False, max_position_embeddings=128,
-                  initializer_range=0.15, torch_dtype="float32")
-    kwargs.update(overrides)
-    return SkyworkMoeConfig(**kwargs)
+    return _native_moe_config(**{"model_type": "mixtral", **overrides})
 
 
 def randomize(params, seed: int, std: float = 0.1) -> None:

@@ -347,7 +347,8 @@ class Trainer:
             model = load_model(path, dtype=torch.bfloat16, device=self.device, fp8="keep")
             if not any(isinstance(m, (Fp8Linear, Fp8Experts)) for m in model.modules()):
                 raise ConfigError(f"lora.base_dtype = 'fp8' needs an FP8 checkpoint; {path} "
-                                  "is not one (write one with skymoe export --to fp8)")
+                                  f"is not one (write one with skymoe quantize {path} OUT "
+                                  "--to fp8)")
         else:
             dtype = torch.bfloat16 if lora.base_dtype == "bf16" else torch.float32
             model = load_model(path, dtype=dtype, device=self.device)
