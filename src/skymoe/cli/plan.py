@@ -18,7 +18,10 @@ from ..config import SkyworkMoeConfig, resolve_config
 from ..errors import ConfigError
 from ..parallel.pipeline_layout import PipelineLayout
 from ..parallel.schedules import SCHEDULES
+from ..model.lora import TARGETS as LORA_TARGETS
 from ..planning.cost import DEVICE_PRESETS, CostProfile, DeviceSpec, analytical_profile
+from ..planning.finetune import (BASE_DTYPES, METHODS, format_finetune_plan,
+                                 plan_finetune)
 from ..planning.measure import measure_profile
 from ..planning.orders import check_plannable
 from ..planning.report import format_plan as format_pipeline_plan
@@ -30,7 +33,7 @@ from .flags import UsageError
 
 
 def register(plan: argparse._SubParsersAction) -> None:
-    """Add ``plan serve`` and ``plan pipeline``."""
+    """Add ``plan serve``, ``plan pipeline`` and ``plan finetune``."""
     p = plan.add_parser(
         "serve", help="does a model fit on N GPUs with tensor parallelism, and how fast?",
         description="Weights and KV-cache capacity per rank under non-uniform tensor "
@@ -59,6 +62,35 @@ def register(plan: argparse._SubParsersAction) -> None:
                    help="average cached tokens per sequence for the estimate (default 1024)")
     p.set_defaults(func=cmd_plan_serve)
     _register_pipeline(plan)
+    _register_finetune(plan)
+
+
+def _register_finetune(plan: argparse._SubParsersAction) -> None:
+    p = plan.add_parser(
+        "finetune", help="can this model be fine-tuned on N GPUs, and in which layout?",
+        description="Bytes per GPU of fine-tuning (LoRA over a frozen fp8/bf16/fp32 base, or "
+                    "full) under every data x pipeline layout of --gpus GPUs: weights, "
+                    "adapters, gradients, AdamW states (ZeRO-1) and activations (1F1B, layer "
+                    "inputs kept, one layer recomputed at a time) at --seq-len and "
+                    "--micro-batch-size; whether it fits, and the fewest GPUs that fit. See "
+                    "docs/finetuning.md.")
+    p.add_argument("model", metavar="MODEL", help=flags.ANY_MODEL)
+    p.add_argument("--gpus", type=int, required=True, help="GPUs to fine-tune on")
+    p.add_argument("--gpu-mem", default="80GiB", help="memory per GPU (default 80GiB)")
+    p.add_argument("--method", choices=METHODS, default="lora", help="default lora")
+    p.add_argument("--base-dtype", choices=BASE_DTYPES, default="bf16",
+                   help="LoRA's frozen base (default bf16); full fine-tuning keeps fp32 "
+                        "master weights")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,experts",
+                   help="LoRA targets, comma-separated (default attention and experts)")
+    p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
+    p.add_argument("--micro-batch-size", type=int, default=1,
+                   help="sequences per micro-batch (default 1)")
+    p.add_argument("--reserve", default="2GiB",
+                   help="memory per GPU kept for the CUDA context, communication buffers and "
+                        "fragmentation (default 2GiB)")
+    p.set_defaults(func=cmd_plan_finetune)
 
 
 def _register_pipeline(plan: argparse._SubParsersAction) -> None:
@@ -135,6 +167,25 @@ def cmd_plan_serve(args: argparse.Namespace) -> None:
     plan = plan_serve(resolve_config(args.model), args.gpus, gpu, args.weight_dtype,
                       args.kv_dtype, args.context)
     print(format_plan(plan))
+
+
+def cmd_plan_finetune(args: argparse.Namespace) -> None:
+    """Print the fine-tuning memory plan."""
+    flags.require_positive(gpus=args.gpus, rank=args.rank, seq_len=args.seq_len,
+                           micro_batch_size=args.micro_batch_size)
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise UsageError(f"--targets: {unknown or 'none'} not among {', '.join(LORA_TARGETS)}")
+    config = resolve_config(args.model)
+    plan = plan_finetune(config, args.gpus, parse_size(args.gpu_mem), method=args.method,
+                         base_dtype=args.base_dtype, rank=args.rank, targets=targets,
+                         seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
+                         reserve=parse_size(args.reserve))
+    what = (f"LoRA rank {args.rank} over a {args.base_dtype} base" if args.method == "lora"
+            else "full fine-tuning (fp32 master weights, AdamW)")
+    print(format_finetune_plan(plan, f"{what} of {args.model}, {args.micro_batch_size} x "
+                                     f"{args.seq_len} tokens per micro-batch,"))
 
 
 def cmd_plan_pipeline(args: argparse.Namespace) -> None:
