@@ -249,3 +249,52 @@ def test_fp8_matmuls_on_gpu_match_the_dequantized_model(tmp_path):
     # activations quantized to e4m3 on the fly: close, not equal
     assert (got - want).norm() / want.norm() < 0.1
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_frozen_fp8_base_passes_exact_input_gradients_and_keeps_one_byte_for_backward(
+        autocast):
+    """LoRA over an FP8 base: the input gradients through the frozen FP8 projections and
+    experts equal those through their widened values, and what autograd keeps for the backward
+    holds no widened copy of the weights."""
+    from skymoe.model.fp8 import Fp8Experts, Fp8Linear
+    from skymoe.model.moe import grouped_linear
+
+    gen = torch.Generator().manual_seed(0)
+    linear = Fp8Linear(48, 32, keep_fp8=True)
+    experts = Fp8Experts(4, 32, 16, keep_fp8=True)
+    for module, names in ((linear, ("weight",)), (experts, ("w13", "w2"))):
+        for name in names:
+            w = torch.randn(getattr(module, name).shape, generator=gen)
+            setattr(module, name, w.to(torch.float8_e4m3fn))
+    counts = [3, 0, 5, 2]
+    x = torch.randn(10, 32, generator=gen, dtype=torch.bfloat16, requires_grad=True)
+    saved: list[torch.Tensor] = []
+
+    def run(fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                          lambda t: t):
+                y = fn()
+        (grad,) = torch.autograd.grad(y.float().square().sum(), x)
+        return y, grad
+
+    def reference_expert_ffn():
+        h = grouped_linear(x, experts.w13.to(torch.bfloat16), counts).float()
+        a = experts.kernels.swiglu(h).to(torch.bfloat16)
+        return grouped_linear(a, experts.w2.to(torch.bfloat16), counts)
+
+    for fn, want_fn, weights in (
+            (lambda: linear(x), lambda: torch.nn.functional.linear(
+                x, linear.weight.to(torch.bfloat16)), [linear.weight]),
+            (lambda: experts.sorted_ffn(x, counts), reference_expert_ffn,
+             [experts.w13, experts.w2])):
+        saved.clear()
+        got, got_grad = run(fn)
+        assert not any(t.dtype == torch.bfloat16 and t.shape == w.shape
+                       for t in saved for w in weights)
+        assert any(t.dtype == torch.float8_e4m3fn and t.data_ptr() == w.data_ptr()
+                   for t in saved for w in weights)  # the one-byte values instead
+        want, want_grad = run(want_fn)
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
+        torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=0.02, atol=0.05)

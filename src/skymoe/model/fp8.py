@@ -90,6 +90,41 @@ def _widen(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
                 else torch.bfloat16)
 
 
+class _FrozenWidened(torch.autograd.Function):
+    """``x @ widen(w)^T`` (``counts``: per expert group, else one matrix) for frozen FP8 values
+    ``w``: autograd would keep the widened copy for the input gradient, as many bytes as a bf16
+    base; this keeps the one-byte values and widens them again in the backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, counts: list[int] | None
+                ) -> torch.Tensor:
+        ctx.save_for_backward(w)
+        ctx.counts, ctx.dtype = counts, x.dtype
+        wide = _widen(w, x.dtype).to(x.dtype)
+        return F.linear(x, wide) if counts is None else grouped_linear(x, wide, counts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        (w,) = ctx.saved_tensors
+        wide = _widen(w, ctx.dtype).to(grad.dtype)
+        if ctx.counts is None:
+            return grad @ wide, None, None
+        return grouped_linear(grad, wide.transpose(-2, -1).contiguous(), ctx.counts), None, None
+
+
+def _frozen_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int] | None = None
+                   ) -> torch.Tensor:
+    """``x`` times the widened FP8 (or bf16) values ``w``, keeping no widened copy for the
+    backward when ``x`` needs a gradient (a frozen base under LoRA)."""
+    if _needs_input_grad(x) and w.dtype == FP8_DTYPE:
+        if torch.is_autocast_enabled(x.device.type):  # as autocast casts F.linear's input
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        with torch.autocast(x.device.type, enabled=False):
+            return _FrozenWidened.apply(x, w, counts)
+    wide = _widen(w, x.dtype).to(x.dtype)
+    return F.linear(x, wide) if counts is None else grouped_linear(x, wide, counts)
+
+
 class Fp8Linear(nn.Module):
     """A bias-free linear layer from FP8 values ``weight`` [out, in] and fp32 ``weight_scale``
     (one per tensor, or [out, 1] per output channel)."""
@@ -107,7 +142,7 @@ class Fp8Linear(nn.Module):
         if not _needs_input_grad(x) and _use_scaled_mm(x, self.weight,
                                                        self.weight_scale.numel() == 1):
             return _fp8_matmul(x, self.weight, self.weight_scale)
-        y = F.linear(x, _widen(self.weight, x.dtype).to(x.dtype))
+        y = _frozen_matmul(x, self.weight)
         scale = self.weight_scale.reshape(-1) if self.weight_scale.numel() > 1 \
             else self.weight_scale
         return (y.float() * scale).to(x.dtype)
@@ -148,12 +183,13 @@ class Fp8Experts(UsesKernels, nn.Module):
         expert_S = first + torch.repeat_interleave(torch.arange(len(counts), device=x_SH.device),
                                                    torch.tensor(counts, device=x_SH.device))
         ffn = self.w13.shape[1] // 2  # this rank's share under expert tensor parallelism
-        h = grouped_linear(x_SH, _widen(self.w13[first:last], dtype).to(dtype), counts).float()
-        h = h * self.w13_scale[expert_S].repeat_interleave(ffn, dim=1)
+        h = _frozen_matmul(x_SH, self.w13[first:last], counts).float()
+        # Scaled as [S, 2, F] by [S, 2, 1]: the backward keeps the small factor, not [S, 2F].
+        h = (h.view(-1, 2, ffn) * self.w13_scale[expert_S, :, None]).view(-1, 2 * ffn)
         if self.lora is not None:
             h = h + self.lora.delta13(x_SH, counts, first).float()
         a = self.kernels.swiglu(h).to(dtype)
-        y = grouped_linear(a, _widen(self.w2[first:last], dtype).to(dtype), counts).float()
+        y = _frozen_matmul(a, self.w2[first:last], counts).float()
         y = y * self.w2_scale[expert_S, None]
         if self.lora is not None:
             y = y + self.lora.delta2(a, counts, first).float()
