@@ -22,32 +22,22 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 import skymoe
+from bench_train import _rss_bytes, time_steps  # this directory: run as a script
 from skymoe.config import resolve_config
 from skymoe.runtime import keep_freed_memory
 
 SIDES = ("skymoe-bf16", "skymoe-fp8", "peft")
 RANK, ALPHA = 16, 32.0
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _skymoe(ckpt: Path, device: str):
@@ -102,19 +92,10 @@ def worker(side: str, ckpt: Path, steps: int, device: str, batch: int, seq: int)
             torch.cuda.synchronize()
         return float(loss)
 
-    model_bytes = _rss_bytes() - loaded
-    base = _rss_bytes()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = model_bytes = torch.cuda.memory_allocated()
-    step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes()
-    return {"seconds": statistics.median(times), "growth_bytes": peak - base,
+    model_bytes = (torch.cuda.memory_allocated() if device == "cuda"
+                   else _rss_bytes() - loaded)
+    seconds, base, peak = time_steps(step, steps, device)
+    return {"seconds": seconds, "growth_bytes": peak - base,
             "model_bytes": model_bytes, "peak_bytes": peak, "tokens": batch * seq,
             "trainable": sum(p.numel() for p in trainable)}
 

@@ -96,6 +96,13 @@ def worker(side: str, ckpt: Path, steps: int, device: str, batch: int, seq: int,
             torch.cuda.synchronize()
         return float(loss)
 
+    seconds, base, peak = time_steps(step, steps, device)
+    return {"seconds": seconds, "peak_bytes": peak - base, "tokens": batch * seq}
+
+
+def time_steps(step, steps: int, device: str) -> tuple[float, int, int]:
+    """Run ``step`` once to warm up, then ``steps`` times: (median seconds, memory before,
+    peak memory), in process RSS on CPU, allocated CUDA memory on CUDA."""
     base = _rss_bytes()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -107,8 +114,7 @@ def worker(side: str, ckpt: Path, steps: int, device: str, batch: int, seq: int,
         step()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes()
-    return {"seconds": statistics.median(times), "peak_bytes": peak - base,
-            "tokens": batch * seq}
+    return statistics.median(times), base, peak
 
 
 def main() -> None:
