@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import shutil
 import signal
 import sys
 import time
@@ -27,15 +26,13 @@ from tqdm import tqdm
 
 from ..checkpoint import load_model, load_tokenizer
 from ..checkpoint.dcp import load_pieces
-from ..checkpoint.chat_template import TEMPLATE_FILE, ChatTemplate
-from ..checkpoint.tokenizer import TOKENIZER_FILES, Tokenizer
+from ..checkpoint.chat_template import ChatTemplate
+from ..checkpoint.tokenizer import Tokenizer
 from ..config import SkyworkMoeConfig, resolve_config
 from ..errors import ConfigError, DataError, TrainingError
 from ..infer.generate import SamplingParams, generate
 from ..kernels import load_kernels
 from ..model.balance import AuxCoefController, ExpertBiasController
-from ..model.fp8 import Fp8Experts, Fp8Linear
-from ..model.lora import LoRAConfig, add_lora
 from ..model.moe import MoEBalance, MoETrainingOptions
 from ..model.transformer import SkyworkForCausalLM, build_model
 from ..parallel import full_state, sharded_state
@@ -48,7 +45,7 @@ from ..parallel.mesh import build_mesh, init_distributed
 from ..parallel.pipeline import PipelineStages, build_schedule
 from ..parallel.schedules import SCHEDULES, stages_of_rank
 from ..runtime import keep_freed_memory
-from . import data, run_state, sft, sources
+from . import data, finetune, run_state, sources
 from .background_save import BackgroundSaver
 from .batch import Batch
 from .mixture import MixtureLoader
@@ -113,7 +110,7 @@ class Trainer:
             keep_freed_memory()
         self._check_run_dir(resume)
         if cfg.model.init_from:
-            cfg.model.init_from = str(_starting_checkpoint(Path(cfg.model.init_from)))
+            cfg.model.init_from = str(finetune.starting_checkpoint(Path(cfg.model.init_from)))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = self._tokenizer_and_data()
@@ -270,43 +267,12 @@ class Trainer:
         return tokenizer
 
     def _sft_data(self) -> Tokenizer:
-        """The tokenizer and loaders of ``data.format = "sft"`` (chats or prompt/completion
-        pairs, see ``train.sft``). The run's tokenizer directory gets the chat template the
-        samples were rendered with (the base's, or the default), so every checkpoint of the
-        run is served with the template it was trained on."""
-        d, cfg = self.cfg.data, self.cfg
-        source = cfg.tokenizer.path or cfg.model.init_from
-        if not source:
-            raise ConfigError("data.format = 'sft' fine-tunes a model with its tokenizer: set "
-                              "model.init_from (or tokenizer.path)")
-        tokenizer = load_tokenizer(source)
-        if tokenizer.eos_id is None:
-            raise ConfigError(f"{source}: the tokenizer has no EOS token, which ends every "
-                              "fine-tuning sample")
-        template = ChatTemplate.load(source)
-        tok_dir = self.run_dir / "tokenizer"
-        if self.is_main:
-            tok_dir.mkdir(parents=True, exist_ok=True)
-            for name in TOKENIZER_FILES:
-                if name != TEMPLATE_FILE and (Path(source) / name).is_file():
-                    shutil.copyfile(Path(source) / name, tok_dir / name)
-            template.save(tok_dir)
-        self._barrier()
-        self.tokenizer_dir = tok_dir
-        samples, stats = sft.encode_samples(d.sources, tokenizer, template, d.seq_len,
-                                            d.loss_on, d.too_long, d.skip_bad)
-        train, val = sft.split_samples(samples, d.val_fraction, cfg.train.seed)
-        rows = sft.SftRows(train, d.seq_len, tokenizer.eos_id, d.pack)
-        self.loader = data.SequenceLoader(rows, cfg.train.batch_size, cfg.train.seed)
-        self.val_rows = sft.SftRows(val, d.seq_len, tokenizer.eos_id, d.pack) if val else None
-        skipped = f", {len(stats.skipped_examples)} bad lines skipped" if d.skip_bad else ""
-        self._log(f"fine-tuning data: {stats.samples} samples ({len(train)} train, {len(val)} "
-                  f"held out) in {len(rows)} rows of {d.seq_len} tokens"
-                  f"{' (packed)' if d.pack else ''}; {stats.trained_tokens} trained tokens; "
-                  f"{stats.truncated} truncated, {stats.dropped_too_long} dropped as too long, "
-                  f"{stats.dropped_untrained} without an answer token{skipped}; chat template: "
-                  f"{template.origin}")
-        return tokenizer
+        """The tokenizer and loaders of ``data.format = "sft"`` (``train.finetune``)."""
+        run = finetune.sft_data(self.cfg, self.run_dir, self.is_main, self._barrier)
+        self.tokenizer_dir, self.loader, self.val_rows = run.tokenizer_dir, run.loader, \
+            run.val_rows
+        self._log(run.summary)
+        return run.tokenizer
 
     def _model_config(self) -> SkyworkMoeConfig:
         m = self.cfg.model
@@ -324,7 +290,8 @@ class Trainer:
     def _build_model(self) -> SkyworkForCausalLM:
         config = self._model_config()
         if self.cfg.lora.enabled:
-            model = self._lora_model()
+            model, summary = finetune.lora_model(self.cfg, self.device)
+            self._log(summary)
         elif self.cfg.model.init_from:
             model = load_model(self.cfg.model.init_from, dtype=torch.float32, device=self.device)
         else:
@@ -337,29 +304,6 @@ class Trainer:
         # The kernel backend, chosen (and on CPU built, once per machine) here, not in a forward.
         model.use_kernels(load_kernels(self.device, progress=self._log))
         return model.train()
-
-    def _lora_model(self) -> SkyworkForCausalLM:
-        """The frozen ``model.init_from`` base (bf16, fp32, or its FP8 values kept at one byte)
-        with fresh adapters, the same on every rank (seeded by ``train.seed``)."""
-        lora = self.cfg.lora
-        path = self.cfg.model.init_from
-        if lora.base_dtype == "fp8":
-            model = load_model(path, dtype=torch.bfloat16, device=self.device, fp8="keep")
-            if not any(isinstance(m, (Fp8Linear, Fp8Experts)) for m in model.modules()):
-                raise ConfigError(f"lora.base_dtype = 'fp8' needs an FP8 checkpoint; {path} "
-                                  f"is not one (write one with skymoe quantize {path} OUT "
-                                  "--to fp8)")
-        else:
-            dtype = torch.bfloat16 if lora.base_dtype == "bf16" else torch.float32
-            model = load_model(path, dtype=dtype, device=self.device)
-        adapted = add_lora(model, LoRAConfig(
-            rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-            targets=tuple(lora.targets), train_router=lora.train_router), seed=self.cfg.train.seed)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        self._log(f"LoRA rank {lora.rank} on {len(adapted)} modules of a {lora.base_dtype} base: "
-                  f"{trainable:,} trainable of {total:,} parameters")
-        return model
 
     def _pipeline_stages(self) -> PipelineStages:
         """This rank's stages of the full model under ``parallel.pp_layers``/``pp_recompute``."""
@@ -715,21 +659,6 @@ def _param_groups(shapes: Iterable[tuple[str, Sequence[int]]]) -> list[list[str]
     named = list(shapes)
     return [[n for n, shape in named if len(shape) >= 2],
             [n for n, shape in named if len(shape) < 2]]
-
-
-def _starting_checkpoint(path: Path) -> Path:
-    """``model.init_from`` as a checkpoint directory: itself, or a run directory's latest
-    checkpoint (an HF-format one; a sharded one must be exported first)."""
-    if not (path / run_state.CHECKPOINTS).is_dir():
-        return path
-    latest = run_state.latest_checkpoint(path)
-    if latest is None:
-        raise ConfigError(f"model.init_from = {path}: a run directory without a checkpoint")
-    if run_state.is_sharded(latest):
-        raise ConfigError(f"model.init_from = {path}: its latest checkpoint {latest} is "
-                          f"sharded; write it as an HF directory first (skymoe export "
-                          f"{latest} OUT) and start from OUT")
-    return latest
 
 
 def _first_bytes(docs: list[str], limit: int) -> list[str]:
