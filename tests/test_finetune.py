@@ -358,3 +358,17 @@ def test_a_fine_tune_starts_from_a_run_directory_and_measures_the_base_first(tmp
            .splitlines() if '"val"' in line]
     assert [r["step"] for r in val] == [0, 2]
     assert isinstance(answer, str) and "alpha beta" not in answer  # the answer alone
+
+
+def test_serve_takes_the_chat_template_from_a_fine_tuned_adapter(tmp_path, base):
+    import argparse
+
+    from skymoe.cli import flags
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    args = argparse.Namespace(model=str(base), adapter=str(adapter))
+    assert flags.template_dir(args) == str(base)  # an adapter without a template
+    ChatTemplate.load(base).save(adapter)
+    assert flags.template_dir(args) == str(adapter)
+    assert flags.template_dir(argparse.Namespace(model=str(base), adapter=None)) == str(base)
