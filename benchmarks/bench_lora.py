@@ -19,7 +19,6 @@ Usage: python benchmarks/bench_lora.py [--steps 3] [--rounds 2] [--device cpu|cu
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 import skymoe
-from bench_train import _rss_bytes, time_steps  # this directory: run as a script
+from bench_train import _rss_bytes, step_parser, time_training  # this directory: run as a script
 from skymoe.config import resolve_config
 from skymoe.runtime import keep_freed_memory
 
@@ -79,38 +78,17 @@ def worker(side: str, ckpt: Path, steps: int, device: str, batch: int, seq: int)
     model, loss_of = (_peft if side == "peft" else _skymoe)(ckpt, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     ids = torch.randint(3, model.config.vocab_size, (batch, seq), device=device)
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0, fused=True)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=torch.bfloat16):
-            loss = loss_of(ids)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return float(loss)
-
     model_bytes = (torch.cuda.memory_allocated() if device == "cuda"
                    else _rss_bytes() - loaded)
-    seconds, base, peak = time_steps(step, steps, device)
+    seconds, base, peak = time_training(loss_of, trainable, ids, steps, device,
+                                        weight_decay=0.0)
     return {"seconds": seconds, "growth_bytes": peak - base,
             "model_bytes": model_bytes, "peak_bytes": peak, "tokens": batch * seq,
             "trainable": sum(p.numel() for p in trainable)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per process")
-    parser.add_argument("--rounds", type=int, default=2, help="processes per side")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--json", type=Path, help="also write the results as JSON")
-    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = step_parser(__doc__, SIDES, steps=3).parse_args()
 
     if args.worker:
         print(json.dumps(worker(args.worker, args.ckpt, args.steps, args.device, args.batch,

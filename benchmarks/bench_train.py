@@ -83,26 +83,29 @@ def worker(side: str, ckpt: Path, steps: int, device: str, batch: int, seq: int,
     build = _skymoe_step if side == "skymoe" else _hf_step
     model, loss_of = build(ckpt, device, compile_layers)
     ids = torch.randint(3, model.config.vocab_size, (batch, seq), device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    seconds, base, peak = time_training(loss_of, model.parameters(), ids, steps, device,
+                                        weight_decay=0.1)
+    return {"seconds": seconds, "peak_bytes": peak - base, "tokens": batch * seq}
+
+
+def time_training(loss_of, params, ids: torch.Tensor, steps: int, device: str,
+                  weight_decay: float) -> tuple[float, int, int]:
+    """AdamW steps on ``params`` (bf16 autocast, gradient clipping), one to warm up, then
+    ``steps`` timed: (median seconds, memory before, peak memory), in process RSS on CPU,
+    allocated CUDA memory on CUDA."""
+    params = list(params)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=weight_decay, fused=True)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=torch.bfloat16):
             loss = loss_of(ids)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if device == "cuda":
             torch.cuda.synchronize()
-        return float(loss)
 
-    seconds, base, peak = time_steps(step, steps, device)
-    return {"seconds": seconds, "peak_bytes": peak - base, "tokens": batch * seq}
-
-
-def time_steps(step, steps: int, device: str) -> tuple[float, int, int]:
-    """Run ``step`` once to warm up, then ``steps`` times: (median seconds, memory before,
-    peak memory), in process RSS on CPU, allocated CUDA memory on CUDA."""
     base = _rss_bytes()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -117,20 +120,26 @@ def time_steps(step, steps: int, device: str) -> tuple[float, int, int]:
     return statistics.median(times), base, peak
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per process")
+def step_parser(doc: str, sides: tuple[str, ...], steps: int) -> argparse.ArgumentParser:
+    """The flags of a training-step benchmark whose sides run as ``--worker`` processes."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per process")
     parser.add_argument("--rounds", type=int, default=2, help="processes per side")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--json", type=Path, help="also write the results as JSON")
+    parser.add_argument("--worker", choices=sides, help=argparse.SUPPRESS)
+    parser.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> None:
+    parser = step_parser(__doc__, SIDES, steps=4)
     parser.add_argument("--compile", action="store_true",
                         help="also torch.compile skymoe's decoder layers")
     parser.add_argument("--hf-keep-freed", action="store_true",
                         help="give transformers skymoe's CPU allocator setting too")
-    parser.add_argument("--json", type=Path, help="also write the results as JSON")
-    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:

@@ -177,7 +177,7 @@ def load_adapter(model: nn.Module, directory: str | Path, model_type: str) -> Lo
     trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     add_lora(model, cfg)
     try:
-        fill_adapter(model, directory, model_type)
+        _fill_adapter(model, directory, model_type)
     except CheckpointError:
         remove_lora(model)
         for n, p in model.named_parameters():
@@ -186,7 +186,7 @@ def load_adapter(model: nn.Module, directory: str | Path, model_type: str) -> Lo
     return cfg
 
 
-def fill_adapter(model: nn.Module, directory: str | Path, model_type: str) -> None:
+def _fill_adapter(model: nn.Module, directory: str | Path, model_type: str) -> None:
     """Copy the adapter file in ``directory`` into ``model``'s trainable tensors (its
     adapters, and routers that train), checking every name and shape first."""
     file = Path(directory) / ADAPTER_WEIGHTS

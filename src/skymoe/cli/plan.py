@@ -18,7 +18,7 @@ from ..config import SkyworkMoeConfig, resolve_config
 from ..errors import ConfigError
 from ..parallel.pipeline_layout import PipelineLayout
 from ..parallel.schedules import SCHEDULES
-from ..model.lora import TARGETS as LORA_TARGETS
+from ..model.lora import TARGETS as LORA_TARGETS, LoRAConfig
 from ..planning.cost import DEVICE_PRESETS, CostProfile, DeviceSpec, analytical_profile
 from ..planning.finetune import (BASE_DTYPES, METHODS, format_finetune_plan,
                                  plan_finetune)
@@ -82,7 +82,7 @@ def _register_finetune(plan: argparse._SubParsersAction) -> None:
                    help="LoRA's frozen base (default bf16); full fine-tuning keeps fp32 "
                         "master weights")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj,experts",
+    p.add_argument("--targets", default=",".join(LoRAConfig().targets),
                    help="LoRA targets, comma-separated (default attention and experts)")
     p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
     p.add_argument("--micro-batch-size", type=int, default=1,

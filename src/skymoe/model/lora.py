@@ -151,8 +151,8 @@ def _lora_sites(model: nn.Module, targets: tuple[str, ...]
 
 
 def add_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> list[str]:
-    """Freeze ``model``'s parameters and add adapters (fp32, on the model's device; a trained
-    router becomes fp32 too) where ``cfg`` says; returns the names of the adapted modules.
+    """Freeze ``model``'s parameters and add adapters (fp32, on the model's device) where
+    ``cfg`` says; returns the names of the adapted modules.
     ``seed`` makes the ``A`` factors the same on every process (each adapter draws from its
     own seeded generator, so a model part, such as a pipeline stage, gets the same factors as
     the whole model)."""
@@ -177,8 +177,8 @@ def add_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> list[str]:
         raise ValueError(f"no module of the model matches the LoRA targets {list(cfg.targets)}")
     if cfg.train_router:
         for module in model.modules():
-            if isinstance(module, MoEBlock):  # in fp32, as it routes, whatever the base
-                module.gate.float().requires_grad_(True)
+            if isinstance(module, MoEBlock):
+                module.gate.requires_grad_(True)
     return adapted
 
 

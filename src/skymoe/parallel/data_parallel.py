@@ -67,9 +67,10 @@ class DataParallel:
     """Gradient reduction, norm and (ZeRO-1) parameter broadcast for a sharded model.
 
     ``placements`` maps parameter names to this rank's placements (``parameter_placements``
-    computed on the full model); frozen parameters are left out. ``full_numel`` gives each name's unsharded size, which decides
-    ownership identically on every rank. ``counted_elsewhere``: parameters whose gradient
-    another rank's copy already counts in the norm.
+    computed on the full model); frozen parameters are left out. ``full_numel`` gives each
+    name's unsharded size, which decides ownership identically on every rank.
+    ``counted_elsewhere``: parameters whose gradient another rank's copy already counts in the
+    norm.
     """
 
     def __init__(self, model: nn.Module, mesh: ParallelMesh, placements: dict[str, Placement],

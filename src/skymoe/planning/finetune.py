@@ -25,15 +25,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..arithmetic import LayerShard, RankShard, rank_shard
+from ..arithmetic import LayerShard, RankShard, rank_shard, rank_weight_bytes
 from ..config import SkyworkMoeConfig
 from ..errors import ConfigError
+from ..model.lora import LoRAConfig
 from .cost import DEVICE_PRESETS, CostProfile, analytical_profile, format_bytes
 
 METHODS = ("lora", "full")
 BASE_DTYPES = ("fp8", "bf16", "fp32")
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def lora_layer_params(config: SkyworkMoeConfig, layer: LayerShard, rank: int,
@@ -84,12 +83,8 @@ def _base_bytes(whole: RankShard, stage: range, first: bool, last: bool, method:
     """Weight bytes of one stage's part of the model."""
     matmul, other, scale = {"fp8": (1, 2, 4), "bf16": (2, 2, 0), "fp32": (4, 4, 0)}[
         "fp32" if method == "full" else base_dtype]
-    total = 0
-    for i in stage:
-        layer = whole.layers[i]
-        total += (layer.attention + layer.mlp + layer.expert_total) * matmul
-        total += (4 + (0 if layer.moe else 3) + 3 * layer.experts) * scale
-        total += (layer.norms + layer.router) * other
+    layers = RankShard(tuple(whole.layers[i] for i in stage), whole.hidden, 0, True)
+    total = rank_weight_bytes(layers, matmul, other, scale) - layers.final_norm * other
     if first:
         total += whole.embedding * other
     if last:
@@ -99,7 +94,7 @@ def _base_bytes(whole: RankShard, stage: range, first: bool, last: bool, method:
 
 def finetune_memory(config: SkyworkMoeConfig, dp: int, pp: int, method: str = "lora",
                     base_dtype: str = "bf16", rank: int = 16,
-                    targets: tuple[str, ...] = (*ATTENTION, "experts"), seq_len: int = 4096,
+                    targets: tuple[str, ...] = LoRAConfig().targets, seq_len: int = 4096,
                     micro_batch_size: int = 1, reserve: int = 2 * 2**30,
                     profile: CostProfile | None = None) -> FinetuneMemory:
     """The fullest GPU's bytes of ``method`` fine-tuning under ``dp`` x ``pp`` (``profile``:

@@ -18,9 +18,11 @@ import tomli_w
 
 from ..errors import ConfigError
 from ..model.balance import AUX_LOSS_TYPES
+from ..model.lora import TARGETS as LORA_TARGETS
 from ..parallel.layout import ParallelLayout, parse_layout
 from ..parallel.schedules import SCHEDULES
 from ..parallel.pipeline_layout import PipelineLayout, parse_counts
+from .sft import LOSS_ON, TOO_LONG
 
 
 @dataclass
@@ -209,8 +211,8 @@ class TrainConfig:
                                        for w in d.weights)),
              "data.weights needs one positive weight per data.prepared directory"),
             (d.format in ("text", "sft"), "data.format must be 'text' or 'sft'"),
-            (d.loss_on in ("completion", "all"), "data.loss_on must be 'completion' or 'all'"),
-            (d.too_long in ("truncate", "drop"), "data.too_long must be 'truncate' or 'drop'"),
+            (d.loss_on in LOSS_ON, f"data.loss_on must be one of {', '.join(LOSS_ON)}"),
+            (d.too_long in TOO_LONG, f"data.too_long must be one of {', '.join(TOO_LONG)}"),
             (not (d.format == "sft" and d.prepared),
              "data.format = 'sft' reads JSONL from data.sources, not data.prepared"),
             (not (d.format == "sft" and not d.sources),
@@ -238,15 +240,13 @@ class TrainConfig:
         lora, p = self.lora, self.parallel
         if not lora.enabled:
             return []
-        known = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                 "experts")
         return [
             (bool(self.model.init_from), "lora.enabled needs a base to adapt: set "
              "model.init_from to a checkpoint directory"),
             (lora.rank >= 1 and lora.alpha > 0, "lora.rank must be >= 1 and lora.alpha > 0"),
             (0 <= lora.dropout < 1, "lora.dropout must be in [0, 1)"),
-            (bool(lora.targets) and all(t in known for t in lora.targets),
-             f"lora.targets must be names among {', '.join(known)}"),
+            (bool(lora.targets) and all(t in LORA_TARGETS for t in lora.targets),
+             f"lora.targets must be names among {', '.join(LORA_TARGETS)}"),
             (lora.base_dtype in ("bf16", "fp32", "fp8"),
              "lora.base_dtype must be 'bf16', 'fp32' or 'fp8'"),
             # Adapters are replicated like the data-parallel weights; sharding them like

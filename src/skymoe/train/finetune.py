@@ -16,6 +16,7 @@ from ..checkpoint.tokenizer import TOKENIZER_FILES, Tokenizer
 from ..errors import ConfigError
 from ..model.fp8 import Fp8Experts, Fp8Linear
 from ..model.lora import LoRAConfig, add_lora
+from ..model.moe import MoEBlock
 from ..model.transformer import SkyworkForCausalLM
 from . import run_state, sft
 from .config import TrainConfig
@@ -107,6 +108,10 @@ def lora_model(cfg: TrainConfig, device: torch.device) -> tuple[SkyworkForCausal
     adapted = add_lora(model, LoRAConfig(
         rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=tuple(lora.targets),
         train_router=lora.train_router), seed=cfg.train.seed)
+    if lora.train_router:  # AdamW updates on fp32 weights, whatever the base (it routes in fp32)
+        for module in model.modules():
+            if isinstance(module, MoEBlock):
+                module.gate.float()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return model, (f"LoRA rank {lora.rank} on {len(adapted)} modules of a {lora.base_dtype} "
