@@ -223,11 +223,17 @@ def test_packed_sft_loss_falls_on_the_pairs(tmp_path, base):
 
 
 
-@pytest.mark.parametrize("layout", [("parallel.dp=2",), ("parallel.pp=2",)])
-def test_lora_under_data_and_pipeline_parallelism_matches_one_process(tmp_path, base, layout):
+@pytest.mark.parametrize("layout", [("parallel.dp=2",), ("parallel.pp=2",),
+                                    ("parallel.tp=2", "parallel.expert=edp"),
+                                    ("parallel.tp=2", "parallel.expert=etp")])
+def test_lora_under_parallel_layouts_matches_one_process(tmp_path, base, layout):
     """LoRA fine-tuning (one sample per row, loss on the answers) under DP 2 (adapters
-    replicated, their AdamW states under ZeRO-1) and a 2-stage pipeline: the losses of one
-    process."""
+    replicated, their AdamW states under ZeRO-1), a 2-stage pipeline, EDP and ETP (adapters
+    cut like their base weights over TP and the experts): the losses of one process, and the
+    adapter exported from the sharded checkpoint equals one process's."""
+    from safetensors.torch import load_file
+
+    from skymoe.export import export_checkpoint
     from test_parallel_train import TOLERANCE, _torchrun
 
     def config(run):
@@ -245,6 +251,12 @@ def test_lora_under_data_and_pipeline_parallelism_matches_one_process(tmp_path, 
     assert got.keys() == want.keys()
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=TOLERANCE), step
+    adapters = [load_file(export_checkpoint(tmp_path / run, tmp_path / f"{run}-adapter")
+                          / "adapter_model.safetensors") for run in ("one", "layout")]
+    assert adapters[1].keys() == adapters[0].keys()
+    for name, tensor in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], tensor, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def _train_losses(run: Path) -> dict[int, float]:
@@ -279,6 +291,12 @@ def test_lora_on_a_bf16_or_fp8_base_trains_the_adapters_only(tmp_path, base, bas
     else:
         assert all(p.dtype == torch.bfloat16 for n, p in params.items()
                    if not p.requires_grad and p.dim() == 2)
+    # The checkpoint holds what trains, not the frozen base (an FP8 base's values are buffers).
+    saved = ShardedCheckpoint(trainer.last_checkpoint / "sharded").shapes()
+    held = [k.removeprefix("optimizer.exp_avg_sq.").removeprefix("optimizer.exp_avg.")
+            for k in saved]
+    assert held and all(".lora." in k or ".gate." in k or k.endswith(".expert_bias")
+                        for k in held), sorted(held)
 
 
 def test_an_fp8_base_must_be_an_fp8_checkpoint(tmp_path, base):

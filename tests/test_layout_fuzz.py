@@ -46,6 +46,9 @@ def _fuzz_worker(rank: int, world: int, seeds: list[int], out: str, variant: str
             case.config.moe_2layer_gate = False
             case.options.capacity_factor = 0.0
             case.recompute = True  # and the recomputation re-runs the same graph
+    if variant == "lora":
+        for case in cases:
+            case.lora = True
     report = run_cases(cases, world)
     if rank == 0:
         Path(out).write_text(json.dumps(dataclasses.asdict(report)))
@@ -97,3 +100,17 @@ def test_global_batch_loss_and_routing_bias_under_every_layout(tmp_path):
     report = json.loads(out.read_text())
     assert report["cases"] == 2 and report["runs"] >= 2 * 2  # DP and TP take every case
     assert not report["failures"], report["failures"][:5]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_lora_under_every_layout(world, tmp_path):
+    # LoRA factors are cut like their base weights (A with a weight's input slice, B with its
+    # output slice, an expert's with its expert and ETP slice); the factor a split leaves
+    # whole has a partial gradient on each rank, summed over TP (ETP): every layout must give
+    # one process's adapter (and router) gradients.
+    seeds = [SEED_OFFSET[world] + s for s in ([0, 2, 5] if world == 2 else [0])]
+    out = tmp_path / "report.json"
+    spawn(_fuzz_worker, world, seeds, str(out), "lora", timeout_s=TIMEOUT_S)
+    report = json.loads(out.read_text())
+    assert report["cases"] == len(seeds) and report["runs"] >= 2 * len(seeds)
+    assert not report["failures"], "\n".join(report["failures"][:20])

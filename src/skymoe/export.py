@@ -125,7 +125,8 @@ def export_adapter(ckpt: Path, out_dir: Path, overwrite: bool = False) -> Path:
     sharded = ShardedCheckpoint(ckpt / run_state.SHARDED)
     keys = [k for k in sharded.shapes() if not k.startswith("optimizer.")
             and (".lora." in k or (cfg.train_router and ".gate." in k))]
-    tensors = sharded.read(keys)  # adapters are small: read whole
+    # Adapters are small: read whole. The experts' w13_B comes stacked as [E, 2, F, r].
+    tensors = {k: t.flatten(1, 2) if t.dim() == 4 else t for k, t in sharded.read(keys).items()}
     return publish_checkpoint(ckpt, out_dir, None, lambda tmp: save_adapter(
         tensors, tmp, cfg, config.model_type, base=settings.get("base", "")), overwrite)
 

@@ -35,6 +35,9 @@ MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")  # dense layers' MLP
 EXPERTS_TARGET = "experts"
 TARGETS = (*ATTENTION_TARGETS, *MLP_TARGETS, EXPERTS_TARGET)
 LORA = "lora"  # the adapters' child name: parameter names contain ".lora."
+# Each factor's base weight attribute and the dimension of the factor that holds the rank.
+FACTORS = {"A": ("weight", 0), "B": ("weight", 1), "w13_A": ("w13", 1), "w13_B": ("w13", 2),
+           "w2_A": ("w2", 1), "w2_B": ("w2", 2)}
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,26 @@ def _name_seed(seed: int, name: str) -> int:
     return h
 
 
+def factor_of(name: str) -> tuple[str, str] | None:
+    """(base weight name, factor) of an adapter parameter name (``...q_proj.lora.A`` ->
+    (``...q_proj.weight``, ``A``); ``...experts.lora.w13_B`` -> (``...experts.w13``,
+    ``w13_B``)), or None for any other name."""
+    site, sep, factor = name.rpartition(f".{LORA}.")
+    if not sep or factor not in FACTORS:
+        return None
+    return f"{site}.{FACTORS[factor][0]}", factor
+
+
+def factor_shape(factor: str, weight_shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
+    """The shape of adapter ``factor`` of rank ``rank`` for a base weight of ``weight_shape``
+    (``[out, in]``, or stacked experts' ``[E, out, in]``): ``A`` takes the input dimension,
+    ``B`` the output one."""
+    *experts, out_features, in_features = weight_shape
+    if factor.endswith("A"):
+        return (*experts, rank, in_features)
+    return (*experts, out_features, rank)
+
+
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The adapters' parameters by qualified name (``...q_proj.lora.A``)."""
     return {n: p for n, p in model.named_parameters() if f".{LORA}." in f".{n}"}
@@ -240,5 +263,5 @@ def _fold(name: str, module: nn.Module, attr: str, delta: torch.Tensor) -> None:
     w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
 
 
-__all__ = ["ExpertLoRA", "LinearLoRA", "LoRAConfig", "TARGETS", "add_lora", "lora_parameters",
-           "merge_lora", "remove_lora"]
+__all__ = ["ExpertLoRA", "FACTORS", "LinearLoRA", "LoRAConfig", "TARGETS", "add_lora",
+           "factor_of", "factor_shape", "lora_parameters", "merge_lora", "remove_lora"]

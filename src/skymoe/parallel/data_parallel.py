@@ -5,7 +5,9 @@ Every rank computes the gradient of its own micro-batches' mean loss; the step's
 the mean over the DP ranks. A dense weight is replicated over the DP group; an expert weight
 over the expert-data-parallel group, whose token exchange already summed the contributions of
 the other ranks of its EP group. So both are *summed* over their replica group and divided by
-the DP size.
+the DP size. A weight held whole by every rank of a TP (ETP) group whose gradient each rank
+computes only in part (a LoRA factor beside a split weight: ``Placement.partial_grad``) is
+first summed over that group.
 
 With ZeRO-1 every weight has one owner in its replica group (parameters assigned greedily by
 size, the same on every rank): gradients are reduced onto the owner only, the owner keeps the
@@ -63,6 +65,13 @@ def _buckets(items: list[ReplicatedParam]) -> list[list[ReplicatedParam]]:
     return out
 
 
+def _flat_gradients(bucket: list[ReplicatedParam]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The bucket's gradients (zeros where none) in one flat tensor, and the gradients."""
+    grads = [it.param.grad if it.param.grad is not None else torch.zeros_like(it.param)
+             for it in bucket]
+    return _flatten_dense_tensors(grads), grads
+
+
 class DataParallel:
     """Gradient reduction, norm and (ZeRO-1) parameter broadcast for a sharded model.
 
@@ -109,12 +118,11 @@ class DataParallel:
     def reduce_gradients(self) -> None:
         """Sum gradients over each replica group and divide by the DP size (onto the owner
         only, with ZeRO-1; other ranks' gradients become None)."""
+        self._sum_partial_gradients()
         for members in self._groups():
             group, owner = members[0].group, members[0].owner
             for bucket in _buckets(members):
-                grads = [it.param.grad if it.param.grad is not None
-                         else torch.zeros_like(it.param) for it in bucket]
-                flat = _flatten_dense_tensors(grads)
+                flat, grads = _flat_gradients(bucket)
                 if self.zero:
                     reduce_(flat, owner, group)
                 else:
@@ -123,6 +131,19 @@ class DataParallel:
                 keep = not self.zero or group.rank == owner
                 for it, g in zip(bucket, _unflatten_dense_tensors(flat, grads)):
                     it.param.grad = g if keep else None
+
+    def _sum_partial_gradients(self) -> None:
+        """Complete the partial gradients: sum them over the TP group (ETP for experts)."""
+        for expert, group in ((False, self.mesh.tp), (True, self.mesh.etp)):
+            members = [it for it in self.items
+                       if it.placement.partial_grad and it.placement.expert == expert]
+            if not members or not group.active:
+                continue
+            for bucket in _buckets(members):
+                flat, grads = _flat_gradients(bucket)
+                all_reduce_(flat, group)
+                for it, g in zip(bucket, _unflatten_dense_tensors(flat, grads)):
+                    it.param.grad = g
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:

@@ -86,7 +86,9 @@ class PipelineStages:
             # equal by summing the two gradients (``sync_tied_gradients``).
             self.model.lm_head = nn.Linear(full.config.hidden_size, full.config.vocab_size,
                                            bias=False, device=full.device, dtype=full.dtype)
-            self.model.lm_head.weight = nn.Parameter(full.lm_head.weight.detach().clone())
+            self.model.lm_head.weight = nn.Parameter(
+                full.lm_head.weight.detach().clone(),
+                requires_grad=full.lm_head.weight.requires_grad)  # frozen under LoRA
         # With tied embeddings on different ranks: the group of the two copies (set by
         # ``build_schedule``), over which their gradients are summed.
         self.tied_group: CommGroup | None = None
@@ -102,8 +104,12 @@ class PipelineStages:
 
     def sync_tied_gradients(self) -> None:
         """Sum the tied embedding / LM head gradient over its copies (the single-process
-        gradient of the shared weight is the sum of both uses)."""
+        gradient of the shared weight is the sum of both uses); nothing for a frozen one."""
         model = self.model
+        held = ([model.model.embed_tokens.weight] if self.is_first else []) + (
+            [model.lm_head.weight] if self.is_last else [])
+        if not any(w.requires_grad for w in held):  # frozen (a LoRA base), or none here
+            return
         if self.is_first and self.is_last:
             if self.tied_copies:  # both copies on this rank
                 copies = (model.model.embed_tokens.weight, model.lm_head.weight)

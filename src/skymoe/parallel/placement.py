@@ -13,7 +13,11 @@ lists, per dimension, the indices of the full tensor this rank keeps:
 - experts: this rank's experts (``EP``) and, with ``ETP``, its part of each expert's
   intermediate size (in ``w13`` both the w1 and the w3 rows of that part);
 - norms and routers: everything (replicated);
-- LoRA adapters (``...lora.*``): everything (replicated; training refuses LoRA under TP/EP).
+- LoRA adapters (``...lora.*``): like their base weight. ``A`` [r, in] takes the weight's
+  input slice and ``B`` [out, r] its output slice (an expert's factors also follow its expert
+  and ETP slices); the factor a split leaves whole (``A`` of a column-parallel weight, ``B`` of
+  a row-parallel one) is replicated over TP (ETP), and each rank's gradient of it is only its
+  share of the whole: ``partial_grad``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import SkyworkMoeConfig
+from ..model.lora import factor_of
 from .layout import Coords, ParallelLayout, split_range
 
 
@@ -31,11 +36,14 @@ from .layout import Coords, ParallelLayout, split_range
 class Placement:
     """``index[dim]``: the full tensor's indices along ``dim`` that this rank holds (dims not
     listed are whole). ``tp_replicated``: every TP rank holds the same values (counted once in
-    norms). ``expert``: replicated over the expert-data-parallel group instead of DP."""
+    norms). ``expert``: replicated over the expert-data-parallel group instead of DP.
+    ``partial_grad``: replicated over TP (ETP for an expert tensor), but each rank's gradient
+    is a partial sum, to be summed over that group (a LoRA factor beside a split weight)."""
 
     index: dict[int, torch.Tensor]
     tp_replicated: bool
     expert: bool = False
+    partial_grad: bool = False
 
     @property
     def is_whole(self) -> bool:
@@ -113,8 +121,10 @@ def placement(name: str, config: SkyworkMoeConfig, layout: ParallelLayout,
     """Where parameter ``name`` (the model's own names) lives on the rank at ``coords``; the
     vocabulary is padded to a multiple of ``vocab_multiple`` before it is split."""
     c, tp, t = config, layout.tp, coords.tp
-    if ".lora." in name:  # LoRA adapters are replicated (not yet sharded under TP or EP)
-        return Placement({}, tp_replicated=True)
+    adapter = factor_of(name)
+    if adapter is not None:
+        return _factor_placement(adapter[1], placement(adapter[0], config, layout, coords),
+                                 layout)
     if re.search(r"(^|\.)(input_layernorm|post_attention_layernorm|norm)\.weight$", name) \
             or re.search(r"block_sparse_moe\.(gate(\.\d+)?\.weight|expert_bias)$", name):
         return Placement({}, tp_replicated=True)
@@ -153,3 +163,15 @@ def placement(name: str, config: SkyworkMoeConfig, layout: ParallelLayout,
                                                 if m[1] == "w13" else f)
         return Placement(index, tp_replicated=False, expert=True)
     raise KeyError(f"no parallel placement is defined for parameter '{name}'")
+
+
+def _factor_placement(factor: str, weight: Placement, layout: ParallelLayout) -> Placement:
+    """A LoRA factor's placement from its base weight's: the experts' dimension as the weight,
+    ``A`` the weight's input slice (last dimension), ``B`` its output slice (second to last).
+    A factor whole beside a weight split over several TP (ETP) ranks has a partial gradient."""
+    stacked = weight.expert  # [E, out, in] experts, else [out, in]
+    follows = (2 if stacked else 1) if factor.endswith("A") else (1 if stacked else 0)
+    index = {d: i for d, i in weight.index.items() if d == follows or (stacked and d == 0)}
+    group = layout.etp if stacked else layout.tp
+    partial = group > 1 and any(d not in index for d in weight.index)
+    return Placement(index, tp_replicated=partial, expert=stacked, partial_grad=partial)

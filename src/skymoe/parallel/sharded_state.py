@@ -3,7 +3,8 @@ reads only what it holds.
 
 The checkpoint's tensors are the whole model's, under their Hugging Face names except the
 experts, which stay stacked (``...experts.w13`` as ``[E, 2, F, H]``, w1 then w3 of each expert;
-``...experts.w2`` as ``[E, H, F]``), so any layout, or one process, reads its own cut of them,
+``...experts.w2`` as ``[E, H, F]``; their LoRA factors under the model's names, ``w13_B`` as
+``[E, 2, F, r]``), so any layout, or one process, reads its own cut of them,
 and ``skymoe export`` writes an HF directory from them tensor by tensor. A rank's part of each
 tensor (``placement``) becomes one contiguous ``Piece``: tensor-parallel head and vocabulary
 ranges, an expert-parallel rank's experts and an expert-tensor-parallel rank's slice of them,
@@ -20,6 +21,7 @@ from torch import nn
 
 from ..checkpoint.dcp import Piece
 from ..config import SkyworkMoeConfig
+from ..model.lora import FACTORS, factor_of, factor_shape
 from ..model.transformer import SkyworkForCausalLM
 from .data_parallel import DataParallel
 from .placement import Placement
@@ -53,10 +55,11 @@ def _piece_of(name: str, local: torch.Tensor, full: tuple[int, ...], place: Plac
     (None when this rank holds none of it: only vocabulary padding)."""
     if tied and name == "lm_head.weight":  # a pipeline's copy of the tied embedding
         name = "model.embed_tokens.weight"
-    if name.endswith(".experts.w13"):
+    if name.endswith((".experts.w13", ".experts.lora.w13_B")):
         # Stacked [E, 2 * F, H] with a rank's [w1 rows; w3 rows] side by side: stored as
         # [E, 2, F, H], so a rank's experts and FFN slice are one compact block (a view of
-        # the whole local tensor, which DCP writes without copying).
+        # the whole local tensor, which DCP writes without copying). The experts' LoRA
+        # ``w13_B`` [E, 2 * F, r] is cut like ``w13`` and stored as [E, 2, F, r].
         experts, ffn = full[0], full[1] // 2
         rows = local.shape[1] // 2
         e0, _ = _span(place.index.get(0), experts)
@@ -79,21 +82,34 @@ def _named_pieces(model: nn.Module, placements: dict[str, Placement] | None,
     out: dict[str, Piece] = {}
     for key_prefix, name, t in tensors:
         place = placements[name] if placements is not None else _WHOLE
-        shape = full.get(name) or (full["model.embed_tokens.weight"]  # a tied head's copy
-                                   if name == "lm_head.weight" else tuple(t.shape))  # adapters
+        shape = full.get(name) or _extra_shape(name, t, full)
         found = _piece_of(name, t.detach(), shape, place, model.config.tie_word_embeddings)
         if found is not None:
             out[key_prefix + found[0]] = found[1]
     return out
 
 
-def model_pieces(model: nn.Module, placements: dict[str, Placement] | None = None
-                 ) -> dict[str, Piece]:
+def _extra_shape(name: str, local: torch.Tensor, full: dict[str, tuple[int, ...]]
+                 ) -> tuple[int, ...]:
+    """The whole shape of a tensor the model template lacks: a pipeline's tied LM head (the
+    embedding's) or a LoRA factor (from its base weight's)."""
+    if name == "lm_head.weight":
+        return full["model.embed_tokens.weight"]
+    adapter = factor_of(name)
+    if adapter is None:
+        raise KeyError(f"{name}: not a tensor of the model")
+    weight, factor = adapter
+    return factor_shape(factor, full[weight], local.shape[FACTORS[factor][1]])
+
+
+def model_pieces(model: nn.Module, placements: dict[str, Placement] | None = None,
+                 names: set[str] | None = None) -> dict[str, Piece]:
     """This rank's pieces of every parameter and buffer of ``model`` (a whole model, or a
     sharded model or pipeline part with ``placements``, the parameter placements it was cut
-    with), under HF names."""
+    with), or of those in ``names``, under HF names."""
     return _named_pieces(model, placements, [
-        ("", name, t) for name, t in [*model.named_parameters(), *model.named_buffers()]])
+        ("", name, t) for name, t in [*model.named_parameters(), *model.named_buffers()]
+        if names is None or name in names])
 
 
 def optimizer_pieces(optimizer: torch.optim.Optimizer, model: nn.Module, dp: DataParallel,

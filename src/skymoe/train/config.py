@@ -237,7 +237,7 @@ class TrainConfig:
                 raise ConfigError(f"training config: {message}")
 
     def _lora_checks(self) -> list[tuple[bool, str]]:
-        lora, p = self.lora, self.parallel
+        lora = self.lora
         if not lora.enabled:
             return []
         return [
@@ -249,11 +249,6 @@ class TrainConfig:
              f"lora.targets must be names among {', '.join(LORA_TARGETS)}"),
             (lora.base_dtype in ("bf16", "fp32", "fp8"),
              "lora.base_dtype must be 'bf16', 'fp32' or 'fp8'"),
-            # Adapters are replicated like the data-parallel weights; sharding them like
-            # tensor- and expert-parallel weights is not built yet.
-            (p.tp == 1 and p.ep == 1 and p.etp == 1 and not p.expert,
-             "lora.enabled works with data and pipeline parallelism (parallel.dp, "
-             "parallel.pp); parallel.tp, ep, etp and expert are not supported with LoRA yet"),
             (not self.train.compile, "train.compile does not work with lora.enabled yet"),
             (self.train.checkpoint_format != "hf", "a LoRA run's checkpoints hold the adapters "
              "(sharded format); train.checkpoint_format = 'hf' does not apply"),

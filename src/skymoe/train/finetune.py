@@ -118,4 +118,15 @@ def lora_model(cfg: TrainConfig, device: torch.device) -> tuple[SkyworkForCausal
                    f"base: {trainable:,} trainable of {total:,} parameters")
 
 
-__all__ = ["SftData", "lora_model", "sft_data", "starting_checkpoint"]
+def lora_state_names(model: torch.nn.Module) -> set[str]:
+    """The names a LoRA run's checkpoint holds: what trains (the adapters, a trained router)
+    and the buffers training changes (routing biases), not the frozen base (an FP8 base's
+    values and scales are buffers too), which ``model.init_from`` gives again."""
+    base = {f"{prefix}.{name}" for prefix, module in model.named_modules()
+            if isinstance(module, (Fp8Linear, Fp8Experts))
+            for name, _ in module.named_buffers(recurse=False)}
+    return ({n for n, p in model.named_parameters() if p.requires_grad}
+            | {n for n, _ in model.named_buffers() if n not in base})
+
+
+__all__ = ["SftData", "lora_model", "lora_state_names", "sft_data", "starting_checkpoint"]

@@ -496,12 +496,9 @@ class Trainer:
 
     def _model_pieces(self) -> dict:
         """This rank's pieces of the model a checkpoint holds (with LoRA: what trains)."""
-        pieces = sharded_state.model_pieces(self.model, self.placements)
-        if not self.cfg.lora.enabled:
-            return pieces
-        kept = {*(n for n, p in self.model.named_parameters() if p.requires_grad),
-                *(n for n, _ in self.model.named_buffers())}
-        return {k: v for k, v in pieces.items() if k in kept}
+        return sharded_state.model_pieces(
+            self.model, self.placements,
+            finetune.lora_state_names(self.model) if self.cfg.lora.enabled else None)
 
     def wait_for_checkpoint(self) -> Path | None:
         """With ``train.async_checkpoint``: wait until the checkpoint being written is on
