@@ -86,3 +86,28 @@ def test_cli_prints_the_layouts_and_the_verdict():
                           "2", "--targets", "q_proj,nope"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "nope" in bad.stderr
+
+
+def test_expert_parallel_layouts_count_what_the_sharded_model_holds():
+    """dp 4 with the experts over ep 4: the weights and adapters of rank 0 as the trainer's own
+    placements cut them, and the experts' AdamW moments split over dp / ep replicas."""
+    from skymoe.parallel.layout import ParallelLayout
+    from skymoe.parallel.placement import placement
+
+    config = dataclasses.replace(resolve_config("skywork-moe-base"), num_hidden_layers=2)
+    layout = ParallelLayout(dp=4, ep=4)
+    model = _meta_model(config)
+    add_lora(model, LoRAConfig(rank=16))
+    held = {"base": 0, "dense adapters": 0, "expert adapters": 0}
+    for name, p in model.named_parameters():
+        place = placement(name, config, layout, layout.coords(0))
+        n = torch.Size(place.local_shape(tuple(p.shape))).numel()
+        kind = "base" if not p.requires_grad else (
+            "expert adapters" if ".experts." in name else "dense adapters")
+        held[kind] += n
+    got = finetune_memory(config, 4, 1, "lora", "bf16", rank=16, seq_len=128, ep=4)
+    assert got.weights == 2 * held["base"]
+    assert got.adapters == 4 * (held["dense adapters"] + held["expert adapters"])
+    assert got.optimizer == 8 * held["dense adapters"] // 4 + 8 * held["expert adapters"]
+    one = finetune_memory(config, 4, 1, "lora", "bf16", rank=16, seq_len=128)
+    assert got.activations == one.activations and got.weights < one.weights / 2

@@ -69,7 +69,8 @@ def _register_finetune(plan: argparse._SubParsersAction) -> None:
     p = plan.add_parser(
         "finetune", help="can this model be fine-tuned on N GPUs, and in which layout?",
         description="Bytes per GPU of fine-tuning (LoRA over a frozen fp8/bf16/fp32 base, or "
-                    "full) under every data x pipeline layout of --gpus GPUs: weights, "
+                    "full) under every data x pipeline layout of --gpus GPUs, the experts split "
+                    "over ep of the data-parallel ranks or not: weights, "
                     "adapters, gradients, AdamW states (ZeRO-1) and activations (1F1B, layer "
                     "inputs kept, one layer recomputed at a time) at --seq-len and "
                     "--micro-batch-size; whether it fits, and the fewest GPUs that fit. See "
