@@ -279,10 +279,9 @@ def test_a_frozen_fp8_base_passes_exact_input_gradients_and_keeps_one_byte_for_b
         (grad,) = torch.autograd.grad(y.float().square().sum(), x)
         return y, grad
 
-    def reference_expert_ffn():
-        h = grouped_linear(x, experts.w13.to(torch.bfloat16), counts).float()
-        a = experts.kernels.swiglu(h).to(torch.bfloat16)
-        return grouped_linear(a, experts.w2.to(torch.bfloat16), counts)
+    def reference_expert_ffn():  # the widened (bf16) experts, as SwiGLUExperts computes
+        h = grouped_linear(x, experts.w13.to(torch.bfloat16), counts)
+        return grouped_linear(experts.kernels.swiglu(h), experts.w2.to(torch.bfloat16), counts)
 
     for fn, want_fn, weights in (
             (lambda: linear(x), lambda: torch.nn.functional.linear(

@@ -184,16 +184,18 @@ class Fp8Experts(UsesKernels, nn.Module):
                                                    torch.tensor(counts, device=x_SH.device))
         ffn = self.w13.shape[1] // 2  # this rank's share under expert tensor parallelism
         h = _frozen_matmul(x_SH, self.w13[first:last], counts).float()
-        # Scaled as [S, 2, F] by [S, 2, 1]: the backward keeps the small factor, not [S, 2F].
-        h = (h.view(-1, 2, ffn) * self.w13_scale[expert_S, :, None]).view(-1, 2 * ffn)
+        # Scaled in fp32 as [S, 2, F] by [S, 2, 1] (the backward keeps the small factor, not
+        # [S, 2F]), then back in the compute dtype: the SwiGLU keeps its input for the
+        # backward, and the dequantized model's would be in that dtype too.
+        h = (h.view(-1, 2, ffn) * self.w13_scale[expert_S, :, None]).view(-1, 2 * ffn).to(dtype)
         if self.lora is not None:
-            h = h + self.lora.delta13(x_SH, counts, first).float()
-        a = self.kernels.swiglu(h).to(dtype)
-        y = _frozen_matmul(a, self.w2[first:last], counts).float()
-        y = y * self.w2_scale[expert_S, None]
+            h = h + self.lora.delta13(x_SH, counts, first).to(dtype)
+        a = self.kernels.swiglu(h, consume_input=True)
+        y = (_frozen_matmul(a, self.w2[first:last], counts).float()
+             * self.w2_scale[expert_S, None]).to(dtype)
         if self.lora is not None:
-            y = y + self.lora.delta2(a, counts, first).float()
-        return y.to(dtype)
+            y = y + self.lora.delta2(a, counts, first).to(dtype)
+        return y
 
     def _ffn_scaled_mm(self, x_SH: torch.Tensor, counts: list[int], first: int) -> torch.Tensor:
         """One FP8 GEMM per projection per non-empty expert."""
