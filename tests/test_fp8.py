@@ -254,9 +254,9 @@ def test_fp8_matmuls_on_gpu_match_the_dequantized_model(tmp_path):
 @pytest.mark.parametrize("autocast", [False, True])
 def test_a_frozen_fp8_base_passes_exact_input_gradients_and_keeps_one_byte_for_backward(
         autocast):
-    """LoRA over an FP8 base: the input gradients through the frozen FP8 projections and
-    experts equal those through their widened values, and what autograd keeps for the backward
-    holds no widened copy of the weights."""
+    """LoRA over an FP8 base: the outputs and input gradients through the frozen FP8
+    projections and experts (with their scales) equal those through the dequantized bf16
+    weights, and what autograd keeps for the backward holds no widened copy of the weights."""
     from skymoe.model.fp8 import Fp8Experts, Fp8Linear
     from skymoe.model.moe import grouped_linear
 
@@ -267,6 +267,15 @@ def test_a_frozen_fp8_base_passes_exact_input_gradients_and_keeps_one_byte_for_b
         for name in names:
             w = torch.randn(getattr(module, name).shape, generator=gen)
             setattr(module, name, w.to(torch.float8_e4m3fn))
+    linear.weight_scale = torch.rand((), generator=gen) + 0.5
+    experts.w13_scale = torch.rand(4, 2, generator=gen) + 0.5
+    experts.w2_scale = torch.rand(4, generator=gen) + 0.5
+    # The dequantized weights, written out independently of the module's code.
+    linear_bf16 = (linear.weight.float() * linear.weight_scale).to(torch.bfloat16)
+    w13_bf16 = torch.cat([experts.w13[:, :16].float() * experts.w13_scale[:, :1, None],
+                          experts.w13[:, 16:].float() * experts.w13_scale[:, 1:, None]],
+                         dim=1).to(torch.bfloat16)
+    w2_bf16 = (experts.w2.float() * experts.w2_scale[:, None, None]).to(torch.bfloat16)
     counts = [3, 0, 5, 2]
     x = torch.randn(10, 32, generator=gen, dtype=torch.bfloat16, requires_grad=True)
     saved: list[torch.Tensor] = []
@@ -279,13 +288,13 @@ def test_a_frozen_fp8_base_passes_exact_input_gradients_and_keeps_one_byte_for_b
         (grad,) = torch.autograd.grad(y.float().square().sum(), x)
         return y, grad
 
-    def reference_expert_ffn():  # the widened (bf16) experts, as SwiGLUExperts computes
-        h = grouped_linear(x, experts.w13.to(torch.bfloat16), counts)
-        return grouped_linear(experts.kernels.swiglu(h), experts.w2.to(torch.bfloat16), counts)
+    def reference_expert_ffn():  # the dequantized experts, as SwiGLUExperts computes
+        h = grouped_linear(x, w13_bf16, counts)
+        return grouped_linear(experts.kernels.swiglu(h), w2_bf16, counts)
 
     for fn, want_fn, weights in (
-            (lambda: linear(x), lambda: torch.nn.functional.linear(
-                x, linear.weight.to(torch.bfloat16)), [linear.weight]),
+            (lambda: linear(x), lambda: torch.nn.functional.linear(x, linear_bf16),
+             [linear.weight]),
             (lambda: experts.sorted_ffn(x, counts), reference_expert_ffn,
              [experts.w13, experts.w2])):
         saved.clear()
@@ -295,5 +304,5 @@ def test_a_frozen_fp8_base_passes_exact_input_gradients_and_keeps_one_byte_for_b
         assert any(t.dtype == torch.float8_e4m3fn and t.data_ptr() == w.data_ptr()
                    for t in saved for w in weights)  # the one-byte values instead
         want, want_grad = run(want_fn)
-        torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
-        torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=0.02, atol=0.05)
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0)
+        torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=0, atol=0)

@@ -80,8 +80,8 @@ def _use_scaled_mm(x: torch.Tensor, w: torch.Tensor, per_tensor: bool = True) ->
 
 
 def _needs_input_grad(x: torch.Tensor) -> bool:
-    # torch._scaled_mm has no backward: training through a frozen FP8 base (LoRA) widens the
-    # values per call instead, which autograd differentiates.
+    # torch._scaled_mm has no backward: training through a frozen FP8 base (LoRA) dequantizes
+    # the values per call instead (``_frozen_matmul``).
     return x.requires_grad and torch.is_grad_enabled()
 
 
@@ -90,37 +90,59 @@ def _widen(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
                 else torch.bfloat16)
 
 
-class _FrozenWidened(torch.autograd.Function):
-    """``x @ widen(w)^T`` (``counts``: per expert group, else one matrix) for frozen FP8 values
-    ``w``: autograd would keep the widened copy for the input gradient, as many bytes as a bf16
-    base; this keeps the one-byte values and widens them again in the backward."""
+def _dequantize(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``w * scale`` in ``dtype`` (computed in fp32, as ``--fp8 dequantize`` loads it); a
+    stacked [E, ...] ``w`` one expert at a time, so the fp32 temporary is one expert's."""
+    if w.dim() == 2:
+        return (w.float() * scale).to(dtype)
+    out = torch.empty(w.shape, dtype=dtype, device=w.device)
+    for e in range(w.shape[0]):
+        out[e] = w[e].float() * scale[e]
+    return out
+
+
+class _FrozenDequantized(torch.autograd.Function):
+    """``x @ (w * scale)^T`` (``counts``: per expert group, else one matrix) for frozen FP8
+    values ``w``: the weight is dequantized in ``x``'s dtype for the matmul and again in the
+    backward, so what is kept is the one-byte values (autograd would keep the dequantized
+    copy, as many bytes as a bf16 base) and no fp32 product of activation size is formed."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, counts: list[int] | None
-                ) -> torch.Tensor:
-        ctx.save_for_backward(w)
-        ctx.counts, ctx.dtype = counts, x.dtype
-        wide = _widen(w, x.dtype).to(x.dtype)
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+                counts: list[int] | None) -> torch.Tensor:
+        ctx.save_for_backward(w, scale)
+        ctx.counts = counts
+        wide = _dequantize(w, scale, x.dtype)
         return F.linear(x, wide) if counts is None else grouped_linear(x, wide, counts)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        (w,) = ctx.saved_tensors
-        wide = _widen(w, ctx.dtype).to(grad.dtype)
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+        w, scale = ctx.saved_tensors
+        wide = _dequantize(w, scale, grad.dtype)
         if ctx.counts is None:
-            return grad @ wide, None, None
-        return grouped_linear(grad, wide.transpose(-2, -1).contiguous(), ctx.counts), None, None
+            return grad @ wide, None, None, None
+        return (grouped_linear(grad, wide.transpose(-2, -1).contiguous(), ctx.counts),
+                None, None, None)
 
 
-def _frozen_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int] | None = None
-                   ) -> torch.Tensor:
-    """``x`` times the widened FP8 (or bf16) values ``w``, keeping no widened copy for the
-    backward when ``x`` needs a gradient (a frozen base under LoRA)."""
-    if _needs_input_grad(x) and w.dtype == FP8_DTYPE:
-        if torch.is_autocast_enabled(x.device.type):  # as autocast casts F.linear's input
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        with torch.autocast(x.device.type, enabled=False):
-            return _FrozenWidened.apply(x, w, counts)
+def _frozen_matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+                   counts: list[int] | None = None) -> torch.Tensor:
+    """``x @ (w * scale)^T`` in training through a frozen FP8 base (``scale`` broadcast to
+    ``w``'s shape: [out, 1], or [E, out, 1] for stacked experts), in the autocast dtype
+    when autocast is on."""
+    if torch.is_autocast_enabled(x.device.type):  # as autocast casts F.linear's input
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    with torch.autocast(x.device.type, enabled=False):
+        return _FrozenDequantized.apply(x, w, scale, counts)
+
+
+def _trains_through(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``x`` needs a gradient through the frozen FP8 values ``w`` (LoRA)."""
+    return _needs_input_grad(x) and w.dtype == FP8_DTYPE
+
+
+def _widened_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int] | None = None
+                    ) -> torch.Tensor:
     wide = _widen(w, x.dtype).to(x.dtype)
     return F.linear(x, wide) if counts is None else grouped_linear(x, wide, counts)
 
@@ -142,7 +164,9 @@ class Fp8Linear(nn.Module):
         if not _needs_input_grad(x) and _use_scaled_mm(x, self.weight,
                                                        self.weight_scale.numel() == 1):
             return _fp8_matmul(x, self.weight, self.weight_scale)
-        y = _frozen_matmul(x, self.weight)
+        if _trains_through(x, self.weight):
+            return _frozen_matmul(x, self.weight, self.weight_scale)
+        y = _widened_matmul(x, self.weight)
         scale = self.weight_scale.reshape(-1) if self.weight_scale.numel() > 1 \
             else self.weight_scale
         return (y.float() * scale).to(x.dtype)
@@ -179,23 +203,39 @@ class Fp8Experts(UsesKernels, nn.Module):
         if (self.lora is None and not _needs_input_grad(x_SH)
                 and _use_scaled_mm(x_SH, self.w13) and _use_scaled_mm(x_SH, self.w2)):
             return self._ffn_scaled_mm(x_SH, counts, first)
-        dtype = x_SH.dtype
-        expert_S = first + torch.repeat_interleave(torch.arange(len(counts), device=x_SH.device),
-                                                   torch.tensor(counts, device=x_SH.device))
         ffn = self.w13.shape[1] // 2  # this rank's share under expert tensor parallelism
-        h = _frozen_matmul(x_SH, self.w13[first:last], counts).float()
-        # Scaled in fp32 as [S, 2, F] by [S, 2, 1] (the backward keeps the small factor, not
-        # [S, 2F]), then back in the compute dtype: the SwiGLU keeps its input for the
-        # backward, and the dequantized model's would be in that dtype too.
-        h = (h.view(-1, 2, ffn) * self.w13_scale[expert_S, :, None]).view(-1, 2 * ffn).to(dtype)
+        if _trains_through(x_SH, self.w13):
+            h = _frozen_matmul(x_SH, self.w13[first:last],
+                               self.w13_scale[first:last].repeat_interleave(ffn, 1)[..., None],
+                               counts)
+        else:
+            h = self._scaled(_widened_matmul(x_SH, self.w13[first:last], counts),
+                             self.w13_scale, counts, first, halves=2)
         if self.lora is not None:
-            h = h + self.lora.delta13(x_SH, counts, first).to(dtype)
+            h = h + self.lora.delta13(x_SH, counts, first).to(h.dtype)
         a = self.kernels.swiglu(h, consume_input=True)
-        y = (_frozen_matmul(a, self.w2[first:last], counts).float()
-             * self.w2_scale[expert_S, None]).to(dtype)
+        if _trains_through(a, self.w2):
+            y = _frozen_matmul(a, self.w2[first:last], self.w2_scale[first:last, None, None],
+                               counts)
+        else:
+            y = self._scaled(_widened_matmul(a, self.w2[first:last], counts), self.w2_scale,
+                             counts, first, halves=1)
         if self.lora is not None:
-            y = y + self.lora.delta2(a, counts, first).to(dtype)
+            y = y + self.lora.delta2(a, counts, first).to(y.dtype)
         return y
+
+    @staticmethod
+    def _scaled(out_SO: torch.Tensor, scale: torch.Tensor, counts: list[int], first: int,
+                halves: int) -> torch.Tensor:
+        """Rows sorted by expert times their expert's scale (``halves`` scales per expert,
+        each for an equal part of the row), in fp32, back in the rows' dtype."""
+        expert_S = first + torch.repeat_interleave(
+            torch.arange(len(counts), device=out_SO.device),
+            torch.tensor(counts, device=out_SO.device))
+        rows = out_SO.float().view(out_SO.shape[0], halves, -1)
+        # Scaled as [S, halves, O / halves] by [S, halves, 1]: no [S, O] copy of the scale.
+        return (rows * scale.view(-1, halves)[expert_S, :, None]).view_as(out_SO).to(
+            out_SO.dtype)
 
     def _ffn_scaled_mm(self, x_SH: torch.Tensor, counts: list[int], first: int) -> torch.Tensor:
         """One FP8 GEMM per projection per non-empty expert."""
