@@ -8,7 +8,10 @@ Kernels are chosen by capability, never by an import failing:
 - elsewhere: the e4m3 values are held in bf16 (exact: e4m3 has fewer mantissa and exponent bits
   than bf16) and the scale multiplies the matmul's output in fp32, so the result equals a
   matmul with the dequantized weight up to the matmul's own rounding. ``keep_fp8=True`` keeps
-  one byte per value in memory instead and widens per call (slower; for when RAM is the limit).
+  one byte per value in memory instead and widens per call (slower; for when RAM is the limit);
+- training through a frozen FP8 base (LoRA), on any device: the values are dequantized (value x
+  scale, in the compute dtype) for each matmul and again in its backward, so only the one-byte
+  values stay in memory (``torch._scaled_mm`` has no backward).
 
 ``use_fp8_modules`` gives a model this structure before a checkpoint fills it
 (``skymoe.checkpoint.hf.load_model``); the format itself is ``skymoe.checkpoint.fp8``.
