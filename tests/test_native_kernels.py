@@ -73,6 +73,26 @@ def test_experts_match_the_reference_loop():
         kernels.experts_decode(x, w13, w2, ids + E, weights)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+@pytest.mark.parametrize("k", [64, 200])  # 200: a tail shorter than one vector
+def test_fp8_weights_are_read_exactly_with_their_row_scales(rows, k):
+    """Every e4m3 code (NaN aside: quantized weights are finite), subnormals and signs
+    included, against torch's own float8 conversion; each output column times its scale."""
+    gen = torch.Generator().manual_seed(rows + k)
+    codes = torch.randint(0, 256, (37, k), generator=gen, dtype=torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] ^= 1  # NaN -> the largest finite magnitude
+    w = codes.view(torch.float8_e4m3fn)
+    scale = torch.rand(37, generator=gen) + 0.5
+    x = torch.randn(rows, k, generator=gen)
+    ref = (x.double() @ w.double().T) * scale.double()
+    torch.testing.assert_close(kernels.linear(x, w, scale).double(), ref, rtol=1e-5, atol=1e-3)
+    got = kernels.linear(x.bfloat16(), w, scale).double()  # bf16 activations: AVX512-BF16
+    ref = (x.bfloat16().double() @ w.double().T) * scale.double()
+    torch.testing.assert_close(got, ref, rtol=BF16_RTOL, atol=1e-2)
+    with pytest.raises(RuntimeError, match="row scales"):
+        kernels.linear(x, w)
+
+
 def test_bad_arguments_are_refused_with_a_message():
     with pytest.raises(RuntimeError, match="dtypes differ"):
         kernels.linear(torch.randn(1, 8), torch.randn(4, 8, dtype=torch.bfloat16))
@@ -219,3 +239,42 @@ def test_the_build_uses_the_cpus_bf16_dot_products_where_it_has_them():
         pytest.skip("no /proc/cpuinfo flags here")
     has = "avx512_bf16" in flags and "avx512bw" in flags
     assert kernels.has_avx512_bf16() == has
+
+
+@pytest.mark.parametrize("variant", ["skywork", "dense-every-other"])
+def test_fp8_decode_holds_one_byte_per_weight_and_is_as_accurate_as_the_pytorch_path(
+        tmp_path, variant):
+    """An FP8 checkpoint (skymoe quantize): prepared, every projection and expert holds its
+    e4m3 values (narrowed back from the widened values ``fp8="auto"`` loads) and decodes
+    through the native kernels; against the dequantized model in fp32, its decode steps err
+    no more than the FP8 modules' PyTorch path does."""
+    from skymoe.infer.native_modules import NativeFp8Experts, NativeFp8Linear
+    from skymoe.quantize import quantize_checkpoint
+
+    config = SkyworkMoeConfig(**CONFIG, **VARIANTS[variant])
+    skymoe.save_model(_built(config, torch.bfloat16), tmp_path / "bf16")
+    fp8 = quantize_checkpoint(tmp_path / "bf16", tmp_path / "fp8", show_progress=False)
+    exact = skymoe.load_model(fp8, dtype=torch.float32, fp8="dequantize").eval()
+    plain = skymoe.load_model(fp8, dtype=torch.bfloat16, fp8="keep").eval()
+    native = prepare(skymoe.load_model(fp8, dtype=torch.bfloat16, fp8="auto"), kernels=NATIVE)
+    fp8_modules = [m for m in native.modules() if isinstance(m, (NativeFp8Linear,
+                                                                 NativeFp8Experts))]
+    assert fp8_modules and all(t.dtype == torch.float8_e4m3fn for m in fp8_modules
+                               for name, t in m.named_buffers() if name in ("weight", "w13",
+                                                                             "w2"))
+    assert all(layer.self_attn.wqkv.dtype == torch.float8_e4m3fn
+               for layer in native.model.layers)
+    assert any(isinstance(layer, NativeMoEDecoderLayer) for layer in native.model.layers)
+    ids = torch.randint(3, 101, (2, 12), generator=torch.Generator().manual_seed(2))
+    errors = {"plain": [], "native": []}
+    with torch.inference_mode():
+        caches = [m.new_kv_cache(2, 20) for m in (exact, plain, native)]
+        for m, c in zip((exact, plain, native), caches):
+            m(ids, cache=c)  # 24 rows: the prefill path of the same one-byte weights
+        for tok in ids.T[:6]:
+            ref, p, n = (m(tok[:, None], cache=c).logits.float()
+                         for m, c in zip((exact, plain, native), caches))
+            errors["plain"].append((p - ref).abs().mean())
+            errors["native"].append((n - ref).abs().mean())
+    plain_err, native_err = (torch.stack(e).mean() for e in errors.values())
+    assert native_err <= 1.5 * plain_err + 1e-3, (native_err, plain_err)

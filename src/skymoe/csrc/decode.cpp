@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <optional>
+#include <type_traits>
 #include <cmath>
 #include <vector>
 
@@ -29,11 +31,12 @@ constexpr int kRowBlock = 8;  // rows of x multiplied per pass over a weight row
 // throughput of 5-16-row matmuls over weights streamed from memory (LM head, experts).
 constexpr int64_t kPrefetchBytes = 4096;
 
-// out[i] = dot(w[0:K], x[i*ldx : i*ldx+K]) for i < MB. Portable: 16 independent lanes, which the
+// out[i] = dot(w[0:K], x[i*ldx : i*ldx+K]) for i < MB, weights of type W (the model dtype, or
+// FP8 e4m3 values whose scale the caller applies). Portable: 16 independent lanes, which the
 // compiler vectorizes without reassociating a single sum.
-template <typename T, int MB>
+template <typename T, typename W, int MB>
 struct DotRows {
-  static void run(const T* w, const T* x, int64_t ldx, int64_t K, float* out) {
+  static void run(const W* w, const T* x, int64_t ldx, int64_t K, float* out) {
     constexpr int L = 16;
     float acc[MB][L] = {};
     int64_t k = 0;
@@ -74,23 +77,49 @@ inline void reduce_store(const __m512* acc, float* out) {
   }
 }
 
-// bf16 with AVX512-BF16: one instruction multiplies 32 bf16 pairs exactly and adds them in fp32.
-template <int MB>
-struct DotRows<c10::BFloat16, MB> {
-  static void run(const c10::BFloat16* w, const c10::BFloat16* x, int64_t ldx, int64_t K,
-                  float* out) {
+// 32 weights as bf16 lanes, loaded from bf16 (as they are) or from e4m3 bytes, widened in
+// registers: every e4m3 value is a bf16 value, so this is exact. A normal value keeps its sign
+// and mantissa and moves its exponent from bias 7 to bias 127; the seven subnormal magnitudes
+// (m x 2^-9) come from a table. (e4m3's NaN encoding is not handled: quantized weights are
+// finite.)
+inline __m512i load_bf16_lanes(const c10::BFloat16* w, __mmask32 mask) {
+  return _mm512_maskz_loadu_epi16(mask, w);
+}
+
+inline __m512i e4m3_subnormals() {
+  alignas(64) static const uint16_t table[32] = {
+      0x0000, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60};  // m x 2^-9, m = 0..7
+  return _mm512_load_si512(table);
+}
+
+inline __m512i load_bf16_lanes(const c10::Float8_e4m3fn* w, __mmask32 mask) {
+  const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(mask, w));
+  const __m512i mag = _mm512_and_si512(bytes, _mm512_set1_epi16(0x7F));
+  const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(mag, 4),
+                                          _mm512_set1_epi16(120 << 7));
+  const __m512i subnormal = _mm512_permutexvar_epi16(mag, e4m3_subnormals());
+  const __mmask32 is_subnormal = _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8));
+  const __m512i sign = _mm512_slli_epi16(_mm512_and_si512(bytes, _mm512_set1_epi16(0x80)), 8);
+  return _mm512_or_si512(_mm512_mask_blend_epi16(is_subnormal, normal, subnormal), sign);
+}
+
+// bf16 activations with AVX512-BF16: one instruction multiplies 32 bf16 pairs exactly and adds
+// them in fp32; the weights are bf16 or e4m3 (widened in registers: one byte read per weight).
+template <typename W, int MB>
+struct DotRowsBf16 {
+  static void run(const W* w, const c10::BFloat16* x, int64_t ldx, int64_t K, float* out) {
     __m512 acc[MB];
     for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
       _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetchBytes, _MM_HINT_T0);
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + k);
+      const __m512bh wv = (__m512bh)load_bf16_lanes(w + k, ~__mmask32(0));
       for (int i = 0; i < MB; ++i)
         acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(x + i * ldx + k), wv);
     }
     if (k < K) {
       const __mmask32 mask = __mmask32((1u << (K - k)) - 1);
-      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + k);
+      const __m512bh wv = (__m512bh)load_bf16_lanes(w + k, mask);
       for (int i = 0; i < MB; ++i)
         acc[i] = _mm512_dpbf16_ps(
             acc[i], (__m512bh)_mm512_maskz_loadu_epi16(mask, x + i * ldx + k), wv);
@@ -100,41 +129,48 @@ struct DotRows<c10::BFloat16, MB> {
 };
 
 // One row (batch-1 decode, memory bound): four accumulators keep four dot products in flight.
-template <>
-struct DotRows<c10::BFloat16, 1> {
-  static void run(const c10::BFloat16* w, const c10::BFloat16* x, int64_t, int64_t K,
-                  float* out) {
+template <typename W>
+struct DotRowsBf16<W, 1> {
+  static void run(const W* w, const c10::BFloat16* x, int64_t, int64_t K, float* out) {
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                      _mm512_setzero_ps()};
+    const __mmask32 all = ~__mmask32(0);
     int64_t k = 0;
-    for (; k + 128 <= K; k += 128)
+    for (; k + 128 <= K; k += 128) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetchBytes, _MM_HINT_T0);
       for (int u = 0; u < 4; ++u)
         acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_loadu_si512(x + k + 32 * u),
-                                  (__m512bh)_mm512_loadu_si512(w + k + 32 * u));
+                                  (__m512bh)load_bf16_lanes(w + k + 32 * u, all));
+    }
     for (; k < K; k += 32) {
-      const __mmask32 mask = K - k >= 32 ? ~__mmask32(0) : __mmask32((1u << (K - k)) - 1);
+      const __mmask32 mask = K - k >= 32 ? all : __mmask32((1u << (K - k)) - 1);
       acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_maskz_loadu_epi16(mask, x + k),
-                                (__m512bh)_mm512_maskz_loadu_epi16(mask, w + k));
+                                (__m512bh)load_bf16_lanes(w + k, mask));
     }
     out[0] = _mm512_reduce_add_ps(
         _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
   }
 };
+
+template <int MB>
+struct DotRows<c10::BFloat16, c10::BFloat16, MB> : DotRowsBf16<c10::BFloat16, MB> {};
+template <int MB>
+struct DotRows<c10::BFloat16, c10::Float8_e4m3fn, MB> : DotRowsBf16<c10::Float8_e4m3fn, MB> {};
 #endif
 
-template <typename T>
-void dot_rows(const T* w, const T* x, int64_t ldx, int64_t rows, int64_t K, float* out) {
+template <typename T, typename W = T>
+void dot_rows(const W* w, const T* x, int64_t ldx, int64_t rows, int64_t K, float* out) {
   for (int64_t m = 0; m < rows; m += kRowBlock) {
     const T* xm = x + m * ldx;
     switch (std::min<int64_t>(kRowBlock, rows - m)) {
-      case 1: DotRows<T, 1>::run(w, xm, ldx, K, out + m); break;
-      case 2: DotRows<T, 2>::run(w, xm, ldx, K, out + m); break;
-      case 3: DotRows<T, 3>::run(w, xm, ldx, K, out + m); break;
-      case 4: DotRows<T, 4>::run(w, xm, ldx, K, out + m); break;
-      case 5: DotRows<T, 5>::run(w, xm, ldx, K, out + m); break;
-      case 6: DotRows<T, 6>::run(w, xm, ldx, K, out + m); break;
-      case 7: DotRows<T, 7>::run(w, xm, ldx, K, out + m); break;
-      default: DotRows<T, 8>::run(w, xm, ldx, K, out + m); break;
+      case 1: DotRows<T, W, 1>::run(w, xm, ldx, K, out + m); break;
+      case 2: DotRows<T, W, 2>::run(w, xm, ldx, K, out + m); break;
+      case 3: DotRows<T, W, 3>::run(w, xm, ldx, K, out + m); break;
+      case 4: DotRows<T, W, 4>::run(w, xm, ldx, K, out + m); break;
+      case 5: DotRows<T, W, 5>::run(w, xm, ldx, K, out + m); break;
+      case 6: DotRows<T, W, 6>::run(w, xm, ldx, K, out + m); break;
+      case 7: DotRows<T, W, 7>::run(w, xm, ldx, K, out + m); break;
+      default: DotRows<T, W, 8>::run(w, xm, ldx, K, out + m); break;
     }
   }
 }
@@ -142,40 +178,71 @@ void dot_rows(const T* w, const T* x, int64_t ldx, int64_t rows, int64_t K, floa
 // Several matmuls sharing one parallel loop: for each group g, rows [first[g], first[g+1]) of
 // x [*, K] times weight matrix mats[g] of w (each [N, K]) go to the same rows of y [*, N]
 // (fp32). Threads split all groups' weight rows, so a layer's experts run without a barrier
-// between experts.
-template <typename T>
-void grouped_linear_f32(const T* x, int64_t K, const T* w, int64_t N,
+// between experts. With FP8 weights, ``scale`` holds each weight row's scale (matrix m's row n
+// at m * N + n), applied to the fp32 dot products; null for weights in the model dtype.
+template <typename T, typename W>
+void grouped_linear_f32(const T* x, int64_t K, const W* w, int64_t N,
                         const std::vector<int64_t>& mats, const std::vector<int64_t>& first,
-                        float* y) {
+                        float* y, const float* scale = nullptr) {
   const int64_t G = static_cast<int64_t>(mats.size());
   const int64_t grain = std::max<int64_t>(16, (1 << 15) / std::max<int64_t>(K, 1));
   at::parallel_for(0, G * N, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> col;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t g = i / N, n = i % N, m0 = first[g], rows = first[g + 1] - m0;
+      const int64_t row = mats[g] * N + n;
       col.resize(rows);
-      dot_rows(w + (mats[g] * N + n) * K, x + m0 * K, K, rows, K, col.data());
-      for (int64_t m = 0; m < rows; ++m) y[(m0 + m) * N + n] = col[m];
+      dot_rows(w + row * K, x + m0 * K, K, rows, K, col.data());
+      const float s = scale ? scale[row] : 1.f;
+      for (int64_t m = 0; m < rows; ++m) y[(m0 + m) * N + n] = col[m] * s;
     }
   });
 }
 
-// y[M, N] (fp32) = x[M, K] @ w[N, K]^T, threads splitting the weight rows.
-template <typename T>
-void linear_f32(const T* x, int64_t M, int64_t K, const T* w, int64_t N, float* y) {
-  grouped_linear_f32(x, K, w, N, {0}, {0, M}, y);
+// y[M, N] (fp32) = x[M, K] @ w[N, K]^T (times the row scales), threads splitting the weight rows.
+template <typename T, typename W>
+void linear_f32(const T* x, int64_t M, int64_t K, const W* w, int64_t N, float* y,
+                const float* scale = nullptr) {
+  grouped_linear_f32(x, K, w, N, {0}, {0, M}, y, scale);
 }
 
-at::Tensor linear(at::Tensor x, at::Tensor w) {
+// The weights' element type for activations of type T: T itself, or FP8 e4m3 values with one
+// fp32 scale per weight row (``scale``: ``rows`` of them). Calls fn with a W-typed null
+// pointer and the scales' pointer (null without scales).
+template <typename T, typename Fn>
+void with_weights(const at::Tensor& w, const at::Tensor& scale, int64_t rows, const char* what,
+                  Fn&& fn) {
+  const bool scaled = scale.defined() && scale.numel() > 0;
+  if (w.scalar_type() == at::kFloat8_e4m3fn) {
+    TORCH_CHECK(scaled, what, ": FP8 weights need their row scales");
+    check_cpu_contiguous(scale, what);
+    TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == rows, what,
+                ": FP8 weights need one fp32 scale per weight row (", rows, "), got ",
+                scale.numel());
+    fn(static_cast<const c10::Float8_e4m3fn*>(nullptr), scale.data_ptr<float>());
+    return;
+  }
+  TORCH_CHECK(w.scalar_type() == c10::CppTypeToScalarType<T>::value, what,
+              ": weight and input dtypes differ (weights must be in the input's dtype, or FP8 "
+              "e4m3 with row scales)");
+  TORCH_CHECK(!scaled, what, ": scales are for FP8 weights only");
+  fn(static_cast<const T*>(nullptr), static_cast<const float*>(nullptr));
+}
+
+at::Tensor linear(at::Tensor x, at::Tensor w, std::optional<at::Tensor> row_scale) {
+  const at::Tensor scale = row_scale.value_or(at::Tensor());
   check_cpu_contiguous(x, "x");
   check_cpu_contiguous(w, "weight");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
               "linear: x [M, K] and weight [N, K] expected");
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "linear: x and weight dtypes differ");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   auto y32 = at::empty({M, N}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "linear", [&] {
-    linear_f32(x.data_ptr<scalar_t>(), M, K, w.data_ptr<scalar_t>(), N, y32.data_ptr<float>());
+    with_weights<scalar_t>(w, scale, N, "linear", [&](auto wt, const float* s) {
+      using W = std::remove_cv_t<std::remove_pointer_t<decltype(wt)>>;
+      linear_f32(x.data_ptr<scalar_t>(), M, K, static_cast<const W*>(w.data_ptr()), N,
+                 y32.data_ptr<float>(), s);
+    });
   });
   return y32.to(x.scalar_type());
 }
@@ -226,15 +293,15 @@ void rope(float* v, const float* cos, const float* sin, int64_t D, float* tmp) {
 // projection. Cache tensors are [slots, kv_heads, L, D] (pos_dim 2) or [slots, L, kv_heads, D]
 // (pos_dim 1); row b is cache slot rows[b] at position positions[b], with rotary cos and
 // signed sin [B, D] at that position (or [D] shared by all rows).
-template <typename T>
-void attention_step(const T* h, int64_t B, int64_t H, const T* wqkv, const T* wo,
-                    const float* cos_BD, const float* sin_BD, bool shared_rotary,
+template <typename T, typename W>
+void attention_step(const T* h, int64_t B, int64_t H, const W* wqkv, const W* wo,
+                    const float* sqkv, const float* so, const float* cos_BD, const float* sin_BD, bool shared_rotary,
                     at::Tensor& kc, at::Tensor& vc, const int64_t* rows,
                     const int64_t* positions, int64_t pos_dim, int64_t heads,
                     int64_t kv_heads, int64_t D, int64_t window, float* out /* [B, H] fp32 */) {
   const int64_t nq = heads * D, nkv = kv_heads * D, nqkv = nq + 2 * nkv;
   std::vector<float> qkv(B * nqkv);
-  linear_f32(h, B, H, wqkv, nqkv, qkv.data());
+  linear_f32(h, B, H, wqkv, nqkv, qkv.data(), sqkv);
   T* kp = kc.data_ptr<T>();
   T* vp = vc.data_ptr<T>();
   const int64_t s_slot = kc.stride(0), s_pos = kc.stride(pos_dim), s_head = kc.stride(3 - pos_dim);
@@ -289,15 +356,17 @@ void attention_step(const T* h, int64_t B, int64_t H, const T* wqkv, const T* wo
       }
     }
   });
-  linear_f32(attn.data(), B, nq, wo, H, out);
+  linear_f32(attn.data(), B, nq, wo, H, out, so);
 }
 
-// Arguments: the step (input, rotary, caches, where each row goes), then the layer's weights.
+// Arguments: the step (input, rotary, caches, where each row goes), then the layer's weights
+// (with FP8 weights, their row scales; empty tensors otherwise).
 at::Tensor attention_decode(at::Tensor h, at::Tensor cos, at::Tensor sin,
                                at::Tensor kc, at::Tensor vc, at::Tensor rows,
                                at::Tensor positions, int64_t start, int64_t pos_dim,
                                at::Tensor wqkv, at::Tensor wo, int64_t heads,
-                               int64_t kv_heads, int64_t window) {
+                               int64_t kv_heads, int64_t window, at::Tensor wqkv_scale,
+                               at::Tensor wo_scale) {
   for (auto* t : {&h, &wqkv, &wo, &rows, &positions})
     check_cpu_contiguous(*t, "attention_decode input");
   TORCH_CHECK(kc.dim() == 4 && vc.sizes() == kc.sizes() && kc.strides() == vc.strides() &&
@@ -332,23 +401,35 @@ at::Tensor attention_decode(at::Tensor h, at::Tensor cos, at::Tensor sin,
   const auto cos32 = cos.to(at::kFloat).contiguous(), sin32 = sin.to(at::kFloat).contiguous();
   auto out32 = at::empty({B, H}, h.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, h.scalar_type(), "attention", [&] {
-    TORCH_CHECK(kc.scalar_type() == h.scalar_type() && wqkv.scalar_type() == h.scalar_type(),
-                "attention_decode: cache, weights and input must share a dtype");
-    attention_step<scalar_t>(h.data_ptr<scalar_t>(), B, H, wqkv.data_ptr<scalar_t>(),
-                             wo.data_ptr<scalar_t>(), cos32.data_ptr<float>(),
-                             sin32.data_ptr<float>(), cos.numel() == D, kc, vc, row_of.data(),
-                             pos_of.data(), pos_dim, heads, kv_heads, D, window,
-                             out32.data_ptr<float>());
+    TORCH_CHECK(kc.scalar_type() == h.scalar_type(),
+                "attention_decode: cache and input must share a dtype");
+    TORCH_CHECK(wo.scalar_type() == wqkv.scalar_type(),
+                "attention_decode: qkv and o weights must share a dtype");
+    with_weights<scalar_t>(wqkv, wqkv_scale, wqkv.size(0), "attention_decode qkv",
+                           [&](auto wt, const float* sqkv) {
+      using W = std::remove_cv_t<std::remove_pointer_t<decltype(wt)>>;
+      with_weights<scalar_t>(wo, wo_scale, H, "attention_decode o", [&](auto, const float* so) {
+        attention_step<scalar_t, W>(h.data_ptr<scalar_t>(), B, H,
+                                    static_cast<const W*>(wqkv.data_ptr()),
+                                    static_cast<const W*>(wo.data_ptr()), sqkv, so,
+                                    cos32.data_ptr<float>(), sin32.data_ptr<float>(),
+                                    cos.numel() == D, kc, vc, row_of.data(), pos_of.data(),
+                                    pos_dim, heads, kv_heads, D, window,
+                                    out32.data_ptr<float>());
+      });
+    });
   });
   return out32.to(h.scalar_type());
 }
 
 // SwiGLU experts for a few tokens: the tokens of each chosen expert are gathered, multiplied
 // through w13 (rounded to T), silu(gate) * up (each rounded to T, as F.silu and the product
-// are), w2 (rounded to T), weighted and summed per token in fp32.
-template <typename T>
-void experts_step(const T* x, int64_t Tn, int64_t H, const T* w13, const T* w2, int64_t E,
-                  int64_t F, const int64_t* ids, const float* weights, int64_t k, float* out) {
+// are), w2 (rounded to T), weighted and summed per token in fp32. FP8 weights: their row
+// scales (s13 [E, 2F], s2 [E, H]) multiply the fp32 dot products before the rounding.
+template <typename T, typename W>
+void experts_step(const T* x, int64_t Tn, int64_t H, const W* w13, const W* w2,
+                  const float* s13, const float* s2, int64_t E, int64_t F, const int64_t* ids,
+                  const float* weights, int64_t k, float* out) {
   std::vector<std::vector<int64_t>> slots(E);  // (token * k + slot) per expert
   for (int64_t i = 0; i < Tn * k; ++i) {
     TORCH_CHECK(ids[i] >= 0 && ids[i] < E, "experts_decode: expert id ", ids[i], " out of range");
@@ -368,7 +449,7 @@ void experts_step(const T* x, int64_t Tn, int64_t H, const T* w13, const T* w2, 
   for (int64_t r = 0; r < rows; ++r)
     std::copy(x + token[r] * H, x + (token[r] + 1) * H, xs.begin() + r * H);
   std::vector<float> gu(rows * 2 * F);
-  grouped_linear_f32(xs.data(), H, w13, 2 * F, used, first, gu.data());
+  grouped_linear_f32(xs.data(), H, w13, 2 * F, used, first, gu.data(), s13);
   std::vector<T> act(rows * F);
   at::parallel_for(0, rows * F, 4096, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -378,7 +459,7 @@ void experts_step(const T* x, int64_t Tn, int64_t H, const T* w13, const T* w2, 
     }
   });
   std::vector<float> y(rows * H);
-  grouped_linear_f32(act.data(), F, w2, H, used, first, y.data());
+  grouped_linear_f32(act.data(), F, w2, H, used, first, y.data(), s2);
   std::fill(out, out + Tn * H, 0.f);
   for (int64_t r = 0; r < rows; ++r) {
     float* o = out + token[r] * H;
@@ -388,7 +469,11 @@ void experts_step(const T* x, int64_t Tn, int64_t H, const T* w13, const T* w2, 
 }
 
 at::Tensor experts_decode(at::Tensor x, at::Tensor w13, at::Tensor w2,
-                             at::Tensor ids, at::Tensor weights) {
+                             at::Tensor ids, at::Tensor weights,
+                             std::optional<at::Tensor> w13_row_scale,
+                             std::optional<at::Tensor> w2_row_scale) {
+  const at::Tensor w13_scale = w13_row_scale.value_or(at::Tensor());
+  const at::Tensor w2_scale = w2_row_scale.value_or(at::Tensor());
   for (auto* t : {&x, &w13, &w2, &ids, &weights}) check_cpu_contiguous(*t, "experts_decode input");
   TORCH_CHECK(ids.scalar_type() == at::kLong && weights.scalar_type() == at::kFloat,
               "experts_decode: ids must be int64 and weights fp32");
@@ -399,11 +484,19 @@ at::Tensor experts_decode(at::Tensor x, at::Tensor w13, at::Tensor w2,
               "experts_decode: w13 [E, 2F, H] and w2 [E, H, F] expected");
   auto out32 = at::empty({Tn, H}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "experts", [&] {
-    TORCH_CHECK(w13.scalar_type() == x.scalar_type() && w2.scalar_type() == x.scalar_type(),
-                "experts_decode: weights and input must share a dtype");
-    experts_step<scalar_t>(x.data_ptr<scalar_t>(), Tn, H, w13.data_ptr<scalar_t>(),
-                           w2.data_ptr<scalar_t>(), E, F, ids.data_ptr<int64_t>(),
-                           weights.data_ptr<float>(), ids.size(1), out32.data_ptr<float>());
+    TORCH_CHECK(w2.scalar_type() == w13.scalar_type(),
+                "experts_decode: w13 and w2 must share a dtype");
+    with_weights<scalar_t>(w13, w13_scale, E * 2 * F, "experts_decode w13",
+                           [&](auto wt, const float* s13) {
+      using W = std::remove_cv_t<std::remove_pointer_t<decltype(wt)>>;
+      with_weights<scalar_t>(w2, w2_scale, E * H, "experts_decode w2", [&](auto, const float* s2) {
+        experts_step<scalar_t, W>(x.data_ptr<scalar_t>(), Tn, H,
+                                  static_cast<const W*>(w13.data_ptr()),
+                                  static_cast<const W*>(w2.data_ptr()), s13, s2, E, F,
+                                  ids.data_ptr<int64_t>(), weights.data_ptr<float>(),
+                                  ids.size(1), out32.data_ptr<float>());
+      });
+    });
   });
   return out32.to(x.scalar_type());
 }
@@ -420,7 +513,7 @@ void route_step(const T* h, int64_t B, int64_t H, const float* gate, const float
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t j = 0; j < H; ++j) hf[j] = to_f(h[b * H + j]);
     for (int64_t e = 0; e < E; ++e)
-      DotRows<float, 1>::run(gate + e * H, hf.data(), H, H, &logits[e]);
+      DotRows<float, float, 1>::run(gate + e * H, hf.data(), H, H, &logits[e]);
     if (use_norm) {
       float mean = 0.f, var = 0.f;
       for (float z : logits) mean += z;
@@ -459,9 +552,11 @@ at::Tensor moe_layer_decode(at::Tensor x, at::Tensor cos, at::Tensor sin,
                                at::Tensor positions, int64_t start, int64_t pos_dim,
                                at::Tensor ln1, at::Tensor ln2, double eps,
                                at::Tensor wqkv, at::Tensor wo, int64_t heads,
-                               int64_t kv_heads, int64_t window, at::Tensor gate,
-                               at::Tensor bias, int64_t top_k, bool use_norm, double norm_scale,
-                               double norm_eps, bool mul_topk, at::Tensor w13, at::Tensor w2) {
+                               int64_t kv_heads, int64_t window, at::Tensor wqkv_scale,
+                               at::Tensor wo_scale, at::Tensor gate, at::Tensor bias,
+                               int64_t top_k, bool use_norm, double norm_scale, double norm_eps,
+                               bool mul_topk, at::Tensor w13, at::Tensor w2,
+                               at::Tensor w13_scale, at::Tensor w2_scale) {
   check_cpu_contiguous(x, "x");
   check_cpu_contiguous(gate, "gate");
   TORCH_CHECK(gate.scalar_type() == at::kFloat && gate.dim() == 2 && gate.size(1) == x.size(1),
@@ -476,7 +571,7 @@ at::Tensor moe_layer_decode(at::Tensor x, at::Tensor cos, at::Tensor sin,
   TORCH_CHECK(top_k >= 1 && top_k <= E, "moe_layer_decode: top_k must be in [1, E]");
   auto h1 = rms_norm(x, ln1, eps);
   auto attn = attention_decode(h1, cos, sin, kc, vc, rows, positions, start, pos_dim, wqkv, wo,
-                               heads, kv_heads, window);
+                               heads, kv_heads, window, wqkv_scale, wo_scale);
   auto x1 = x + attn;  // both in T: one rounding, as in the module
   auto h2 = rms_norm(x1, ln2, eps);
   auto ids = at::empty({B, top_k}, x.options().dtype(at::kLong));
@@ -487,7 +582,7 @@ at::Tensor moe_layer_decode(at::Tensor x, at::Tensor cos, at::Tensor sin,
                          ids.data_ptr<int64_t>(), weights.data_ptr<float>());
   });
   auto expert_in = mul_topk ? h2 * static_cast<double>(top_k) : h2;
-  return x1 + experts_decode(expert_in, w13, w2, ids, weights);
+  return x1 + experts_decode(expert_in, w13, w2, ids, weights, w13_scale, w2_scale);
 }
 
 bool has_avx512_bf16() {

@@ -6,10 +6,16 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace skymoe;
-  m.def("linear", &linear, "x [M, K] @ weight [N, K]^T for small M");
+  m.def("linear", &linear,
+        "x [M, K] @ weight [N, K]^T for small M (FP8 weights: times their row scales)",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("scale") = pybind11::none());
   m.def("rms_norm", &rms_norm, "HF-order RMSNorm over the last dimension");
   m.def("attention_decode", &attention_decode, "one decode step of attention");
-  m.def("experts_decode", &experts_decode, "SwiGLU experts for a few routed tokens");
+  m.def("experts_decode", &experts_decode,
+        "SwiGLU experts for a few routed tokens (FP8 weights: with their row scales)",
+        pybind11::arg("x"), pybind11::arg("w13"), pybind11::arg("w2"), pybind11::arg("ids"),
+        pybind11::arg("weights"), pybind11::arg("w13_scale") = pybind11::none(),
+        pybind11::arg("w2_scale") = pybind11::none());
   m.def("moe_layer_decode", &moe_layer_decode, "one decode step of a whole MoE decoder layer");
   m.def("has_avx512_bf16", &has_avx512_bf16, "whether the build uses AVX512-BF16");
   m.def("swiglu_forward", &swiglu_forward, "silu(gate) * up of h = [gate | up]");

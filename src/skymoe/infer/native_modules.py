@@ -3,8 +3,11 @@
 Each replaces a model module, keeps its weights and has the attributes of the module it
 replaces, set explicitly (attention and experts are subclasses of the modules they replace;
 the decoder layer names what it exposes). A forward with few rows (a decode step) goes to one
-native call, anything larger (prefill) to the PyTorch path. ``native_version`` is the rule that
-``skymoe.infer.prepare`` walks the model with. For inference only.
+native call, anything larger (prefill) to the PyTorch path. FP8 modules become native FP8
+modules that hold one byte per weight (values held widened are narrowed back to e4m3, exactly)
+and whose decode kernels widen them in registers, applying each weight row's scale to its fp32
+dot product. ``native_version`` is the rule that ``skymoe.infer.prepare`` walks the model with.
+For inference only.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.fp8 import FP8_DTYPE, Fp8Experts, Fp8Linear
 from ..model.layers import Attention, KVCache, RMSNorm, SlotKVCache
 from ..model.moe import NORM_EPS, MoEBlock, SwiGLUExperts
 from ..model.transformer import DecoderLayer
@@ -27,6 +31,7 @@ NATIVE_MAX_ROWS = 16
 NATIVE_MAX_DECODE_ROWS = 64
 
 _NONE = torch.empty(0, dtype=torch.long)  # an absent optional tensor argument of the kernels
+_NO_SCALE = torch.empty(0)  # the row scales of weights in the model dtype: none
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -51,6 +56,41 @@ class NativeLinear(nn.Module):
         return y.view(*x.shape[:-1], -1)
 
 
+def fp8_values(t: torch.Tensor) -> torch.Tensor:
+    """FP8 weight values at one byte each (values held widened are e4m3 values: exact)."""
+    return (t if t.dtype == FP8_DTYPE else t.to(FP8_DTYPE)).contiguous()
+
+
+def fp8_row_scales(linear: Fp8Linear) -> torch.Tensor:
+    """One fp32 scale per output row of an FP8 linear layer (a per-tensor scale repeated)."""
+    return linear.weight_scale.float().reshape(-1).expand(linear.weight.shape[0]).contiguous()
+
+
+class NativeFp8Linear(Fp8Linear):
+    """An FP8 linear layer of one-byte ``values`` [out, in] and per-row ``row_scales`` [out]:
+    a few rows go through the native kernel (each row's scale applied to its fp32 dot
+    products), more through ``Fp8Linear.forward`` on the same tensors."""
+
+    def __init__(self, values: torch.Tensor, row_scales: torch.Tensor,
+                 native: ModuleType) -> None:
+        with torch.device("meta"):  # the base class's buffers are replaced below
+            super().__init__(values.shape[0], values.shape[1], per_channel=True, keep_fp8=True)
+        self.weight, self.weight_scale = values, row_scales.view(-1, 1)
+        self.row_scales = row_scales
+        self.native = native
+
+    @classmethod
+    def of(cls, linear: Fp8Linear, native: ModuleType) -> "NativeFp8Linear":
+        return cls(fp8_values(linear.weight), fp8_row_scales(linear), native)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _rows(x) > NATIVE_MAX_ROWS:
+            return super().forward(x)
+        y = self.native.linear(x.reshape(-1, x.shape[-1]).contiguous(), self.weight,
+                               self.row_scales)
+        return y.view(*x.shape[:-1], -1)
+
+
 class NativeRMSNorm(RMSNorm):
     """RMSNorm computed by the native kernel for a few rows (same rounding as the module)."""
 
@@ -68,8 +108,9 @@ class NativeRMSNorm(RMSNorm):
 class NativeAttention(Attention):
     """Attention whose single-token steps over a KV cache run as one native call.
 
-    The q/k/v weights are concatenated once (``wqkv``); the q/k/v projections are views of that
-    tensor (no second copy), so prefill runs ``Attention.forward`` on the same weights.
+    The q/k/v weights are concatenated once (``wqkv``; FP8 values with their row scales
+    ``wqkv_scale``); the q/k/v projections are views of that tensor (no second copy), so
+    prefill runs ``Attention.forward`` on the same weights.
     """
 
     def __init__(self, attn: Attention, native: ModuleType) -> None:
@@ -77,21 +118,28 @@ class NativeAttention(Attention):
         with torch.device("meta"):  # the base class's projections are replaced below
             super().__init__(q.in_features, attn.heads, attn.kv_heads, attn.head_dim,
                              attn.layer_idx, attn.sliding_window)
+        fp8 = isinstance(q, Fp8Linear)
         with torch.no_grad():
-            self.wqkv = torch.cat([q.weight, k.weight, v.weight])
+            self.wqkv = torch.cat([fp8_values(m.weight) if fp8 else m.weight for m in (q, k, v)])
+            self.wqkv_scale = (torch.cat([fp8_row_scales(m) for m in (q, k, v)]) if fp8
+                               else _NO_SCALE)
         nq, nkv = q.out_features, k.out_features
-        for name, part in (("q_proj", self.wqkv[:nq]), ("k_proj", self.wqkv[nq:nq + nkv]),
-                           ("v_proj", self.wqkv[nq + nkv:])):
-            setattr(self, name, NativeLinear(nn.Parameter(part, requires_grad=False), native))
-        self.o_proj = NativeLinear(o.weight, native)
+        for name, rows in (("q_proj", slice(0, nq)), ("k_proj", slice(nq, nq + nkv)),
+                           ("v_proj", slice(nq + nkv, None))):
+            part = self.wqkv[rows]
+            setattr(self, name, NativeFp8Linear(part, self.wqkv_scale[rows], native) if fp8
+                    else NativeLinear(nn.Parameter(part, requires_grad=False), native))
+        self.o_proj = NativeFp8Linear.of(o, native) if fp8 else NativeLinear(o.weight, native)
+        self.wo_scale = self.o_proj.row_scales if fp8 else _NO_SCALE
         self.native = native
 
     @staticmethod
     def applies(attn: nn.Module) -> bool:
-        """A plain ``Attention`` whose projections are bias-free ``nn.Linear`` layers with
-        contiguous weights (not FP8 or tensor-parallel variants)."""
-        return type(attn) is Attention and all(_plain_linear(getattr(attn, name))
-                                               for name in _PROJECTIONS)
+        """A plain ``Attention`` whose projections are all bias-free ``nn.Linear`` layers with
+        contiguous weights, or all FP8 linear layers (not tensor-parallel variants)."""
+        projections = [getattr(attn, name, None) for name in _PROJECTIONS]
+        return type(attn) is Attention and (all(map(_plain_linear, projections)) or all(
+            type(m) is Fp8Linear for m in projections))
 
     def decode_args(self, x_BTH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     cache: KVCache | SlotKVCache | None, start: int) -> tuple | None:
@@ -112,9 +160,10 @@ class NativeAttention(Attention):
         return cos, sin, cache.keys[layer], cache.values[layer], _NONE, _NONE, start, 2
 
     def weight_args(self) -> tuple:
-        """The kernel's weight arguments: qkv, o, head counts and sliding window."""
+        """The kernel's weight arguments: qkv, o, head counts, sliding window and the row
+        scales of FP8 weights (empty otherwise)."""
         return (self.wqkv, self.o_proj.weight, self.heads, self.kv_heads,
-                self.sliding_window or 0)
+                self.sliding_window or 0, self.wqkv_scale, self.wo_scale)
 
     def forward(self, x_BTH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | SlotKVCache | None = None, start: int = 0,
@@ -140,13 +189,49 @@ class NativeExperts(SwiGLUExperts):
         self.kernels = experts.kernels
         self.native = native
 
+    def decode_weights(self) -> tuple[torch.Tensor, ...]:
+        """The kernel's expert arguments: w13, w2 and their row scales (none here)."""
+        return self.w13, self.w2, _NO_SCALE, _NO_SCALE
+
     def forward(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                 keep_TK: torch.Tensor | None = None) -> torch.Tensor:
         if x_TH.shape[0] > NATIVE_MAX_ROWS or keep_TK is not None:
             return super().forward(x_TH, expert_ids_TK, weights_TK, keep_TK)
-        return self.native.experts_decode(x_TH.contiguous(), self.w13, self.w2,
-                                          expert_ids_TK.contiguous(),
-                                          weights_TK.float().contiguous())
+        return _experts_decode(self, x_TH, expert_ids_TK, weights_TK)
+
+
+class NativeFp8Experts(Fp8Experts):
+    """FP8 experts holding one byte per weight: a few tokens through the native kernel (each
+    weight row's scale, ``w13_rows`` [E, 2F] and ``w2_rows`` [E, H], applied to its fp32 dot
+    products), more through ``Fp8Experts.forward`` on the same tensors."""
+
+    def __init__(self, experts: Fp8Experts, native: ModuleType) -> None:
+        e, hidden, ffn = experts.num_experts, experts.w13.shape[2], experts.ffn
+        with torch.device("meta"):  # the base class's buffers are replaced below
+            super().__init__(e, hidden, ffn, keep_fp8=True)
+        self.w13, self.w2 = fp8_values(experts.w13), fp8_values(experts.w2)
+        self.w13_scale, self.w2_scale = experts.w13_scale, experts.w2_scale
+        self.w13_rows = experts.w13_scale.float().repeat_interleave(ffn, dim=1).contiguous()
+        self.w2_rows = experts.w2_scale.float()[:, None].expand(e, hidden).contiguous()
+        self.kernels = experts.kernels
+        self.native = native
+
+    def decode_weights(self) -> tuple[torch.Tensor, ...]:
+        """The kernel's expert arguments: w13, w2 and their row scales."""
+        return self.w13, self.w2, self.w13_rows, self.w2_rows
+
+    def forward(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                keep_TK: torch.Tensor | None = None) -> torch.Tensor:
+        if x_TH.shape[0] > NATIVE_MAX_ROWS or keep_TK is not None:
+            return super().forward(x_TH, expert_ids_TK, weights_TK, keep_TK)
+        return _experts_decode(self, x_TH, expert_ids_TK, weights_TK)
+
+
+def _experts_decode(experts: NativeExperts | NativeFp8Experts, x_TH: torch.Tensor,
+                    expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    w13, w2, s13, s2 = experts.decode_weights()
+    return experts.native.experts_decode(x_TH.contiguous(), w13, w2, expert_ids_TK.contiguous(),
+                                         weights_TK.float().contiguous(), s13, s2)
 
 
 class NativeMoEDecoderLayer(nn.Module):
@@ -172,7 +257,7 @@ class NativeMoEDecoderLayer(nn.Module):
             moe.gate.weight.detach().float().contiguous(),
             (moe.expert_bias.float().contiguous() if moe.expert_bias is not None
              else torch.empty(0)), moe.top_k, moe.use_logits_norm,
-            moe.norm_scale, NORM_EPS, moe.mul_topk, moe.experts.w13, moe.experts.w2)
+            moe.norm_scale, NORM_EPS, moe.mul_topk, *moe.experts.decode_weights())
 
     @property
     def self_attn(self) -> NativeAttention:
@@ -189,14 +274,16 @@ class NativeMoEDecoderLayer(nn.Module):
     @staticmethod
     def applies(layer: nn.Module) -> bool:
         """A MoE ``DecoderLayer`` with a single-linear router whose attention, norms and
-        experts are already native, in one dtype."""
+        experts are already native, in one dtype (the weights possibly FP8)."""
         moe = getattr(layer, "block_sparse_moe", None)
         return (type(layer) is DecoderLayer and isinstance(moe, MoEBlock)
-                and type(moe.gate) is nn.Linear and isinstance(moe.experts, NativeExperts)
+                and type(moe.gate) is nn.Linear
+                and isinstance(moe.experts, (NativeExperts, NativeFp8Experts))
                 and isinstance(layer.self_attn, NativeAttention)
                 and isinstance(layer.input_layernorm, NativeRMSNorm)
                 and isinstance(layer.post_attention_layernorm, NativeRMSNorm)
-                and layer.input_layernorm.weight.dtype == layer.self_attn.wqkv.dtype)
+                and layer.self_attn.wqkv.dtype in (layer.input_layernorm.weight.dtype,
+                                                   FP8_DTYPE))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | SlotKVCache | None = None, start: int | None = None,
@@ -220,6 +307,8 @@ def native_version(native: ModuleType, name: str, parent: nn.Module,
         return NativeAttention(child, native)
     if type(child) is SwiGLUExperts and child.w13.is_contiguous() and child.w2.is_contiguous():
         return NativeExperts(child, native)
+    if type(child) is Fp8Experts and child.lora is None:
+        return NativeFp8Experts(child, native)
     if type(child) is RMSNorm:
         return NativeRMSNorm(child, native)
     if NativeMoEDecoderLayer.applies(child):
@@ -229,6 +318,8 @@ def native_version(native: ModuleType, name: str, parent: nn.Module,
     attr = name.rpartition(".")[2]
     if _plain_linear(child) and attr != "gate" and not isinstance(parent, nn.Sequential):
         return NativeLinear(child.weight, native)
+    if type(child) is Fp8Linear:
+        return NativeFp8Linear.of(child, native)
     return None
 
 

@@ -28,12 +28,13 @@ from ..model.fp8 import Fp8Experts
 from ..model.moe import SwiGLUExperts
 from ..model.transformer import SkyworkForCausalLM
 from .cpu_kernels import PackedExperts, PackedLinear, can_pack, packed_version
-from .native_modules import (NativeAttention, NativeExperts, NativeLinear, NativeMoEDecoderLayer,
-                             NativeRMSNorm, native_version)
+from .native_modules import (NativeAttention, NativeExperts, NativeFp8Experts, NativeFp8Linear,
+                             NativeLinear, NativeMoEDecoderLayer, NativeRMSNorm, native_version)
 
 # The modules only ``prepare`` puts into a model: finding one means it was prepared before.
 PREPARED_MODULES = (NativeLinear, NativeRMSNorm, NativeAttention, NativeExperts,
-                    NativeMoEDecoderLayer, PackedLinear, PackedExperts)
+                    NativeFp8Linear, NativeFp8Experts, NativeMoEDecoderLayer, PackedLinear,
+                    PackedExperts)
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
 
 

@@ -163,6 +163,14 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(
             (out_features, 1) if per_channel else (), dtype=torch.float32, device=device))
 
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _needs_input_grad(x) and _use_scaled_mm(x, self.weight,
                                                        self.weight_scale.numel() == 1):
