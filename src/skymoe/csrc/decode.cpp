@@ -585,6 +585,23 @@ at::Tensor moe_layer_decode(at::Tensor x, at::Tensor cos, at::Tensor sin,
   return x1 + experts_decode(expert_in, w13, w2, ids, weights, w13_scale, w2_scale);
 }
 
+// FP8 e4m3 values widened to bf16 (exact), at memory speed: what the GEMMs of a prefill read.
+at::Tensor fp8_to_bf16(at::Tensor w) {
+  check_cpu_contiguous(w, "fp8_to_bf16 input");
+  TORCH_CHECK(w.scalar_type() == at::kFloat8_e4m3fn, "fp8_to_bf16: float8_e4m3fn values expected");
+  auto out = at::empty(w.sizes(), w.options().dtype(at::kBFloat16));
+  const auto* src = w.data_ptr<c10::Float8_e4m3fn>();
+  auto* dst = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, w.numel(), 1 << 16, [&](int64_t i0, int64_t i1) {
+    int64_t i = i0;
+#ifdef SKYMOE_AVX512_BF16
+    for (; i + 32 <= i1; i += 32) _mm512_storeu_si512(dst + i, load_bf16_lanes(src + i, ~__mmask32(0)));
+#endif
+    for (; i < i1; ++i) dst[i] = c10::BFloat16(static_cast<float>(src[i]));
+  });
+  return out;
+}
+
 bool has_avx512_bf16() {
 #ifdef SKYMOE_AVX512_BF16
   return true;

@@ -29,6 +29,10 @@ NATIVE_MAX_ROWS = 16
 # Decode steps of up to this many sequences run natively: their experts see a few rows each,
 # and the PyTorch path's per-row cache gathers and masks cost more than the attention matmuls.
 NATIVE_MAX_DECODE_ROWS = 64
+# FP8 experts take the native kernel up to this many routed rows per expert on average (a
+# prefill of a few hundred tokens): it reads each one-byte weight once per 8 rows, where the
+# GEMM path would first write every expert's widened weights to memory.
+NATIVE_FP8_ROWS_PER_EXPERT = 16
 
 _NONE = torch.empty(0, dtype=torch.long)  # an absent optional tensor argument of the kernels
 _NO_SCALE = torch.empty(0)  # the row scales of weights in the model dtype: none
@@ -56,6 +60,12 @@ class NativeLinear(nn.Module):
         return y.view(*x.shape[:-1], -1)
 
 
+def _widened(native: ModuleType, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FP8 values in ``dtype`` for a prefill's GEMMs, widened at memory speed by the native
+    kernel (torch's own float8 conversion runs at under 1 GB/s)."""
+    return native.fp8_to_bf16(w.contiguous()).to(dtype)
+
+
 def fp8_values(t: torch.Tensor) -> torch.Tensor:
     """FP8 weight values at one byte each (values held widened are e4m3 values: exact)."""
     return (t if t.dtype == FP8_DTYPE else t.to(FP8_DTYPE)).contiguous()
@@ -78,6 +88,9 @@ class NativeFp8Linear(Fp8Linear):
         self.weight, self.weight_scale = values, row_scales.view(-1, 1)
         self.row_scales = row_scales
         self.native = native
+
+    def widened(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return _widened(self.native, w, dtype)
 
     @classmethod
     def of(cls, linear: Fp8Linear, native: ModuleType) -> "NativeFp8Linear":
@@ -216,13 +229,17 @@ class NativeFp8Experts(Fp8Experts):
         self.kernels = experts.kernels
         self.native = native
 
+    def widened(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return _widened(self.native, w, dtype)
+
     def decode_weights(self) -> tuple[torch.Tensor, ...]:
         """The kernel's expert arguments: w13, w2 and their row scales."""
         return self.w13, self.w2, self.w13_rows, self.w2_rows
 
     def forward(self, x_TH: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                 keep_TK: torch.Tensor | None = None) -> torch.Tensor:
-        if x_TH.shape[0] > NATIVE_MAX_ROWS or keep_TK is not None:
+        if (expert_ids_TK.numel() > NATIVE_FP8_ROWS_PER_EXPERT * self.num_experts
+                or keep_TK is not None):
             return super().forward(x_TH, expert_ids_TK, weights_TK, keep_TK)
         return _experts_decode(self, x_TH, expert_ids_TK, weights_TK)
 

@@ -115,8 +115,7 @@ class _FrozenDequantized(torch.autograd.Function):
                 counts: list[int] | None) -> torch.Tensor:
         ctx.save_for_backward(w, scale)
         ctx.counts = counts
-        wide = _dequantize(w, scale, x.dtype)
-        return F.linear(x, wide) if counts is None else grouped_linear(x, wide, counts)
+        return _matmul(x, _dequantize(w, scale, x.dtype), counts)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
@@ -144,13 +143,20 @@ def _trains_through(x: torch.Tensor, w: torch.Tensor) -> bool:
     return _needs_input_grad(x) and w.dtype == FP8_DTYPE
 
 
-def _widened_matmul(x: torch.Tensor, w: torch.Tensor, counts: list[int] | None = None
-                    ) -> torch.Tensor:
-    wide = _widen(w, x.dtype).to(x.dtype)
+def _matmul(x: torch.Tensor, wide: torch.Tensor, counts: list[int] | None = None
+            ) -> torch.Tensor:
     return F.linear(x, wide) if counts is None else grouped_linear(x, wide, counts)
 
 
-class Fp8Linear(nn.Module):
+class _Widens:
+    """How an FP8 module widens its values for a matmul in ``dtype`` (native modules for
+    inference override it with a faster kernel)."""
+
+    def widened(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return _widen(w, dtype).to(dtype)
+
+
+class Fp8Linear(_Widens, nn.Module):
     """A bias-free linear layer from FP8 values ``weight`` [out, in] and fp32 ``weight_scale``
     (one per tensor, or [out, 1] per output channel)."""
 
@@ -177,13 +183,13 @@ class Fp8Linear(nn.Module):
             return _fp8_matmul(x, self.weight, self.weight_scale)
         if _trains_through(x, self.weight):
             return _frozen_matmul(x, self.weight, self.weight_scale)
-        y = _widened_matmul(x, self.weight)
+        y = _matmul(x, self.widened(self.weight, x.dtype))
         scale = self.weight_scale.reshape(-1) if self.weight_scale.numel() > 1 \
             else self.weight_scale
         return (y.float() * scale).to(x.dtype)
 
 
-class Fp8Experts(UsesKernels, nn.Module):
+class Fp8Experts(_Widens, UsesKernels, nn.Module):
     """``SwiGLUExperts`` from FP8 values: ``w13`` [E, 2F, H] with ``w13_scale`` [E, 2] (the w1
     and w3 scale of each expert) and ``w2`` [E, H, F] with ``w2_scale`` [E]."""
 
@@ -220,7 +226,8 @@ class Fp8Experts(UsesKernels, nn.Module):
                                self.w13_scale[first:last].repeat_interleave(ffn, 1)[..., None],
                                counts)
         else:
-            h = self._scaled(_widened_matmul(x_SH, self.w13[first:last], counts),
+            h = self._scaled(_matmul(x_SH, self.widened(self.w13[first:last], x_SH.dtype),
+                                     counts),
                              self.w13_scale, counts, first, halves=2)
         if self.lora is not None:
             h = h + self.lora.delta13(x_SH, counts, first).to(h.dtype)
@@ -229,7 +236,8 @@ class Fp8Experts(UsesKernels, nn.Module):
             y = _frozen_matmul(a, self.w2[first:last], self.w2_scale[first:last, None, None],
                                counts)
         else:
-            y = self._scaled(_widened_matmul(a, self.w2[first:last], counts), self.w2_scale,
+            y = self._scaled(_matmul(a, self.widened(self.w2[first:last], a.dtype), counts),
+                             self.w2_scale,
                              counts, first, halves=1)
         if self.lora is not None:
             y = y + self.lora.delta2(a, counts, first).to(y.dtype)
