@@ -1,15 +1,20 @@
-"""skymoe vs llama.cpp (through llama-cpp-python) on the shared "bench" config, same weights.
+"""skymoe vs llama.cpp (through llama-cpp-python) on the shared "bench" config, same weights,
+in bf16 and in 8 bits: skymoe on its own FP8 checkpoint (``skymoe quantize``, one byte per
+projection weight) and llama.cpp's Q8_0 (``llama_model_quantize`` of the bf16 GGUF).
 
 The bench model (random weights, seed 0) is saved as an HF Mixtral checkpoint with a
 sentencepiece ``tokenizer.model`` (vocabulary 32000, trained on the Python standard library,
 what a fresh machine has), converted to GGUF bf16 with llama.cpp's own
-``convert_hf_to_gguf.py`` (shipped in the llama-cpp-python sdist), and both sides run the same
+``convert_hf_to_gguf.py`` (shipped in the llama-cpp-python sdist), and every side runs the same
 64-token prompt on the same threads:
 
 - prefill: the prompt through the model into an empty KV cache (tokens/s);
 - decode at batch 1: 32 greedy tokens one at a time after the prompt (new tokens/s).
 
-Rounds alternate between the two sides; medians reported.
+Rounds alternate between the sides; medians reported. Each decode rate is also given as a
+fraction of its streaming ceiling: the weight bytes one decode step reads (attention, the
+router, the top-k experts of each layer, the LM head), divided into the rate at which a plain
+``torch.sum`` reads that many bytes, measured in the same run.
 
 Set-up (llama-cpp-python builds llama.cpp from source, a few minutes):
     pip download llama-cpp-python --no-deps --no-binary :all: -d /tmp/llcpp
@@ -62,6 +67,47 @@ def build_checkpoint(directory: Path) -> None:
         shuffle_input_sentence=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
         max_sentence_length=8192, num_threads=os.cpu_count() or 1)
     corpus.unlink()
+
+
+def quantize_q8_0(gguf: Path, out: Path, threads: int) -> None:
+    """llama.cpp's Q8_0 of the bf16 GGUF (kept between runs)."""
+    import llama_cpp
+
+    if out.is_file():
+        return
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.nthread = threads
+    if llama_cpp.llama_model_quantize(str(gguf).encode(), str(out).encode(), params) != 0:
+        sys.exit(f"llama_model_quantize failed for {gguf}")
+
+
+def decode_step_bytes(config, projection_bytes: float, head_bytes: float = 2) -> int:
+    """Weight bytes one batch-1 decode step reads: each layer's attention projections and
+    top-k experts (dense MLP) at ``projection_bytes`` per weight, its fp32 router and bf16
+    norms, and the LM head at ``head_bytes`` per weight (bf16 in the FP8 convention too)."""
+    c = config
+    h, heads, kv = c.hidden_size, c.num_attention_heads, c.num_key_value_heads
+    attention = h * c.head_size * (2 * heads + 2 * kv)
+    total = 0.0
+    for i in range(c.num_hidden_layers):
+        ffn = (c.num_experts_per_tok * 3 * h * c.intermediate_size if c.is_moe_layer(i)
+               else 3 * h * c.intermediate_size)
+        router = 4 * c.num_experts * h if c.is_moe_layer(i) else 0
+        total += (attention + ffn) * projection_bytes + router + 2 * 2 * h
+    return int(total + head_bytes * c.vocab_size * h + 2 * h)
+
+
+def streaming_rate(nbytes: int, repeats: int = 5) -> float:
+    """Bytes per second of a plain ``torch.sum`` over a bf16 buffer of ``nbytes`` (best of
+    ``repeats``)."""
+    buffer = torch.ones(nbytes // 2, dtype=torch.bfloat16)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        began = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - began)
+    return nbytes / best
 
 
 def convert(checkpoint: Path, llama_src: Path, gguf: Path) -> None:
@@ -140,9 +186,19 @@ def main() -> None:
     checkpoint, gguf = args.work / "bench", args.work / "bench-bf16.gguf"
     build_checkpoint(checkpoint)
     convert(checkpoint, args.llama_cpp_src, gguf)
+    q8_0 = args.work / "bench-q8_0.gguf"
+    quantize_q8_0(gguf, q8_0, args.threads)
+    fp8 = args.work / "bench-fp8"
+    if not (fp8 / "config.json").is_file():
+        from skymoe.quantize import quantize_checkpoint
+        quantize_checkpoint(checkpoint, fp8, show_progress=False)
     import llama_cpp
 
-    sides = {"skymoe": Skymoe(checkpoint), "llama.cpp": LlamaCpp(gguf, args.threads)}
+    from skymoe.config import SkyworkMoeConfig
+
+    sides = {"skymoe bf16": Skymoe(checkpoint), "skymoe FP8": Skymoe(fp8),
+             "llama.cpp bf16": LlamaCpp(gguf, args.threads),
+             "llama.cpp Q8_0": LlamaCpp(q8_0, args.threads)}
     prompt = torch.randint(3, 32000, (PROMPT_LEN,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     for side in sides.values():  # warm-up
@@ -154,14 +210,27 @@ def main() -> None:
     rates = {name: (PROMPT_LEN / statistics.median(t[0] for t in runs),
                     NEW_TOKENS / statistics.median(t[1] for t in runs))
              for name, runs in times.items()}
-    print(f"bench config, bf16, {PROMPT_LEN}-token prompt, {NEW_TOKENS} greedy tokens, "
+    config = SkyworkMoeConfig.from_json_file(checkpoint)
+    # llama.cpp's Q8_0 stores 34 bytes per 32 weights, its LM head included.
+    step_bytes = {"skymoe bf16": decode_step_bytes(config, 2),
+                  "skymoe FP8": decode_step_bytes(config, 1),
+                  "llama.cpp bf16": decode_step_bytes(config, 2),
+                  "llama.cpp Q8_0": decode_step_bytes(config, 34 / 32, 34 / 32)}
+    bandwidth = streaming_rate(max(step_bytes.values()))
+    print(f"bench config, {PROMPT_LEN}-token prompt, {NEW_TOKENS} greedy tokens, "
           f"{args.threads} threads; torch {torch.__version__}, llama-cpp-python "
-          f"{llama_cpp.__version__}; medians of {args.rounds} alternating rounds")
-    print(f"{'measurement':28} {'skymoe':>10} {'llama.cpp':>10} {'ratio':>7}")
-    for i, what in enumerate(("prefill (tokens/s)", "decode batch 1 (tokens/s)")):
-        ours, theirs = rates["skymoe"][i], rates["llama.cpp"][i]
-        print(f"{what:28} {ours:10.1f} {theirs:10.1f} {ours / theirs:6.2f}x")
-
+          f"{llama_cpp.__version__}; medians of {args.rounds} alternating rounds; plain read "
+          f"{bandwidth / 1e9:.1f} GB/s")
+    print(f"{'side':16} {'prefill tok/s':>14} {'decode tok/s':>13} {'step MB':>8} "
+          f"{'ceiling tok/s':>14} {'of ceiling':>11}")
+    for name, (prefill, decode) in rates.items():
+        ceiling = bandwidth / step_bytes[name]
+        print(f"{name:16} {prefill:14.1f} {decode:13.1f} {step_bytes[name] / 1e6:8.1f} "
+              f"{ceiling:14.1f} {decode / ceiling:10.0%}")
+    for ours, theirs in (("skymoe bf16", "llama.cpp bf16"), ("skymoe FP8", "skymoe bf16"),
+                         ("skymoe FP8", "llama.cpp Q8_0")):
+        print(f"{ours} / {theirs}: prefill {rates[ours][0] / rates[theirs][0]:.2f}x, "
+              f"decode {rates[ours][1] / rates[theirs][1]:.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -30,6 +30,8 @@ constexpr int kRowBlock = 8;  // rows of x multiplied per pass over a weight row
 // without it a weight row fetched from memory stalls the multiplications, which halved the
 // throughput of 5-16-row matmuls over weights streamed from memory (LM head, experts).
 constexpr int64_t kPrefetchBytes = 4096;
+// Rows at least this long are read four at a time by a batch-1 decode (DotWeightRows).
+constexpr int64_t kLongRow = 2048;
 
 // out[i] = dot(w[0:K], x[i*ldx : i*ldx+K]) for i < MB, weights of type W (the model dtype, or
 // FP8 e4m3 values whose scale the caller applies). Portable: 16 independent lanes, which the
@@ -212,8 +214,7 @@ struct DotRowsBf16<W, 1> {
                      _mm512_setzero_ps()};
     const __mmask32 all = ~__mmask32(0);
     int64_t k = 0;
-    for (; k + 128 <= K; k += 128) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + k) + kPrefetchBytes, _MM_HINT_T0);
+    for (; k + 128 <= K; k += 128) {  // (no software prefetch: it slows this one stream)
       __m512i wv[4];
       widen.pair(w + k, wv[0], wv[1]);
       widen.pair(w + k + 64, wv[2], wv[3]);
@@ -246,8 +247,10 @@ struct DotWeightRows {
 };
 
 #ifdef SKYMOE_AVX512_BF16
-// Batch-1 decode: four weight rows at once. Four weight streams in flight keep more of the
-// memory bandwidth busy than one (measured on 2 Zen 5 cores: 32 vs 23 GB/s for bf16 rows).
+// Batch-1 decode over long weight rows (``kLongRow`` values or more): four rows at once. Four
+// weight streams in flight keep more of the memory bandwidth busy than one (measured on 2 Zen 5
+// cores, bf16: 32 vs 23-29 GB/s for rows of 4096; for rows of 512 one row at a time is faster,
+// 25 vs 20 GB/s).
 template <typename W>
 struct DotWeightRowsBf16 {
   static void run(const W* w, int64_t ldw, const c10::BFloat16* x, int64_t K, int64_t nw,
@@ -323,8 +326,8 @@ void grouped_linear_f32(const T* x, int64_t K, const W* w, int64_t N,
     for (int64_t i = i0; i < i1;) {
       const int64_t g = i / N, n = i % N, m0 = first[g], rows = first[g + 1] - m0;
       const int64_t row = mats[g] * N + n;
-      if (rows == 1) {  // one row of x: up to 4 weight rows of this matrix at once
-        const int64_t nw = std::min<int64_t>(4, std::min(i1 - i, N - n));
+      if (rows == 1) {  // one row of x: long weight rows 4 at a time
+        const int64_t nw = K >= kLongRow ? std::min<int64_t>(4, std::min(i1 - i, N - n)) : 1;
         float d[4];
         DotWeightRows<T, W>::run(w + row * K, K, x + m0 * K, K, nw, d);
         for (int64_t j = 0; j < nw; ++j) y[m0 * N + n + j] = d[j] * (scale ? scale[row + j] : 1.f);
