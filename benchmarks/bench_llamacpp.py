@@ -1,6 +1,7 @@
 """skymoe vs llama.cpp (through llama-cpp-python) on the shared "bench" config, same weights,
 in bf16 and in 8 bits: skymoe on its own FP8 checkpoint (``skymoe quantize``, one byte per
-projection weight) and llama.cpp's Q8_0 (``llama_model_quantize`` of the bf16 GGUF).
+projection weight; also with ``--fp8-lm-head``, the LM head in FP8 too) and llama.cpp's Q8_0
+(``llama_model_quantize`` of the bf16 GGUF, its output matrix in Q8_0 too).
 
 The bench model (random weights, seed 0) is saved as an HF Mixtral checkpoint with a
 sentencepiece ``tokenizer.model`` (vocabulary 32000, trained on the Python standard library,
@@ -152,11 +153,15 @@ class LlamaCpp:
 class Skymoe:
     """What ``skymoe generate`` runs: the fastest CPU path available (native decode kernels)."""
 
-    def __init__(self, checkpoint: Path) -> None:
+    def __init__(self, checkpoint: Path, fp8_lm_head: bool = False) -> None:
         from skymoe.checkpoint import load_model
         from skymoe.infer.prepare import prepare
+        from skymoe.model.fp8 import quantize_lm_head
 
-        self.model = prepare(load_model(checkpoint, dtype=torch.bfloat16))
+        model = load_model(checkpoint, dtype=torch.bfloat16)
+        if fp8_lm_head:  # skymoe generate --fp8-lm-head
+            quantize_lm_head(model)
+        self.model = prepare(model)
 
     @torch.inference_mode()
     def run(self, prompt: list[int]) -> tuple[float, float]:
@@ -197,6 +202,7 @@ def main() -> None:
     from skymoe.config import SkyworkMoeConfig
 
     sides = {"skymoe bf16": Skymoe(checkpoint), "skymoe FP8": Skymoe(fp8),
+             "skymoe FP8+head": Skymoe(fp8, fp8_lm_head=True),
              "llama.cpp bf16": LlamaCpp(gguf, args.threads),
              "llama.cpp Q8_0": LlamaCpp(q8_0, args.threads)}
     prompt = torch.randint(3, 32000, (PROMPT_LEN,),
@@ -214,6 +220,7 @@ def main() -> None:
     # llama.cpp's Q8_0 stores 34 bytes per 32 weights, its LM head included.
     step_bytes = {"skymoe bf16": decode_step_bytes(config, 2),
                   "skymoe FP8": decode_step_bytes(config, 1),
+                  "skymoe FP8+head": decode_step_bytes(config, 1, 1),
                   "llama.cpp bf16": decode_step_bytes(config, 2),
                   "llama.cpp Q8_0": decode_step_bytes(config, 34 / 32, 34 / 32)}
     bandwidth = streaming_rate(max(step_bytes.values()))
@@ -228,7 +235,8 @@ def main() -> None:
         print(f"{name:16} {prefill:14.1f} {decode:13.1f} {step_bytes[name] / 1e6:8.1f} "
               f"{ceiling:14.1f} {decode / ceiling:10.0%}")
     for ours, theirs in (("skymoe bf16", "llama.cpp bf16"), ("skymoe FP8", "skymoe bf16"),
-                         ("skymoe FP8", "llama.cpp Q8_0")):
+                         ("skymoe FP8", "llama.cpp Q8_0"), ("skymoe FP8+head", "skymoe bf16"),
+                         ("skymoe FP8+head", "llama.cpp Q8_0")):
         print(f"{ours} / {theirs}: prefill {rates[ours][0] / rates[theirs][0]:.2f}x, "
               f"decode {rates[ours][1] / rates[theirs][1]:.2f}x")
 

@@ -278,3 +278,32 @@ def test_fp8_model_holds_one_byte_per_weight_and_computes_the_dequantized_model(
                 torch.testing.assert_close(native(step, cache=caches[1]).logits, want,
                                            rtol=1e-4, atol=1e-4)
                 step = want[:, -1].argmax(-1, keepdim=True)
+
+
+def test_an_fp8_lm_head_decodes_through_the_native_kernel_close_to_the_bf16_head():
+    """``--fp8-lm-head``: the head as e4m3 values with one scale per vocabulary row; prepared,
+    it reads one byte per weight; its logits stay within FP8's rounding of the bf16 head's."""
+    from skymoe.infer.native_modules import NativeFp8Linear
+    from skymoe.model.fp8 import quantize_lm_head
+
+    config = SkyworkMoeConfig(**CONFIG, **VARIANTS["skywork"])
+    plain = _built(config, torch.bfloat16).eval()
+    quantized = _built(config, torch.bfloat16)
+    quantize_lm_head(quantized)
+    native = prepare(quantized, kernels=NATIVE)
+    assert isinstance(native.lm_head, NativeFp8Linear)
+    assert native.lm_head.weight.dtype == torch.float8_e4m3fn
+    ids = torch.randint(3, 101, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        caches = plain.new_kv_cache(2, 16), native.new_kv_cache(2, 16)
+        want = plain(ids, cache=caches[0]).logits.float()
+        got = native(ids, cache=caches[1]).logits.float()
+        step = want[:, -1:].argmax(-1)
+        want_step = plain(step, cache=caches[0]).logits.float()
+        got_step = native(step, cache=caches[1]).logits.float()
+    for a, b in ((got, want), (got_step, want_step)):
+        # e4m3 keeps 3 mantissa bits: each weight within 1/16 of itself.
+        assert (a - b).abs().mean() <= 0.1 * b.abs().mean()
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    with pytest.raises(ConfigError, match="quantize it once"):
+        quantize_lm_head(native)

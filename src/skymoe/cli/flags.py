@@ -45,6 +45,7 @@ from ..checkpoint.chat_template import TEMPLATE_FILE
 from ..checkpoint.fp8 import FP8_MODES
 from ..errors import SkymoeError
 from ..infer import SamplingParams
+from ..model.fp8 import quantize_lm_head
 from ..model.lora import merge_lora
 from ..model.transformer import SkyworkForCausalLM
 
@@ -98,6 +99,10 @@ def add_loading(p: argparse.ArgumentParser, dtype: str = "auto", why: str = "",
     ``--threads``."""
     add_dtype(p, dtype, why)
     p.add_argument("--fp8", choices=FP8_MODES, default="auto", help=FP8_HELP)
+    p.add_argument("--fp8-lm-head", action="store_true",
+                   help="quantize the LM head to FP8 at load (one scale per vocabulary row), "
+                        "so decoding reads 8-bit weights throughout; for inference only "
+                        "(docs/inference.md)")
     if threads:
         p.add_argument("--threads", type=int, default=0,
                        help="CPU threads (default: torch's choice)")
@@ -125,6 +130,15 @@ def load(args: argparse.Namespace) -> SkyworkForCausalLM:
             raise UsageError(f"{args.model} holds FP8 weights, which an adapter cannot be "
                              "folded into in place: load it with --fp8 dequantize, or write a "
                              "merged checkpoint with skymoe merge --to fp8") from None
+    return lm_head(model, args)
+
+
+def lm_head(model: SkyworkForCausalLM, args: argparse.Namespace) -> SkyworkForCausalLM:
+    """``model`` with its LM head quantized to FP8 where ``--fp8-lm-head`` asks for it."""
+    if getattr(args, "fp8_lm_head", False):
+        if getattr(args, "tp", 1) > 1:
+            raise UsageError("--fp8-lm-head works on one process; drop it or --tp")
+        quantize_lm_head(model)
     return model
 
 

@@ -96,8 +96,9 @@ def cmd_bench_generate(args: argparse.Namespace) -> None:
     if Path(args.model).is_dir():
         model = flags.load(args)
     else:
-        model = build_model(resolve_config(args.model),
-                            dtype=flags.DTYPES[args.dtype] or torch.bfloat16, seed=args.seed)
+        model = flags.lm_head(build_model(resolve_config(args.model),
+                                          dtype=flags.DTYPES[args.dtype] or torch.bfloat16,
+                                          seed=args.seed), args)
     model = prepare_inference(model.eval()).model
     gen = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(model.config.vocab_size, (args.num_prompts, args.input_len),

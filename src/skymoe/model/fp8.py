@@ -272,6 +272,25 @@ class Fp8Experts(_Widens, UsesKernels, nn.Module):
         return torch.cat(outs) if outs else x_SH.new_zeros(0, x_SH.shape[-1])
 
 
+def quantize_lm_head(model: SkyworkForCausalLM) -> None:
+    """Replace the LM head by an FP8 linear layer, for inference: e4m3 values with one scale
+    per vocabulary row (``amax(|row|) / 448``), one byte per weight, so a decode step reads
+    8-bit weights throughout (llama.cpp's Q8_0 quantizes its output matrix too). Not part of
+    the FP8 checkpoint convention, which keeps the head in bf16: a model whose head was
+    quantized this way is for inference, not for saving. A tied embedding stays as it is."""
+    head = model.lm_head
+    if not isinstance(head, nn.Linear):
+        raise ConfigError(f"the LM head is a {type(head).__name__}, not a plain linear layer "
+                          "(quantized already, or sharded): quantize it once, right after "
+                          "loading the model")
+    w = head.weight.detach().float()
+    scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+    fp8 = Fp8Linear(w.shape[0], w.shape[1], per_channel=True, keep_fp8=True, device=w.device)
+    fp8.weight = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    fp8.weight_scale = scale
+    model.lm_head = fp8
+
+
 def use_fp8_modules(model: SkyworkForCausalLM, per_channel: set[str] = frozenset(),
                     keep_fp8: bool = False) -> SkyworkForCausalLM:
     """Replace every attention projection, dense MLP projection and expert block with its FP8
