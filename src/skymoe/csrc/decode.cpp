@@ -4,8 +4,9 @@
 // Every matmul here is "few rows of x times a big weight": each weight row is read from memory
 // once and multiplied with all rows of x while it sits in L1. Accumulation is fp32 throughout;
 // results are rounded to the model dtype where the PyTorch path rounds, so outputs match it up
-// to summation order. Built at first use with the machine's own instruction set (-march=native;
-// AVX512-BF16 dot products where the CPU has them).
+// to summation order. Weights are in the model dtype or FP8 e4m3 (one byte each, widened to
+// bf16 in registers, with one scale per weight row). Built at first use with the machine's own
+// instruction set (-march=native; AVX512-BF16 dot products where the CPU has them).
 
 #include "common.h"
 #include "kernels.h"
