@@ -83,18 +83,22 @@ def quantize_q8_0(gguf: Path, out: Path, threads: int) -> None:
         sys.exit(f"llama_model_quantize failed for {gguf}")
 
 
-def decode_step_bytes(config, projection_bytes: float, head_bytes: float = 2) -> int:
-    """Weight bytes one batch-1 decode step reads: each layer's attention projections and
-    top-k experts (dense MLP) at ``projection_bytes`` per weight, its fp32 router and bf16
-    norms, and the LM head at ``head_bytes`` per weight (bf16 in the FP8 convention too)."""
+def decode_step_bytes(config, projection_bytes: float, head_bytes: float = 2,
+                      batch: int = 1) -> int:
+    """Weight bytes one decode step of ``batch`` tokens reads: each layer's attention
+    projections and the experts its tokens pick (top-k of one token; for a batch the expected
+    number of distinct experts under uniform routing, E (1 - (1 - k/E)^batch)) or its dense
+    MLP, at ``projection_bytes`` per weight, its fp32 router and bf16 norms, and the LM head at
+    ``head_bytes`` per weight (bf16 in the FP8 convention too)."""
     c = config
     h, heads, kv = c.hidden_size, c.num_attention_heads, c.num_key_value_heads
     attention = h * c.head_size * (2 * heads + 2 * kv)
+    e, k = c.num_experts, c.num_experts_per_tok
+    experts = e * (1 - (1 - k / e) ** batch) if batch > 1 else k
     total = 0.0
     for i in range(c.num_hidden_layers):
-        ffn = (c.num_experts_per_tok * 3 * h * c.intermediate_size if c.is_moe_layer(i)
-               else 3 * h * c.intermediate_size)
-        router = 4 * c.num_experts * h if c.is_moe_layer(i) else 0
+        ffn = 3 * h * c.intermediate_size * (experts if c.is_moe_layer(i) else 1)
+        router = 4 * e * h if c.is_moe_layer(i) else 0
         total += (attention + ffn) * projection_bytes + router + 2 * 2 * h
     return int(total + head_bytes * c.vocab_size * h + 2 * h)
 
