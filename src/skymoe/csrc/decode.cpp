@@ -731,10 +731,14 @@ at::Tensor moe_layer_decode(at::Tensor x, at::Tensor cos, at::Tensor sin,
 }
 
 // FP8 e4m3 values widened to bf16 (exact), at memory speed: what the GEMMs of a prefill read.
-at::Tensor fp8_to_bf16(at::Tensor w) {
+// Into ``into`` when given (a reused buffer: a fresh large one faults its pages in first).
+at::Tensor fp8_to_bf16(at::Tensor w, std::optional<at::Tensor> into) {
   check_cpu_contiguous(w, "fp8_to_bf16 input");
   TORCH_CHECK(w.scalar_type() == at::kFloat8_e4m3fn, "fp8_to_bf16: float8_e4m3fn values expected");
-  auto out = at::empty(w.sizes(), w.options().dtype(at::kBFloat16));
+  auto out = into.has_value() ? *into : at::empty(w.sizes(), w.options().dtype(at::kBFloat16));
+  check_cpu_contiguous(out, "fp8_to_bf16 output");
+  TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.numel() == w.numel(),
+              "fp8_to_bf16: a bf16 output of the input's size expected");
   const auto* src = w.data_ptr<c10::Float8_e4m3fn>();
   auto* dst = out.data_ptr<c10::BFloat16>();
   at::parallel_for(0, w.numel(), 1 << 16, [&](int64_t i0, int64_t i1) {

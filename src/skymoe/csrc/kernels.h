@@ -28,7 +28,7 @@ at::Tensor moe_layer_decode(at::Tensor x, at::Tensor cos, at::Tensor sin, at::Te
                             at::Tensor gate, at::Tensor bias, int64_t top_k, bool use_norm,
                             double norm_scale, double norm_eps, bool mul_topk, at::Tensor w13,
                             at::Tensor w2, at::Tensor w13_scale, at::Tensor w2_scale);
-at::Tensor fp8_to_bf16(at::Tensor w);
+at::Tensor fp8_to_bf16(at::Tensor w, std::optional<at::Tensor> into);
 bool has_avx512_bf16();
 
 // train.cpp: training's fused elementwise work.

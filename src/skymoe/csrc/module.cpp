@@ -17,7 +17,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("weights"), pybind11::arg("w13_scale") = pybind11::none(),
         pybind11::arg("w2_scale") = pybind11::none());
   m.def("moe_layer_decode", &moe_layer_decode, "one decode step of a whole MoE decoder layer");
-  m.def("fp8_to_bf16", &fp8_to_bf16, "FP8 e4m3 values widened to bf16 (exact)");
+  m.def("fp8_to_bf16", &fp8_to_bf16, "FP8 e4m3 values widened to bf16 (exact)",
+        pybind11::arg("w"), pybind11::arg("into") = pybind11::none());
   m.def("has_avx512_bf16", &has_avx512_bf16, "whether the build uses AVX512-BF16");
   m.def("swiglu_forward", &swiglu_forward, "silu(gate) * up of h = [gate | up]");
   m.def("swiglu_backward", &swiglu_backward,

@@ -60,10 +60,23 @@ class NativeLinear(nn.Module):
         return y.view(*x.shape[:-1], -1)
 
 
-def _widened(native: ModuleType, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """FP8 values in ``dtype`` for a prefill's GEMMs, widened at memory speed by the native
-    kernel (torch's own float8 conversion runs at under 1 GB/s)."""
-    return native.fp8_to_bf16(w.contiguous()).to(dtype)
+class WideningBuffer:
+    """Where a prepared model's FP8 modules widen their values for a prefill's GEMMs: one bf16
+    buffer, grown to the largest matrix (group) and reused, widened into at memory speed by the
+    native kernel (torch's float8 conversion runs under 1 GB/s, and a fresh buffer per call
+    faults its pages in each time: 3 GB/s). A widened matrix is valid until the next widening,
+    so each is used by its matmul at once; a model runs its forward on one thread."""
+
+    def __init__(self, native: ModuleType) -> None:
+        self.native = native
+        self.buffer = torch.empty(0, dtype=torch.bfloat16)
+
+    def widened(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.buffer.numel() < w.numel():
+            self.buffer = torch.empty(w.numel(), dtype=torch.bfloat16)
+        out = self.buffer[:w.numel()].view(w.shape)
+        self.native.fp8_to_bf16(w.contiguous(), out)
+        return out if dtype == torch.bfloat16 else out.to(dtype)
 
 
 def fp8_values(t: torch.Tensor) -> torch.Tensor:
@@ -82,19 +95,19 @@ class NativeFp8Linear(Fp8Linear):
     products), more through ``Fp8Linear.forward`` on the same tensors."""
 
     def __init__(self, values: torch.Tensor, row_scales: torch.Tensor,
-                 native: ModuleType) -> None:
+                 widening: WideningBuffer) -> None:
         with torch.device("meta"):  # the base class's buffers are replaced below
             super().__init__(values.shape[0], values.shape[1], per_channel=True, keep_fp8=True)
         self.weight, self.weight_scale = values, row_scales.view(-1, 1)
         self.row_scales = row_scales
-        self.native = native
+        self.widening, self.native = widening, widening.native
 
     def widened(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return _widened(self.native, w, dtype)
+        return self.widening.widened(w, dtype)
 
     @classmethod
-    def of(cls, linear: Fp8Linear, native: ModuleType) -> "NativeFp8Linear":
-        return cls(fp8_values(linear.weight), fp8_row_scales(linear), native)
+    def of(cls, linear: Fp8Linear, widening: WideningBuffer) -> "NativeFp8Linear":
+        return cls(fp8_values(linear.weight), fp8_row_scales(linear), widening)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _rows(x) > NATIVE_MAX_ROWS:
@@ -126,8 +139,9 @@ class NativeAttention(Attention):
     prefill runs ``Attention.forward`` on the same weights.
     """
 
-    def __init__(self, attn: Attention, native: ModuleType) -> None:
+    def __init__(self, attn: Attention, widening: WideningBuffer) -> None:
         q, k, v, o = (getattr(attn, name) for name in _PROJECTIONS)
+        native = widening.native
         with torch.device("meta"):  # the base class's projections are replaced below
             super().__init__(q.in_features, attn.heads, attn.kv_heads, attn.head_dim,
                              attn.layer_idx, attn.sliding_window)
@@ -140,9 +154,10 @@ class NativeAttention(Attention):
         for name, rows in (("q_proj", slice(0, nq)), ("k_proj", slice(nq, nq + nkv)),
                            ("v_proj", slice(nq + nkv, None))):
             part = self.wqkv[rows]
-            setattr(self, name, NativeFp8Linear(part, self.wqkv_scale[rows], native) if fp8
+            setattr(self, name, NativeFp8Linear(part, self.wqkv_scale[rows], widening) if fp8
                     else NativeLinear(nn.Parameter(part, requires_grad=False), native))
-        self.o_proj = NativeFp8Linear.of(o, native) if fp8 else NativeLinear(o.weight, native)
+        self.o_proj = (NativeFp8Linear.of(o, widening) if fp8
+                       else NativeLinear(o.weight, native))
         self.wo_scale = self.o_proj.row_scales if fp8 else _NO_SCALE
         self.native = native
 
@@ -218,7 +233,7 @@ class NativeFp8Experts(Fp8Experts):
     weight row's scale, ``w13_rows`` [E, 2F] and ``w2_rows`` [E, H], applied to its fp32 dot
     products), more through ``Fp8Experts.forward`` on the same tensors."""
 
-    def __init__(self, experts: Fp8Experts, native: ModuleType) -> None:
+    def __init__(self, experts: Fp8Experts, widening: WideningBuffer) -> None:
         e, hidden, ffn = experts.num_experts, experts.w13.shape[2], experts.ffn
         with torch.device("meta"):  # the base class's buffers are replaced below
             super().__init__(e, hidden, ffn, keep_fp8=True)
@@ -227,10 +242,10 @@ class NativeFp8Experts(Fp8Experts):
         self.w13_rows = experts.w13_scale.float().repeat_interleave(ffn, dim=1).contiguous()
         self.w2_rows = experts.w2_scale.float()[:, None].expand(e, hidden).contiguous()
         self.kernels = experts.kernels
-        self.native = native
+        self.widening, self.native = widening, widening.native
 
     def widened(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return _widened(self.native, w, dtype)
+        return self.widening.widened(w, dtype)
 
     def decode_weights(self) -> tuple[torch.Tensor, ...]:
         """The kernel's expert arguments: w13, w2 and their row scales."""
@@ -316,16 +331,18 @@ class NativeMoEDecoderLayer(nn.Module):
         return out.view(b, 1, hidden), None
 
 
-def native_version(native: ModuleType, name: str, parent: nn.Module,
+def native_version(widening: WideningBuffer, name: str, parent: nn.Module,
                    child: nn.Module) -> nn.Module | None:
     """The native replacement of ``child`` (attribute ``name`` of ``parent``), or None to keep
-    it. The router (``gate``, or the 2-layer gate's Sequential) stays an fp32 ``nn.Linear``."""
+    it (``widening``: the model's buffer for FP8 prefills, with the native kernels). The router
+    (``gate``, or the 2-layer gate's Sequential) stays an fp32 ``nn.Linear``."""
+    native = widening.native
     if NativeAttention.applies(child):
-        return NativeAttention(child, native)
+        return NativeAttention(child, widening)
     if type(child) is SwiGLUExperts and child.w13.is_contiguous() and child.w2.is_contiguous():
         return NativeExperts(child, native)
     if type(child) is Fp8Experts and child.lora is None:
-        return NativeFp8Experts(child, native)
+        return NativeFp8Experts(child, widening)
     if type(child) is RMSNorm:
         return NativeRMSNorm(child, native)
     if NativeMoEDecoderLayer.applies(child):
@@ -336,7 +353,7 @@ def native_version(native: ModuleType, name: str, parent: nn.Module,
     if _plain_linear(child) and attr != "gate" and not isinstance(parent, nn.Sequential):
         return NativeLinear(child.weight, native)
     if type(child) is Fp8Linear:
-        return NativeFp8Linear.of(child, native)
+        return NativeFp8Linear.of(child, widening)
     return None
 
 

@@ -29,7 +29,8 @@ from ..model.moe import SwiGLUExperts
 from ..model.transformer import SkyworkForCausalLM
 from .cpu_kernels import PackedExperts, PackedLinear, can_pack, packed_version
 from .native_modules import (NativeAttention, NativeExperts, NativeFp8Experts, NativeFp8Linear,
-                             NativeLinear, NativeMoEDecoderLayer, NativeRMSNorm, native_version)
+                             NativeLinear, NativeMoEDecoderLayer, NativeRMSNorm, WideningBuffer,
+                             native_version)
 
 # The modules only ``prepare`` puts into a model: finding one means it was prepared before.
 PREPARED_MODULES = (NativeLinear, NativeRMSNorm, NativeAttention, NativeExperts,
@@ -82,7 +83,7 @@ def _cpu_rule(model: SkyworkForCausalLM, kernels: Kernels, required: bool) -> Ru
     """The replacement rule of the fastest CPU inference modules ``kernels`` allow, or None
     (a ``ConfigError`` when they are ``required``)."""
     if kernels.native is not None:
-        return functools.partial(native_version, kernels.native)
+        return functools.partial(native_version, WideningBuffer(kernels.native))
     if can_pack(model):
         return packed_version
     if required:
