@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from bench_llamacpp import decode_step_bytes, streaming_rate  # this directory: run as a script
+# This directory: run as a script.
+from bench_llamacpp import Skymoe as PreparedSkymoe, decode_step_bytes, streaming_rate
 
 PROMPT_LEN, NEW_TOKENS = 64, 32
 
@@ -42,16 +43,8 @@ def checkpoints(work: Path) -> tuple[Path, Path]:
     return bf16, fp8
 
 
-class Skymoe:
-    def __init__(self, checkpoint: Path, fp8_lm_head: bool = False) -> None:
-        from skymoe.checkpoint import load_model
-        from skymoe.infer.prepare import prepare
-        from skymoe.model.fp8 import quantize_lm_head
-
-        model = load_model(checkpoint, dtype=torch.bfloat16)
-        if fp8_lm_head:
-            quantize_lm_head(model)
-        self.model = prepare(model)
+class Skymoe(PreparedSkymoe):
+    """The model as ``skymoe generate`` prepares it, decoding a batch."""
 
     @torch.inference_mode()
     def decode_seconds(self, prompts: torch.Tensor) -> float:

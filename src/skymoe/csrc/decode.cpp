@@ -14,9 +14,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <type_traits>
-#include <cmath>
 #include <vector>
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -283,7 +283,8 @@ struct DotWeightRowsBf16 {
         acc[j][0] = _mm512_dpbf16_ps(acc[j][0], x0,
                                      (__m512bh)widen.lanes(w + j * ldw + k, mask));
     }
-    for (int j = 0; j < 4; ++j) out[j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]));
+    for (int j = 0; j < 4; ++j)
+      out[j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]));
   }
 };
 
@@ -331,7 +332,8 @@ void grouped_linear_f32(const T* x, int64_t K, const W* w, int64_t N,
         const int64_t nw = K >= kLongRow ? std::min<int64_t>(4, std::min(i1 - i, N - n)) : 1;
         float d[4];
         DotWeightRows<T, W>::run(w + row * K, K, x + m0 * K, K, nw, d);
-        for (int64_t j = 0; j < nw; ++j) y[m0 * N + n + j] = d[j] * (scale ? scale[row + j] : 1.f);
+        for (int64_t j = 0; j < nw; ++j)
+          y[m0 * N + n + j] = d[j] * (scale ? scale[row + j] : 1.f);
         i += nw;
         continue;
       }
@@ -374,6 +376,22 @@ void with_weights(const at::Tensor& w, const at::Tensor& scale, int64_t rows, co
   fn(static_cast<const T*>(nullptr), static_cast<const float*>(nullptr));
 }
 
+// with_weights for a layer's two weight tensors, which share their element type: calls
+// fn(W-typed null pointer, a's scales, b's scales).
+template <typename T, typename Fn>
+void with_weight_pair(const at::Tensor& a, const at::Tensor& a_scale, int64_t a_rows,
+                      const at::Tensor& b, const at::Tensor& b_scale, int64_t b_rows,
+                      const char* what, Fn&& fn) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), what, ": both weights must share a dtype");
+  with_weights<T>(a, a_scale, a_rows, what, [&](auto wt, const float* sa) {
+    with_weights<T>(b, b_scale, b_rows, what, [&](auto, const float* sb) { fn(wt, sa, sb); });
+  });
+}
+
+// The element type a with_weights callback's null pointer stands for.
+template <typename P>
+using Pointee = std::remove_cv_t<std::remove_pointer_t<P>>;
+
 at::Tensor linear(at::Tensor x, at::Tensor w, std::optional<at::Tensor> row_scale) {
   const at::Tensor scale = row_scale.value_or(at::Tensor());
   check_cpu_contiguous(x, "x");
@@ -384,7 +402,7 @@ at::Tensor linear(at::Tensor x, at::Tensor w, std::optional<at::Tensor> row_scal
   auto y32 = at::empty({M, N}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "linear", [&] {
     with_weights<scalar_t>(w, scale, N, "linear", [&](auto wt, const float* s) {
-      using W = std::remove_cv_t<std::remove_pointer_t<decltype(wt)>>;
+      using W = Pointee<decltype(wt)>;
       linear_f32(x.data_ptr<scalar_t>(), M, K, static_cast<const W*>(w.data_ptr()), N,
                  y32.data_ptr<float>(), s);
     });
@@ -440,7 +458,8 @@ void rope(float* v, const float* cos, const float* sin, int64_t D, float* tmp) {
 // signed sin [B, D] at that position (or [D] shared by all rows).
 template <typename T, typename W>
 void attention_step(const T* h, int64_t B, int64_t H, const W* wqkv, const W* wo,
-                    const float* sqkv, const float* so, const float* cos_BD, const float* sin_BD, bool shared_rotary,
+                    const float* sqkv, const float* so, const float* cos_BD,
+                    const float* sin_BD, bool shared_rotary,
                     at::Tensor& kc, at::Tensor& vc, const int64_t* rows,
                     const int64_t* positions, int64_t pos_dim, int64_t heads,
                     int64_t kv_heads, int64_t D, int64_t window, float* out /* [B, H] fp32 */) {
@@ -548,21 +567,18 @@ at::Tensor attention_decode(at::Tensor h, at::Tensor cos, at::Tensor sin,
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, h.scalar_type(), "attention", [&] {
     TORCH_CHECK(kc.scalar_type() == h.scalar_type(),
                 "attention_decode: cache and input must share a dtype");
-    TORCH_CHECK(wo.scalar_type() == wqkv.scalar_type(),
-                "attention_decode: qkv and o weights must share a dtype");
-    with_weights<scalar_t>(wqkv, wqkv_scale, wqkv.size(0), "attention_decode qkv",
-                           [&](auto wt, const float* sqkv) {
-      using W = std::remove_cv_t<std::remove_pointer_t<decltype(wt)>>;
-      with_weights<scalar_t>(wo, wo_scale, H, "attention_decode o", [&](auto, const float* so) {
-        attention_step<scalar_t, W>(h.data_ptr<scalar_t>(), B, H,
-                                    static_cast<const W*>(wqkv.data_ptr()),
-                                    static_cast<const W*>(wo.data_ptr()), sqkv, so,
-                                    cos32.data_ptr<float>(), sin32.data_ptr<float>(),
-                                    cos.numel() == D, kc, vc, row_of.data(), pos_of.data(),
-                                    pos_dim, heads, kv_heads, D, window,
-                                    out32.data_ptr<float>());
-      });
-    });
+    with_weight_pair<scalar_t>(
+        wqkv, wqkv_scale, wqkv.size(0), wo, wo_scale, H, "attention_decode qkv and o",
+        [&](auto wt, const float* sqkv, const float* so) {
+          using W = Pointee<decltype(wt)>;
+          attention_step<scalar_t, W>(h.data_ptr<scalar_t>(), B, H,
+                                      static_cast<const W*>(wqkv.data_ptr()),
+                                      static_cast<const W*>(wo.data_ptr()), sqkv, so,
+                                      cos32.data_ptr<float>(), sin32.data_ptr<float>(),
+                                      cos.numel() == D, kc, vc, row_of.data(), pos_of.data(),
+                                      pos_dim, heads, kv_heads, D, window,
+                                      out32.data_ptr<float>());
+        });
   });
   return out32.to(h.scalar_type());
 }
@@ -629,19 +645,16 @@ at::Tensor experts_decode(at::Tensor x, at::Tensor w13, at::Tensor w2,
               "experts_decode: w13 [E, 2F, H] and w2 [E, H, F] expected");
   auto out32 = at::empty({Tn, H}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, x.scalar_type(), "experts", [&] {
-    TORCH_CHECK(w2.scalar_type() == w13.scalar_type(),
-                "experts_decode: w13 and w2 must share a dtype");
-    with_weights<scalar_t>(w13, w13_scale, E * 2 * F, "experts_decode w13",
-                           [&](auto wt, const float* s13) {
-      using W = std::remove_cv_t<std::remove_pointer_t<decltype(wt)>>;
-      with_weights<scalar_t>(w2, w2_scale, E * H, "experts_decode w2", [&](auto, const float* s2) {
-        experts_step<scalar_t, W>(x.data_ptr<scalar_t>(), Tn, H,
-                                  static_cast<const W*>(w13.data_ptr()),
-                                  static_cast<const W*>(w2.data_ptr()), s13, s2, E, F,
-                                  ids.data_ptr<int64_t>(), weights.data_ptr<float>(),
-                                  ids.size(1), out32.data_ptr<float>());
-      });
-    });
+    with_weight_pair<scalar_t>(
+        w13, w13_scale, E * 2 * F, w2, w2_scale, E * H, "experts_decode w13 and w2",
+        [&](auto wt, const float* s13, const float* s2) {
+          using W = Pointee<decltype(wt)>;
+          experts_step<scalar_t, W>(x.data_ptr<scalar_t>(), Tn, H,
+                                    static_cast<const W*>(w13.data_ptr()),
+                                    static_cast<const W*>(w2.data_ptr()), s13, s2, E, F,
+                                    ids.data_ptr<int64_t>(), weights.data_ptr<float>(),
+                                    ids.size(1), out32.data_ptr<float>());
+        });
   });
   return out32.to(x.scalar_type());
 }

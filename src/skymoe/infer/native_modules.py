@@ -79,12 +79,12 @@ class WideningBuffer:
         return out if dtype == torch.bfloat16 else out.to(dtype)
 
 
-def fp8_values(t: torch.Tensor) -> torch.Tensor:
+def _fp8_values(t: torch.Tensor) -> torch.Tensor:
     """FP8 weight values at one byte each (values held widened are e4m3 values: exact)."""
     return (t if t.dtype == FP8_DTYPE else t.to(FP8_DTYPE)).contiguous()
 
 
-def fp8_row_scales(linear: Fp8Linear) -> torch.Tensor:
+def _fp8_row_scales(linear: Fp8Linear) -> torch.Tensor:
     """One fp32 scale per output row of an FP8 linear layer (a per-tensor scale repeated)."""
     return linear.weight_scale.float().reshape(-1).expand(linear.weight.shape[0]).contiguous()
 
@@ -107,7 +107,7 @@ class NativeFp8Linear(Fp8Linear):
 
     @classmethod
     def of(cls, linear: Fp8Linear, widening: WideningBuffer) -> "NativeFp8Linear":
-        return cls(fp8_values(linear.weight), fp8_row_scales(linear), widening)
+        return cls(_fp8_values(linear.weight), _fp8_row_scales(linear), widening)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _rows(x) > NATIVE_MAX_ROWS:
@@ -147,8 +147,9 @@ class NativeAttention(Attention):
                              attn.layer_idx, attn.sliding_window)
         fp8 = isinstance(q, Fp8Linear)
         with torch.no_grad():
-            self.wqkv = torch.cat([fp8_values(m.weight) if fp8 else m.weight for m in (q, k, v)])
-            self.wqkv_scale = (torch.cat([fp8_row_scales(m) for m in (q, k, v)]) if fp8
+            self.wqkv = torch.cat([_fp8_values(m.weight) if fp8 else m.weight
+                                   for m in (q, k, v)])
+            self.wqkv_scale = (torch.cat([_fp8_row_scales(m) for m in (q, k, v)]) if fp8
                                else _NO_SCALE)
         nq, nkv = q.out_features, k.out_features
         for name, rows in (("q_proj", slice(0, nq)), ("k_proj", slice(nq, nq + nkv)),
@@ -237,7 +238,7 @@ class NativeFp8Experts(Fp8Experts):
         e, hidden, ffn = experts.num_experts, experts.w13.shape[2], experts.ffn
         with torch.device("meta"):  # the base class's buffers are replaced below
             super().__init__(e, hidden, ffn, keep_fp8=True)
-        self.w13, self.w2 = fp8_values(experts.w13), fp8_values(experts.w2)
+        self.w13, self.w2 = _fp8_values(experts.w13), _fp8_values(experts.w2)
         self.w13_scale, self.w2_scale = experts.w13_scale, experts.w2_scale
         self.w13_rows = experts.w13_scale.float().repeat_interleave(ffn, dim=1).contiguous()
         self.w2_rows = experts.w2_scale.float()[:, None].expand(e, hidden).contiguous()

@@ -237,8 +237,7 @@ class Fp8Experts(_Widens, UsesKernels, nn.Module):
                                counts)
         else:
             y = self._scaled(_matmul(a, self.widened(self.w2[first:last], a.dtype), counts),
-                             self.w2_scale,
-                             counts, first, halves=1)
+                             self.w2_scale, counts, first, halves=1)
         if self.lora is not None:
             y = y + self.lora.delta2(a, counts, first).to(y.dtype)
         return y
@@ -283,11 +282,15 @@ def quantize_lm_head(model: SkyworkForCausalLM) -> None:
         raise ConfigError(f"the LM head is a {type(head).__name__}, not a plain linear layer "
                           "(quantized already, or sharded): quantize it once, right after "
                           "loading the model")
-    w = head.weight.detach().float()
-    scale = (w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+    w = head.weight.detach()
     fp8 = Fp8Linear(w.shape[0], w.shape[1], per_channel=True, keep_fp8=True, device=w.device)
-    fp8.weight = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    fp8.weight_scale = scale
+    fp8.weight = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
+    for start in range(0, w.shape[0], 4096):  # 4096 rows at a time: a bounded fp32 copy
+        rows = slice(start, start + 4096)
+        part = w[rows].float()
+        scale = (part.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
+        fp8.weight[rows] = (part / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        fp8.weight_scale[rows] = scale
     model.lm_head = fp8
 
 

@@ -24,12 +24,11 @@ from typing import Iterable, Sequence
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import load_model, load_tokenizer
+from ..checkpoint import load_model
 from ..checkpoint.dcp import load_pieces
 from ..checkpoint.chat_template import ChatTemplate
-from ..checkpoint.tokenizer import Tokenizer
 from ..config import SkyworkMoeConfig, resolve_config
-from ..errors import ConfigError, DataError, TrainingError
+from ..errors import ConfigError, TrainingError
 from ..infer.generate import SamplingParams, generate
 from ..kernels import load_kernels
 from ..model.balance import AuxCoefController, ExpertBiasController
@@ -45,16 +44,13 @@ from ..parallel.mesh import build_mesh, init_distributed
 from ..parallel.pipeline import PipelineStages, build_schedule
 from ..parallel.schedules import SCHEDULES, stages_of_rank
 from ..runtime import keep_freed_memory
-from . import data, finetune, run_state, sources
+from . import finetune, run_state
 from .background_save import BackgroundSaver
 from .batch import Batch
-from .mixture import MixtureLoader
-from .prepare import PreparedData, tokenizer_fingerprint
-from .token_rows import TokenRows
 from . import step as step_ops
-from .bpe import train_bpe_tokenizer
 from .config import TrainConfig
 from .metrics import MetricsLog, MoEStepStats
+from .run_data import run_data
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at
@@ -113,7 +109,10 @@ class Trainer:
             cfg.model.init_from = str(finetune.starting_checkpoint(Path(cfg.model.init_from)))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.train.seed)
-        self.tokenizer = self._tokenizer_and_data()
+        run = run_data(cfg, self.run_dir, self.is_main, self._barrier, self._log)
+        self.tokenizer, self.tokenizer_dir = run.tokenizer, run.tokenizer_dir
+        self.loader, self.val_rows = run.loader, run.val_rows
+        self._log(run.summary)
         self.model = self._build_model()
         layout.validate(config=self.model.config)
         config = self.model.config
@@ -189,90 +188,6 @@ class Trainer:
     def _log(self, message: str) -> None:
         if not self.quiet:
             print(message, file=sys.stderr, flush=True)
-
-    def _tokenizer_and_data(self) -> Tokenizer:
-        d, cfg = self.cfg.data, self.cfg
-        if d.prepared:
-            return self._prepared_data()
-        if d.format == "sft":
-            return self._sft_data()
-        corpus = d.sources or sources.default_corpus_sources()
-        patterns = d.patterns if d.sources else ["*.py"]
-        names = ", ".join(map(str, corpus)) if d.sources else "the Python standard library source"
-        self._log(f"reading corpus: {names}")
-        docs = data.read_documents(corpus, patterns, d.text_field)
-        if d.max_bytes:
-            docs = _first_bytes(docs, d.max_bytes)
-        train_docs, val_docs = data.split_documents(docs, d.val_fraction, cfg.train.seed)
-        tok_dir = self.run_dir / "tokenizer"
-        # A model to start from brings its own tokenizer (its embedding rows follow it).
-        tok_path = cfg.tokenizer.path or cfg.model.init_from
-        if tok_path:
-            tokenizer = load_tokenizer(tok_path)
-        else:
-            # A resumed run has its own tokenizer; otherwise one process trains and saves it
-            # and the others read what it wrote. Every rank takes the barrier: a rank that
-            # looked for the file only after the main one wrote it must not skip it.
-            if self.is_main and not (tok_dir / "tokenizer.json").is_file():
-                self._log(f"training a byte-level BPE tokenizer "
-                          f"(vocab {cfg.tokenizer.vocab_size})")
-                train_bpe_tokenizer(train_docs, cfg.tokenizer.vocab_size, tok_dir)
-            self._barrier()
-            tokenizer = load_tokenizer(tok_dir)
-        self.tokenizer_dir = Path(tok_path) if tok_path else tok_dir
-        if tokenizer.eos_id is None:
-            raise ConfigError(f"{self.tokenizer_dir}: the tokenizer has no EOS token, needed "
-                              "between packed documents")
-        train_seqs = data.pack_documents(data.tokenize_documents(tokenizer, train_docs),
-                                         d.seq_len, tokenizer.eos_id)
-        self.loader = data.SequenceLoader(train_seqs, cfg.train.batch_size, cfg.train.seed)
-        self.val_rows = (TokenRows.from_tensor(data.pack_documents(
-            data.tokenize_documents(tokenizer, val_docs), d.seq_len, tokenizer.eos_id))
-            if val_docs else None)
-        self._log(f"corpus: {len(train_docs)} training documents -> {train_seqs.shape[0]} "
-                  f"sequences of {d.seq_len} tokens; {len(val_docs)} held out")
-        return tokenizer
-
-    def _prepared_data(self) -> Tokenizer:
-        """The tokenizer and loaders of ``data.prepared`` (memory-mapped token shards)."""
-        d, cfg = self.cfg.data, self.cfg
-        prepared = [PreparedData(p) for p in d.prepared]
-        # The run's tokenizer: the configured one, the starting model's, or the data's own.
-        tok_path = Path(cfg.tokenizer.path or cfg.model.init_from or prepared[0].tokenizer_dir)
-        tokenizer = load_tokenizer(tok_path)
-        fingerprint = tokenizer_fingerprint(tok_path)
-        for p in prepared:
-            if p.fingerprint != fingerprint:
-                raise ConfigError(
-                    f"{p.directory}: prepared with another tokenizer "
-                    f"({p.meta['tokenizer']['source']}) than this run's ({tok_path}); prepare "
-                    f"it again with --tokenizer {tok_path}, or train with its tokenizer")
-        self.tokenizer_dir = tok_path
-        train = [p.rows("train", d.seq_len) for p in prepared]
-        for p, rows in zip(prepared, train):
-            if not len(rows):
-                raise DataError(f"{p.directory}: {p.tokens('train')} training tokens, fewer "
-                                f"than data.seq_len = {d.seq_len}")
-        if len(train) == 1 and not d.weights:
-            self.loader = data.SequenceLoader(train[0], cfg.train.batch_size, cfg.train.seed)
-        else:
-            self.loader = MixtureLoader(train, d.weights or [r.tokens for r in train],
-                                        cfg.train.batch_size, cfg.train.seed)
-        val = TokenRows([s for p in prepared for s in p.rows("val", d.seq_len).segments],
-                        d.seq_len)
-        self.val_rows = val if len(val) else None
-        self._log(f"prepared data: {', '.join(map(str, d.prepared))}: "
-                  f"{sum(map(len, train))} training sequences of {d.seq_len} tokens, "
-                  f"{len(val)} validation sequences")
-        return tokenizer
-
-    def _sft_data(self) -> Tokenizer:
-        """The tokenizer and loaders of ``data.format = "sft"`` (``train.finetune``)."""
-        run = finetune.sft_data(self.cfg, self.run_dir, self.is_main, self._barrier)
-        self.tokenizer_dir, self.loader, self.val_rows = run.tokenizer_dir, run.loader, \
-            run.val_rows
-        self._log(run.summary)
-        return run.tokenizer
 
     def _model_config(self) -> SkyworkMoeConfig:
         m = self.cfg.model
@@ -657,13 +572,3 @@ def _param_groups(shapes: Iterable[tuple[str, Sequence[int]]]) -> list[list[str]
     return [[n for n, shape in named if len(shape) >= 2],
             [n for n, shape in named if len(shape) < 2]]
 
-
-def _first_bytes(docs: list[str], limit: int) -> list[str]:
-    """The leading documents whose UTF-8 size fits in ``limit`` bytes (at least one)."""
-    kept, size = [], 0
-    for doc in docs:
-        size += len(doc.encode())
-        if kept and size > limit:
-            break
-        kept.append(doc)
-    return kept
